@@ -1,0 +1,46 @@
+"""Library entry points for users who hold a model object rather than a model file."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .check import Subject
+from .loading import ModelFile, make_subject
+
+
+def subject_for(
+    model: nn.Module,
+    *,
+    vocab_size: Optional[int] = None,
+    pad_id: int = 0,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    image_size: Optional[int] = None,
+    batch: Optional[tuple] = None,
+    seed: int = 0,
+    out_dir: Optional[Path] = None,
+    **hints,
+) -> Subject:
+    """Wrap a model object (already built, on its own device) for checks.
+
+    The model is used as it is: capdiag does not move it or change its mode or weights.
+
+    Args:
+        model: the captioner, called ``model(images, captions)``.
+        vocab_size, pad_id, bos_id, eos_id, image_size: contract hints (see README).
+        batch: a real ``(images, captions)`` batch; default: synthetic data.
+        **hints: any other ``CAPDIAG`` hint (image_module, pretrained, ...).
+    """
+    h = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id, **hints}
+    if vocab_size is not None:
+        h["vocab_size"] = vocab_size
+    if image_size is not None:
+        h["image_size"] = image_size
+    sample = (lambda: batch) if batch is not None else None
+    mf = ModelFile(type(model).__name__, SimpleNamespace(), lambda: model, h, sample)
+    device = str(next(iter(model.parameters()), torch.empty(0)).device)
+    return make_subject(mf, model=model, device=device, seed=seed, out_dir=out_dir)

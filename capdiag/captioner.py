@@ -1,0 +1,242 @@
+"""The adapter over a user's captioner: one calling convention for every check.
+
+A user's model is called ``model(images, captions)`` and may return logits of length T or
+T-1, a tuple, a dict or an object with ``.logits``. ``Captioner`` hides those differences:
+``captioner.logits(images, captions)`` is always ``(B, T-1, V)`` with ``[:, t]`` scoring
+``captions[:, t+1]``, and ``captioner.loss`` is the token-mean cross entropy over real
+target tokens (BOS excluded, EOS included, padding excluded).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ModelCallError, UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CaptionSpec:
+    """What capdiag knows about the model's vocabulary and inputs (from hints or probing)."""
+
+    vocab_size: int
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    image_size: int = 64
+    max_len: int = 16
+    image_module: Optional[str] = None
+    pretrained: Any = ()
+    image_mean: tuple = IMAGENET_MEAN
+    image_std: tuple = IMAGENET_STD
+    captions_keyword: Optional[str] = None  # call model(images, **{kw: captions}) when set
+    assumptions: list = field(default_factory=list)
+
+    @property
+    def special_ids(self) -> set:
+        return {self.pad_id, self.bos_id, self.eos_id}
+
+
+def extract_logits(output: Any) -> torch.Tensor:
+    """Pull the logits tensor out of whatever the model returned."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ModelCallError(
+        f"model returned {type(output).__name__}; expected logits (B, T, V), a tuple whose first item is "
+        "logits, or a dict/object with 'logits'"
+    )
+
+
+class Captioner:
+    """Wraps a user's ``nn.Module`` with the captioning contract.
+
+    Args:
+        model: the user's captioner, called ``model(images, captions)``.
+        spec: vocabulary, special ids and input facts.
+        loss_fn: the user's own ``loss_fn(logits, captions)`` when the model file has one.
+        name: shown in reports.
+    """
+
+    def __init__(self, model: nn.Module, spec: CaptionSpec, loss_fn: Optional[Callable] = None, name: str = "model"):
+        self.model = model
+        self.spec = spec
+        self.loss_fn = loss_fn
+        self.name = name
+
+    # ---- devices and inputs -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def to_inputs(self, images: torch.Tensor, captions: torch.Tensor):
+        """Move a batch to the model's device (and float dtype) without touching the caller's tensors."""
+        return images.to(self.device, self.dtype), captions.to(self.device)
+
+    # ---- forward ------------------------------------------------------------------------
+    def call(self, images: torch.Tensor, captions: torch.Tensor, protect: bool = True) -> Any:
+        """Call the model. ``protect`` passes copies, so a model that edits its inputs in place
+        cannot corrupt the batch other checks share (``input_mutation`` calls with protect=False)."""
+        if protect:
+            images, captions = images.clone(), captions.clone()
+        if self.spec.captions_keyword:
+            return self.model(images, **{self.spec.captions_keyword: captions})
+        return self.model(images, captions)
+
+    def logits(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Aligned logits ``(B, T-1, V)``: ``[:, t]`` scores ``captions[:, t+1]``."""
+        out = extract_logits(self.call(images, captions))
+        return align_logits(out, captions)
+
+    # ---- caption structure --------------------------------------------------------------
+    def lengths(self, captions: torch.Tensor) -> torch.Tensor:
+        """Real length of each caption: BOS through the first EOS (inclusive).
+
+        The first EOS after position 0 ends a caption even when pad == eos or bos == eos
+        (GPT-2 and CLIP recipes), so padding is never inferred from an id alone.
+        """
+        B, T = captions.shape
+        pos = torch.arange(T, device=captions.device).expand(B, T)
+        is_eos = (captions == self.spec.eos_id) & (pos >= 1)
+        has_eos = is_eos.any(1)
+        first_eos = torch.where(is_eos, pos, torch.full_like(pos, T)).min(1).values
+        lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, T))
+        if self.spec.pad_id != self.spec.eos_id:
+            # No EOS: everything up to the last non-pad token is real.
+            nonpad = (captions != self.spec.pad_id) | (pos == 0)
+            last = torch.where(nonpad, pos, torch.zeros_like(pos)).max(1).values + 1
+            lengths = torch.where(has_eos, lengths, last)
+        return lengths
+
+    def real_mask(self, captions: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` True at real caption positions (BOS..EOS)."""
+        T = captions.shape[1]
+        return torch.arange(T, device=captions.device)[None, :] < self.lengths(captions)[:, None]
+
+    def target_mask(self, captions: torch.Tensor) -> torch.Tensor:
+        """``(B, T-1)`` True where ``captions[:, t+1]`` is a real target token."""
+        return self.real_mask(captions)[:, 1:]
+
+    # ---- loss ---------------------------------------------------------------------------
+    def token_losses(self, logits: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        targets = captions[:, 1:]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return ce.view_as(targets)  # (B, T-1)
+
+    def loss_from_logits(self, logits: torch.Tensor, captions: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        mask = self.target_mask(captions).to(torch.float32)
+        ce = self.token_losses(logits, captions) * mask
+        if per_sample:
+            return ce.sum(1) / mask.sum(1).clamp_min(1)
+        return ce.sum() / mask.sum().clamp_min(1)
+
+    def loss(self, images: torch.Tensor, captions: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        """capdiag's reference loss: mean CE over real target tokens (user losses are checked against it)."""
+        return self.loss_from_logits(self.logits(images, captions), captions, per_sample=per_sample)
+
+    # ---- decoding -----------------------------------------------------------------------
+    @property
+    def has_generate(self) -> bool:
+        return callable(getattr(self.model, "generate", None))
+
+    def generate(self, images: torch.Tensor, max_len: Optional[int] = None) -> torch.Tensor:
+        """Token ids ``(B, L)`` starting with BOS: the model's ``generate`` or capdiag's greedy loop."""
+        max_len = max_len or self.spec.max_len
+        if self.has_generate:
+            out = self.model.generate(images.clone(), max_len=max_len)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = torch.as_tensor(out, device=images.device).long()
+            if out.dim() != 2:
+                raise ModelCallError(f"generate returned shape {tuple(out.shape)}; expected token ids (B, L)")
+            if not bool((out[:, 0] == self.spec.bos_id).all()):
+                out = torch.cat([torch.full_like(out[:, :1], self.spec.bos_id), out], 1)
+            return out
+        return self.greedy(images, max_len)
+
+    @torch.no_grad()
+    def greedy(self, images: torch.Tensor, max_len: Optional[int] = None) -> torch.Tensor:
+        """Greedy decoding through the teacher-forced forward (works for any contract model)."""
+        max_len = max_len or self.spec.max_len
+        B = images.shape[0]
+        seq = torch.full((B, 1), self.spec.bos_id, dtype=torch.long, device=images.device)
+        done = torch.zeros(B, dtype=torch.bool, device=images.device)
+        for _ in range(max_len - 1):
+            # Append a placeholder so models returning T-1 logits still score the next token.
+            inp = torch.cat([seq, torch.full_like(seq[:, :1], self.spec.pad_id)], 1)
+            nxt = self.logits(images, inp)[:, seq.shape[1] - 1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.spec.pad_id), nxt)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            done |= nxt == self.spec.eos_id
+            if bool(done.all()):
+                break
+        return seq
+
+    def strip(self, ids: torch.Tensor) -> list[list[int]]:
+        """Token lists without BOS, EOS and padding (for BLEU and exact match)."""
+        out = []
+        for row in ids.tolist():
+            row = row[1:] if row and row[0] == self.spec.bos_id else row
+            words = []
+            for t in row:
+                if t == self.spec.eos_id:
+                    break
+                if t != self.spec.pad_id:
+                    words.append(t)
+            out.append(words)
+        return out
+
+    # ---- modules ------------------------------------------------------------------------
+    def submodule(self, dotted: str) -> nn.Module:
+        return resolve_module(self.model, dotted)
+
+    def image_module(self) -> Optional[nn.Module]:
+        return self.submodule(self.spec.image_module) if self.spec.image_module else None
+
+
+def align_logits(out: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    B, T = captions.shape
+    if out.dim() != 3 or out.shape[0] != B:
+        raise ModelCallError(
+            f"model returned logits of shape {tuple(out.shape)} for captions {tuple(captions.shape)}; "
+            f"expected (B, T, V) or (B, T-1, V) with B={B}"
+        )
+    if out.shape[1] == T:
+        return out[:, :-1]
+    if out.shape[1] == T - 1:
+        return out
+    raise ModelCallError(
+        f"model returned {out.shape[1]} positions for captions of length T={T}; expected T or T-1 "
+        "(slice off image-prefix positions in forward)"
+    )
+
+
+def resolve_module(model: nn.Module, dotted: str) -> nn.Module:
+    """``model.get_submodule`` with a helpful error listing close names."""
+    names = [n for n, _ in model.named_modules() if n]
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError:
+        close = difflib.get_close_matches(dotted, names, n=3, cutoff=0.5)
+        alt = f"; did you mean {', '.join(close)}?" if close else f"; top-level modules: {', '.join(n for n in names if '.' not in n)}"
+        raise UsageError(f"the model has no submodule {dotted!r}{alt}") from None

@@ -1,0 +1,189 @@
+"""``capdiag`` command line: check, overfit, list.
+
+Commands are plain functions over the library; only this module chooses exit codes:
+0 nothing failed, 1 a check failed, 2 bad usage or a model that cannot be loaded/called,
+130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _split(values) -> list:
+    out = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+def _model_kwargs(pairs) -> dict:
+    from .errors import UsageError
+
+    kwargs = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"--arg {pair!r} must look like NAME=VALUE (e.g. --arg bug=no_causal_mask)")
+        k, v = pair.split("=", 1)
+        try:
+            kwargs[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            kwargs[k] = v
+    return kwargs
+
+
+def _resolve_target(target: Optional[str]) -> str:
+    from .errors import UsageError
+
+    if target:
+        return target
+    if Path("model.py").is_file():
+        return "model.py"
+    raise UsageError(
+        "no model file given and ./model.py does not exist; run `capdiag check path/to/model.py` "
+        "(a file defining build_model())"
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="model file (default: ./model.py) or module name")
+    p.add_argument("--factory", default="build_model", help="callable in the file that builds the model")
+    p.add_argument("--arg", action="append", metavar="NAME=VALUE", help="keyword argument for the factory (repeatable)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="capdiag-out", help="folder for plots (default: ./capdiag-out)")
+    p.add_argument("--json", metavar="PATH", help="also write findings as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capdiag", description="Find wiring bugs in image-captioning models.")
+    parser.add_argument("--version", action="version", version=f"capdiag {__import__('capdiag').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("check", help="run the sanity checks on a captioner file")
+    _add_model_args(p)
+    p.add_argument("--only", action="append", metavar="CHECKS", help="comma-separated checks to run")
+    p.add_argument("--skip", action="append", metavar="CHECKS", help="comma-separated checks to leave out")
+    p.add_argument("--quick", action="store_true", help="only the cheap structural checks (seconds)")
+    p.add_argument("--report", metavar="DIR", help="also write an HTML report into DIR")
+    p = sub.add_parser("overfit", help="single-batch overfit test")
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: short sweep)")
+    p.add_argument("--batch-size", type=int, default=16)
+    sub.add_parser("list", help="list every check and the bug it catches")
+    return parser
+
+
+def cmd_list(args) -> int:
+    from .registry import list_checks
+
+    for c in list_checks():
+        kind = "quick" if c.cheap else "full "
+        print(f"{c.name:<24} {kind}  {c.catches}")
+    return EXIT_OK
+
+
+def _subject(args, out_dir: Optional[Path], batch_size: int = 8):
+    from .loading import load_model_file, make_subject
+
+    target = _resolve_target(args.model)
+    mf = load_model_file(target, args.factory)
+    subject = make_subject(
+        mf, device=args.device, seed=args.seed, out_dir=out_dir, batch_size=batch_size,
+        model_kwargs=_model_kwargs(args.arg), progress=sys.stderr.isatty(),
+    )
+    return mf, subject
+
+
+def _finish(report, args, started: float) -> int:
+    from .report.console import print_summary
+
+    print_summary(report, time.perf_counter() - started)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"findings written to {args.json}")
+    if getattr(args, "report", None):
+        from .report.html import write_html
+
+        path = write_html(report, Path(args.report))
+        print(f"HTML report written to {path}")
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from .registry import get_check, select_checks
+    from .report.console import format_finding, print_header, use_color
+    from .runner import run_checks
+
+    started = time.perf_counter()
+    names = select_checks(_split(args.only), _split(args.skip), quick=args.quick)
+    mf, subject = _subject(args, Path(args.out))
+    dev = subject.captioner.device
+    print_header(f"capdiag check {mf.path} on {dev} (seed {args.seed})", subject.captioner.spec.assumptions)
+    color = use_color(sys.stdout)
+    report = run_checks(subject, [get_check(n) for n in names], on_finding=lambda f: print(format_finding(f, color), flush=True))
+    report.assumptions = list(subject.captioner.spec.assumptions)
+    if args.debug:
+        for f in report.findings:
+            if "traceback" in f.artifacts:
+                print(f.artifacts["traceback"], file=sys.stderr)
+    return _finish(report, args, started)
+
+
+def cmd_overfit(args) -> int:
+    from .finding import Report
+    from .registry import get_check
+    from .report.console import format_finding, print_header, use_color
+    from .runner import run_check
+
+    started = time.perf_counter()
+    if args.steps < 1:
+        from .errors import UsageError
+
+        raise UsageError(f"--steps must be at least 1 (got {args.steps})")
+    mf, subject = _subject(args, Path(args.out), batch_size=args.batch_size)
+    print_header(f"capdiag overfit {mf.path} on {subject.captioner.device} (seed {args.seed})", subject.captioner.spec.assumptions)
+    subject.progress = True
+    check = get_check("overfit", steps=args.steps, lr=args.lr)
+    finding = run_check(subject, check)
+    print(format_finding(finding, use_color(sys.stdout)))
+    report = Report([finding], list(subject.captioner.spec.assumptions), subject.captioner.name)
+    return _finish(report, args, started)
+
+
+COMMANDS = {"check": cmd_check, "overfit": cmd_overfit, "list": cmd_list}
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    from .errors import CapdiagError
+
+    try:
+        return COMMANDS[args.command](args)
+    except CapdiagError as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"capdiag: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ncapdiag: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""capdiag's own exceptions.
+
+The library raises these; only the CLI turns them into exit codes (2 for every
+``CapdiagError``). Each message is one line that says what is wrong and what to do.
+"""
+
+
+class CapdiagError(Exception):
+    """Base class: a problem with the user's input, not a finding about the model."""
+
+
+class ModelFileError(CapdiagError):
+    """The model file is missing, cannot be imported, or lacks the contract's pieces."""
+
+
+class ModelCallError(CapdiagError):
+    """Building or calling the model failed, or it returned something unusable."""
+
+
+class UsageError(CapdiagError):
+    """Bad command-line or API arguments (unknown check, unavailable device, ...)."""
+
+
+class WeightsError(CapdiagError):
+    """A reference-weights path is missing or is not a plain state_dict."""
+
+
+class ClobberedWeightsError(CapdiagError):
+    """Raised by ``guard_pretrained`` when code overwrote pretrained weights."""

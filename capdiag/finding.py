@@ -1,0 +1,87 @@
+"""Plain data: Status, Finding, Report. No torch, no logic beyond aggregation."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class Status(str, enum.Enum):
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+    ERROR = "error"
+
+    @property
+    def failed(self) -> bool:
+        return self in (Status.FAIL, Status.ERROR)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The result of one check on one model.
+
+    Attributes:
+        check: registry key of the check that produced it.
+        status: pass / warn / fail / skip / error.
+        summary: one sentence, with the number that decided it.
+        metrics: scalars (go to JSON and TensorBoard).
+        artifacts: detached CPU tensors, paths of written plots, small lists for reports.
+        hint: likely cause and what to try next (empty on pass).
+    """
+
+    check: str
+    status: Status
+    summary: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    artifacts: Mapping[str, Any] = field(default_factory=dict)
+    hint: str = ""
+
+    def to_dict(self) -> dict:
+        files = {k: str(v) for k, v in self.artifacts.items() if k.endswith("_png") or k.endswith("_path")}
+        return {
+            "check": self.check,
+            "status": self.status.value,
+            "summary": self.summary,
+            "metrics": {k: _jsonable(v) for k, v in self.metrics.items()},
+            "hint": self.hint,
+            "files": files,
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if f != f or f in (float("inf"), float("-inf")):
+        return str(f)  # JSON has no NaN/inf; keep them visible as strings
+    return f
+
+
+@dataclass
+class Report:
+    """All findings of one run, plus what capdiag had to assume about the model."""
+
+    findings: list[Finding] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+    model_name: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return any(f.status.failed for f in self.findings)
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in Status}
+        for f in self.findings:
+            out[f.status.value] += 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model_name,
+            "assumptions": list(self.assumptions),
+            "counts": self.counts(),
+            "checks": [f.to_dict() for f in self.findings],
+        }

@@ -1,0 +1,335 @@
+"""Find the captioner in a user's file and turn it into a ``Subject``.
+
+The model-file contract (see README): ``build_model()`` returning an ``nn.Module`` called as
+``model(images, captions)``; optional ``CAPDIAG`` hints, ``sample_batch()``, ``loss_fn`` and
+``bleu_fn``. Everything the hints leave out is probed and recorded as an assumption.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .captioner import Captioner, CaptionSpec, extract_logits, align_logits, resolve_module
+from .check import Subject
+from .data import SyntheticCaptions
+from .errors import CapdiagError, ModelCallError, ModelFileError, UsageError
+from .state import seeded, mode
+
+HINT_KEYS = {
+    "vocab_size", "pad_id", "bos_id", "eos_id", "image_size", "max_len", "image_module",
+    "pretrained", "image_mean", "image_std", "captions_keyword", "attention_modules",
+}
+PROBE_SIZES = (64, 224, 32, 128, 96, 256, 299, 384)
+IMAGE_MODULE_NAMES = ("encoder", "image_encoder", "cnn", "backbone", "visual", "vision", "vision_model", "image_model")
+
+
+@dataclass
+class ModelFile:
+    """What a model file provides."""
+
+    path: str
+    module: Any
+    factory: Callable
+    hints: dict = field(default_factory=dict)
+    sample_batch: Optional[Callable] = None
+    loss_fn: Optional[Callable] = None
+    bleu_fn: Optional[Callable] = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem if self.path.endswith(".py") else self.path
+
+
+def user_frame(exc: BaseException, user_file: Optional[str] = None) -> str:
+    """``file:line in func: code`` of the innermost frame in the user's code (not torch/capdiag)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    pick = None
+    for f in frames:
+        fn = f.filename.replace("\\", "/")
+        if user_file and Path(fn).resolve() == Path(user_file).resolve():
+            pick = f
+        elif user_file is None and "/torch/" not in fn and "/capdiag/" not in fn:
+            pick = f
+    if pick is None:
+        for f in frames:
+            fn = f.filename.replace("\\", "/")
+            if "/torch/" not in fn and "/capdiag/" not in fn and "/importlib/" not in fn and not fn.startswith("<"):
+                pick = f
+    if pick is None:
+        return ""
+    code = f": {pick.line.strip()}" if pick.line else ""
+    return f"{pick.filename}:{pick.lineno} in {pick.name}{code}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def load_model_file(target: str, factory: str = "build_model") -> ModelFile:
+    """Import a model file by path (``model.py``) or by module name (``capdiag.models.cnn_transformer``).
+
+    Raises:
+        ModelFileError: missing file, syntax/import error, or no factory; message says how to fix it.
+    """
+    path = Path(target)
+    is_module_name = not target.endswith(".py") and not path.exists() and all(
+        p.isidentifier() for p in target.split(".")
+    )
+    try:
+        if is_module_name:
+            try:
+                module = importlib.import_module(target)
+            except ModuleNotFoundError as e:
+                if e.name and target.startswith(e.name):
+                    raise ModelFileError(
+                        f"no model file or module {target!r}; pass the path to a .py file that defines build_model()"
+                    ) from None
+                raise
+            shown = target
+        else:
+            if not path.is_file():
+                raise ModelFileError(
+                    f"model file {target!r} not found; pass the path to a .py file that defines build_model()"
+                    if not path.is_dir() else f"{target!r} is a folder; pass the path to a .py file inside it"
+                )
+            mod_name = f"capdiag_user_model_{abs(hash(str(path.resolve())))}"
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(spec)
+            # Let the file import its neighbours, as `python model.py` would.
+            sys.path.insert(0, str(path.resolve().parent))
+            try:
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+            finally:
+                sys.path.pop(0)
+            shown = str(path)
+    except CapdiagError:
+        raise
+    except SyntaxError as e:
+        raise ModelFileError(f"{e.filename}:{e.lineno}: syntax error: {e.msg}; fix the file and rerun") from e
+    except ImportError as e:
+        where = user_frame(e)
+        what = f"No module named {e.name!r}" if isinstance(e, ModuleNotFoundError) and e.name else _first_line(e)
+        raise ModelFileError(
+            f"importing {target} failed: {what} (at {where}); install the missing package or fix the import"
+        ) from e
+    except Exception as e:  # noqa: BLE001
+        raise ModelFileError(
+            f"importing {target} raised {type(e).__name__}: {_first_line(e)} (at {user_frame(e)})"
+        ) from e
+
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        found = [n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__]
+        also = f" (functions found: {', '.join(found)})" if found else ""
+        raise ModelFileError(
+            f"{shown} defines no {factory}(); add `def {factory}(): return YourCaptioner()` "
+            f"or pass --factory NAME{also}"
+        )
+    hints = getattr(module, "CAPDIAG", {}) or {}
+    if not isinstance(hints, dict):
+        raise ModelFileError(f"CAPDIAG in {shown} must be a dict of hints, got {type(hints).__name__}")
+    unknown = set(hints) - HINT_KEYS
+    if unknown:
+        raise ModelFileError(
+            f"CAPDIAG in {shown} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(HINT_KEYS))}"
+        )
+    return ModelFile(
+        shown, module, fn, dict(hints),
+        getattr(module, "sample_batch", None), getattr(module, "loss_fn", None), getattr(module, "bleu_fn", None),
+    )
+
+
+def build_model(mf: ModelFile, kwargs: Optional[dict] = None) -> nn.Module:
+    try:
+        model = mf.factory(**(kwargs or {}))
+    except Exception as e:  # noqa: BLE001
+        raise ModelCallError(
+            f"{mf.factory.__name__}() raised {type(e).__name__}: {_first_line(e)} (at {user_frame(e, _file(mf))})"
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise ModelCallError(f"{mf.factory.__name__}() returned {type(model).__name__}; expected a torch.nn.Module")
+    return model
+
+
+def _file(mf: ModelFile) -> Optional[str]:
+    return getattr(mf.module, "__file__", None)
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but this machine has no usable CUDA GPU; use --device cpu")
+    return dev
+
+
+def call_forward(captioner: Captioner, images, captions, user_file: Optional[str] = None) -> torch.Tensor:
+    """Forward once in eval mode with a clear error on failure; returns aligned logits."""
+    try:
+        with torch.no_grad(), mode(captioner.model, False):
+            out = captioner.call(images, captions)
+    except Exception as e:  # noqa: BLE001
+        raise ModelCallError(
+            f"forward raised {type(e).__name__}: {_first_line(e)} (at {user_frame(e, user_file)})"
+        ) from e
+    return align_logits(extract_logits(out), captions)
+
+
+def _validate_batch(batch: Any) -> tuple:
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise ModelCallError(f"sample_batch() returned {type(batch).__name__}; expected a tuple (images, captions)")
+    images, captions = batch[0], batch[1]
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ModelCallError(f"sample_batch() images are {got}; expected a float tensor (B, 3, H, W)")
+    if not isinstance(captions, torch.Tensor) or captions.dim() != 2 or captions.dtype != torch.long:
+        got = f"{captions.dtype} {tuple(captions.shape)}" if isinstance(captions, torch.Tensor) else type(captions).__name__
+        raise ModelCallError(f"sample_batch() captions are {got}; expected a long tensor (B, T) of token ids")
+    if images.shape[0] != captions.shape[0]:
+        raise ModelCallError(
+            f"sample_batch() gives {images.shape[0]} images but {captions.shape[0]} captions; they must match"
+        )
+    if captions.shape[1] < 3:
+        raise ModelCallError("sample_batch() captions must have at least 3 tokens (BOS, a word, EOS)")
+    return images, captions
+
+
+def make_subject(
+    mf: ModelFile,
+    model: Optional[nn.Module] = None,
+    device: Optional[str] = None,
+    seed: int = 0,
+    out_dir: Optional[Path] = None,
+    batch_size: int = 8,
+    model_kwargs: Optional[dict] = None,
+    progress: bool = False,
+) -> Subject:
+    """Build the model (unless given), probe what the hints leave out, and assemble a ``Subject``.
+
+    Raises:
+        ModelCallError / UsageError: the model cannot be built or called as the contract says.
+    """
+    dev = resolve_device(device)
+    if model is None:
+        with seeded(seed):
+            model = build_model(mf, model_kwargs)
+        model.to(dev)  # capdiag built this model, so moving it is ours to do
+    h = mf.hints
+    assumptions = []
+    spec = CaptionSpec(vocab_size=int(h.get("vocab_size", 0) or 0))
+    for key, default in (("pad_id", 0), ("bos_id", 1), ("eos_id", 2)):
+        if key in h:
+            setattr(spec, key, int(h[key]))
+        else:
+            assumptions.append(f"{key} = {default} (not in CAPDIAG hints)")
+    for key in ("max_len", "captions_keyword", "image_mean", "image_std", "pretrained"):
+        if key in h:
+            setattr(spec, key, tuple(h[key]) if key in ("image_mean", "image_std") else h[key])
+    if "image_mean" not in h:
+        assumptions.append("images normalized with ImageNet mean/std (no image_mean/image_std hints)")
+    if "image_module" in h:
+        resolve_module(model, h["image_module"])  # raises with close names
+        spec.image_module = h["image_module"]
+    else:
+        spec.image_module = guess_image_module(model)
+        if spec.image_module:
+            assumptions.append(f"image module = {spec.image_module!r} (guessed by name; set CAPDIAG['image_module'])")
+    for name in _pretrained_names(spec.pretrained):
+        resolve_module(model, name)
+    cap = Captioner(model, spec, loss_fn=mf.loss_fn, name=mf.name)
+    user_file = _file(mf)
+    data = None
+
+    if mf.sample_batch is not None:
+        try:
+            with seeded(seed):
+                batch = mf.sample_batch()
+        except Exception as e:  # noqa: BLE001
+            raise ModelCallError(f"sample_batch() raised {type(e).__name__}: {_first_line(e)} (at {user_frame(e, user_file)})") from e
+        images, captions = _validate_batch(batch)
+        images, captions = cap.to_inputs(images, captions)
+        spec.image_size = int(images.shape[-1])
+        logits = call_forward(cap, images, captions, user_file)
+        _check_vocab(spec, logits, assumptions)
+        if "max_len" not in h:
+            spec.max_len = int(captions.shape[1]) + 4
+        try:
+            data = SyntheticCaptions.for_spec(spec)
+        except UsageError:
+            data = None
+    else:
+        if "image_size" in h:
+            spec.image_size = int(h["image_size"])
+            sizes = (spec.image_size,)
+        else:
+            sizes = PROBE_SIZES
+        probe_caps = torch.tensor([[spec.bos_id, 3, 4, spec.eos_id]] * 2, device=dev)
+        first_err, logits = None, None
+        for s in sizes:
+            imgs = torch.zeros(2, 3, s, s, device=dev, dtype=cap.dtype)
+            try:
+                logits = call_forward(cap, imgs, probe_caps, user_file)
+                spec.image_size = s
+                break
+            except ModelCallError as e:
+                first_err = first_err or e
+        if logits is None:
+            tried = ", ".join(map(str, sizes))
+            raise ModelCallError(f"{first_err} [tried image sizes {tried}; set CAPDIAG['image_size']]") from first_err
+        if "image_size" not in h:
+            assumptions.append(f"image_size = {spec.image_size} (probed; set CAPDIAG['image_size'])")
+        _check_vocab(spec, logits, assumptions)
+        data = SyntheticCaptions.for_spec(spec)
+        images, captions = data.batch(batch_size, seed=seed, balanced=True)
+        images, captions = cap.to_inputs(images, captions)
+        # The probe used tiny inputs; make sure the real synthetic batch goes through too.
+        call_forward(cap, images, captions, user_file)
+        if "max_len" not in h:
+            spec.max_len = captions.shape[1] + 4
+    spec.assumptions = assumptions
+    return Subject(cap, images, captions, data=data, seed=seed, out_dir=out_dir, progress=progress)
+
+
+def _check_vocab(spec: CaptionSpec, logits: torch.Tensor, assumptions: list) -> None:
+    V = int(logits.shape[-1])
+    if spec.vocab_size and spec.vocab_size != V:
+        raise ModelCallError(
+            f"model returned logits over {V} tokens but CAPDIAG['vocab_size'] is {spec.vocab_size}; "
+            "fix the hint or the output layer"
+        )
+    if not spec.vocab_size:
+        spec.vocab_size = V
+        assumptions.append(f"vocab_size = {V} (read from the logits)")
+    for key in ("pad_id", "bos_id", "eos_id"):
+        if not 0 <= getattr(spec, key) < V:
+            raise UsageError(f"CAPDIAG[{key!r}] = {getattr(spec, key)} is outside the vocabulary [0, {V})")
+
+
+def _pretrained_names(pretrained: Any) -> list:
+    if isinstance(pretrained, dict):
+        return list(pretrained)
+    if isinstance(pretrained, str):
+        return [pretrained]
+    return list(pretrained or [])
+
+
+def guess_image_module(model: nn.Module) -> Optional[str]:
+    for name, _ in model.named_children():
+        if name.lower() in IMAGE_MODULE_NAMES:
+            return name
+    return None

@@ -1,0 +1,153 @@
+"""Small measuring helpers shared by checks: seeded forwards, tolerances, non-finite tracing."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .captioner import Captioner
+from .state import mode, seeded
+
+
+def tolerance(t: torch.Tensor) -> float:
+    """Relative tolerance for "unchanged": float32 reorders are ~1e-6, half precision ~1e-3."""
+    return 2e-2 if t.dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor, dim: Optional[tuple] = None) -> torch.Tensor:
+    """max|a-b| / max|a| (over ``dim`` or everything); NaN-safe enough for verdicts."""
+    a, b = a.float(), b.float()
+    if dim is None:
+        return (a - b).abs().max() / a.abs().max().clamp_min(1e-6)
+    return (a - b).abs().amax(dim=dim) / a.abs().amax(dim=dim).clamp_min(1e-6)
+
+
+class NonFiniteOutput(Exception):
+    """Logits were NaN/inf: the runner turns this into a failing finding that says where."""
+
+    def __init__(self, where: str, train: bool):
+        self.where, self.train = where, train
+        super().__init__(f"non-finite logits in {'train' if train else 'eval'} mode; first non-finite output: {where}")
+
+
+@torch.no_grad()
+def logits_in(cap: Captioner, images, captions, train: bool, seed: int, check_finite: bool = True) -> torch.Tensor:
+    """Aligned logits with the model in train or eval mode and dropout seeded identically each call.
+
+    Raises:
+        NonFiniteOutput: the logits contain NaN/inf (a comparison of them would mean nothing).
+    """
+    with mode(cap.model, train), seeded(seed):
+        out = cap.logits(images, captions).float()
+    if check_finite and not bool(torch.isfinite(out).all()):
+        raise NonFiniteOutput(first_nonfinite_module(cap, images, captions, train, seed), train)
+    return out
+
+
+def random_tokens(cap: Captioner, shape, generator: torch.Generator, avoid: Optional[torch.Tensor] = None):
+    """Random non-special token ids; where ``avoid`` is given, every id differs from it."""
+    V = cap.spec.vocab_size
+    specials = sorted(cap.spec.special_ids)
+    ids = torch.randint(0, V, shape, generator=generator)
+    for _ in range(8):
+        bad = torch.zeros(shape, dtype=torch.bool)
+        for s in specials:
+            bad |= ids == s
+        if avoid is not None:
+            bad |= ids == avoid.cpu()
+        if not bad.any():
+            break
+        ids[bad] = torch.randint(0, V, (int(bad.sum()),), generator=generator)
+    return ids
+
+
+@contextlib.contextmanager
+def traced_nonfinite(model: nn.Module) -> Iterator[list]:
+    """Record, in execution order, modules whose forward output has NaN/inf; hooks removed in finally."""
+    found: list = []
+    handles = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if found:
+                return
+            for t in _tensors(output):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    found.append(name)
+                    return
+        return fn
+
+    try:
+        for name, m in model.named_modules():
+            handles.append(m.register_forward_hook(hook(name)))
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _tensors(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors(y)
+
+
+def first_nonfinite_module(cap: Captioner, images, captions, train: bool, seed: int) -> str:
+    """Name of the first module whose output is non-finite (or 'the loss' if only the loss is)."""
+    with torch.no_grad(), mode(cap.model, train), seeded(seed), traced_nonfinite(cap.model) as found:
+        cap.logits(images, captions)
+    if found:
+        return found[0] or f"the top-level forward of {type(cap.model).__name__}"
+    return "the loss (logits are finite)"
+
+
+def param_part(name: str) -> str:
+    """Coarse part of a captioner a parameter belongs to, from its name (for grouping/reporting)."""
+    n = name.lower()
+    for part, keys in (
+        ("embedding", ("embed", "wte", "wpe", "tok_emb", "pos_emb", "word_emb")),
+        ("encoder", ("encoder", "cnn", "backbone", "visual", "vision", "resnet", "efficientnet", "image")),
+        ("projection", ("proj", "bridge", "adapter", "mapper", "init_h", "init_c", "prefix")),
+        ("output", ("lm_head", "fc_out", "out_proj_vocab", "classifier", "output", "head", "fc.")),
+    ):
+        if any(k in n for k in keys):
+            return part
+    return "decoder"
+
+
+def trainable(model: nn.Module) -> list:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def grads_of(cap: Captioner, loss_of: Callable[[], torch.Tensor]) -> dict:
+    """Gradients of a loss w.r.t. every trainable parameter, without touching ``.grad``.
+
+    Uses ``torch.autograd.grad``; models with reentrant gradient checkpointing reject that,
+    so they fall back to ``.backward()`` on a deep copy of the model.
+    """
+    import copy
+
+    params = trainable(cap.model)
+    loss = loss_of()
+    try:
+        gs = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        return {n: g for (n, _), g in zip(params, gs)}
+    except RuntimeError as e:
+        if "checkpoint" not in str(e).lower() and ".grad()" not in str(e):
+            raise
+    twin = Captioner(copy.deepcopy(cap.model), cap.spec, cap.loss_fn, cap.name)
+    twin.model.zero_grad(set_to_none=True)
+    original = cap.model
+    cap.model = twin.model
+    try:
+        loss_of().backward()
+    finally:
+        cap.model = original
+    return {n: p.grad for n, p in twin.model.named_parameters() if p.requires_grad}

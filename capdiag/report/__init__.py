@@ -1,0 +1,1 @@
+"""Renderers: Report -> terminal text, JSON (and, later, HTML/TensorBoard)."""

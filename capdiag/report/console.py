@@ -1,0 +1,57 @@
+"""Terminal rendering of findings: one line per check, cause and fix under anything not passing."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import textwrap
+from typing import TextIO
+
+from ..finding import Finding, Report, Status
+
+_COLORS = {
+    Status.PASS: "32", Status.WARN: "33", Status.FAIL: "31", Status.SKIP: "90", Status.ERROR: "35",
+}
+
+
+def use_color(stream: TextIO) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _badge(status: Status, color: bool) -> str:
+    text = f"{status.value.upper():<5}"
+    return f"\033[1;{_COLORS[status]}m{text}\033[0m" if color else text
+
+
+def format_finding(f: Finding, color: bool = False, width: int = 0) -> str:
+    width = width or min(shutil.get_terminal_size((100, 20)).columns, 120)
+    secs = f.metrics.get("seconds")
+    timing = f"  ({secs:.2f}s)" if isinstance(secs, float) else ""
+    head = f"{_badge(f.status, color)} {f.check:<24} "
+    body = textwrap.wrap(f.summary + timing, width=max(width - 31, 40))
+    lines = [head + (body[0] if body else "")] + [" " * 31 + b for b in body[1:]]
+    if f.status in (Status.FAIL, Status.WARN, Status.ERROR) and f.hint:
+        for i, b in enumerate(textwrap.wrap(f.hint, width=max(width - 37, 40))):
+            lines.append(" " * 31 + ("fix:  " if i == 0 else "      ") + b)
+    return "\n".join(lines)
+
+
+def print_header(title: str, assumptions: list, stream: TextIO = sys.stdout) -> None:
+    print(title, file=stream)
+    if assumptions:
+        print("assumed (set CAPDIAG hints in the model file to change):", file=stream)
+        for a in assumptions:
+            print(f"  - {a}", file=stream)
+    print(file=stream)
+
+
+def print_summary(report: Report, seconds: float, stream: TextIO = sys.stdout) -> None:
+    c = report.counts()
+    parts = [f"{c[s.value]} {word}" for s, word in (
+        (Status.PASS, "passed"), (Status.FAIL, "failed"), (Status.WARN, "warned"),
+        (Status.ERROR, "errored"), (Status.SKIP, "skipped"),
+    ) if c[s.value]]
+    print(f"\n{len(report.findings)} checks: {', '.join(parts)} in {seconds:.1f}s", file=stream)
+    failed = [f.check for f in report.findings if f.status.failed]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=stream)

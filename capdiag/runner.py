@@ -1,0 +1,58 @@
+"""Run checks on a subject; one failing or crashing check never hides the others."""
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Callable, Iterable, Optional
+
+from .check import Check, Subject
+from .finding import Finding, Report, Status
+from .probe import NonFiniteOutput
+from .registry import get_check
+from .state import preserved_state
+
+
+def run_check(subject: Subject, check: Check) -> Finding:
+    """Run one check inside ``preserved_state``; exceptions become an ``error`` finding."""
+    start = time.perf_counter()
+    try:
+        with preserved_state(subject.model):
+            finding = check.run(subject)
+    except KeyboardInterrupt:
+        raise
+    except NonFiniteOutput as e:
+        finding = Finding(
+            check.name, Status.FAIL, str(e), {}, {},
+            "Fix the non-finite values first (log/sqrt/division near zero, overflow in half precision, "
+            "uninitialized weights); this check cannot judge a model whose outputs are NaN/inf.",
+        )
+    except Exception as e:  # noqa: BLE001 - a crashing check is itself a result
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        finding = Finding(
+            check.name,
+            Status.ERROR,
+            f"check raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            {},
+            {"traceback": traceback.format_exc()},
+            f"raised at {where.filename}:{where.lineno}; rerun with --debug for the traceback",
+        )
+    metrics = dict(finding.metrics)
+    metrics["seconds"] = time.perf_counter() - start
+    return Finding(finding.check, finding.status, finding.summary, metrics, finding.artifacts, finding.hint)
+
+
+def run_checks(
+    subject: Subject,
+    checks: Iterable,
+    on_finding: Optional[Callable[[Finding], None]] = None,
+    report: Optional[Report] = None,
+) -> Report:
+    """Run checks (names or ``Check`` objects) in order and collect a ``Report``."""
+    report = report or Report(model_name=subject.captioner.name)
+    for c in checks:
+        check = get_check(c) if isinstance(c, str) else c
+        finding = run_check(subject, check)
+        report.findings.append(finding)
+        if on_finding is not None:
+            on_finding(finding)
+    return report

@@ -1,0 +1,135 @@
+"""Context managers that keep capdiag from changing the model or process it inspects.
+
+Every temporary change a check makes (train/eval mode, ``requires_grad``, RNG draws) goes
+through here, and is undone in ``finally`` so that it is undone when the model raises too.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+try:  # numpy is a torch dependency in practice, but stay importable without it
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore torch (CPU and every CUDA device), Python ``random`` and NumPy RNG states."""
+    py_state = random.getstate()
+    np_state = np.random.get_state() if np is not None else None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with a fixed seed, without consuming the caller's RNG streams."""
+    with preserved_rng():
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if np is not None:
+            np.random.seed(seed % (2**32))
+        yield
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag and every parameter's ``requires_grad``."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+        for p, was in flags:
+            p.requires_grad_(was)
+
+
+@contextlib.contextmanager
+def mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """Put the model in train or eval mode for a block; restore each submodule's own flag after."""
+    with preserved_modes(model):
+        model.train(train)
+        yield model
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Modes, requires_grad and RNG restored after the block (what the runner wraps every check in)."""
+    with preserved_modes(model), preserved_rng():
+        yield
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+@dataclass
+class ModelSnapshot:
+    """Everything capdiag promises not to change, captured for an exact before/after comparison."""
+
+    tensors: dict
+    modes: list
+    flags: list
+    hooks: list
+    grads: list
+    rng: tuple
+
+    @classmethod
+    def take(cls, model: nn.Module) -> "ModelSnapshot":
+        tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        modes = [(n, m.training) for n, m in model.named_modules()]
+        flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+        hooks = [(n, d, len(getattr(m, d, {}) or {})) for n, m in model.named_modules() for d in _HOOK_DICTS]
+        hooks += [(n, "tensor_hooks", len(p._backward_hooks or {})) for n, p in model.named_parameters()]
+        grads = [(n, None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()]
+        rng = (
+            torch.get_rng_state(),
+            [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_initialized() else [],
+            random.getstate(),
+            np.random.get_state()[1].copy() if np is not None else None,
+        )
+        return cls(tensors, modes, flags, hooks, grads, rng)
+
+    def differences(self, other: "ModelSnapshot") -> list[str]:
+        """Human-readable list of everything that differs (empty when identical)."""
+        diffs = []
+        for k, v in self.tensors.items():
+            w = other.tensors.get(k)
+            if w is None or w.shape != v.shape or w.dtype != v.dtype or w.device != v.device or not torch.equal(v, w):
+                diffs.append(f"tensor {k} changed")
+        diffs += [f"mode of {a[0]!r} changed" for a, b in zip(self.modes, other.modes) if a != b]
+        diffs += [f"requires_grad of {a[0]} changed" for a, b in zip(self.flags, other.flags) if a != b]
+        diffs += [f"hooks {a[1]} on {a[0]!r} changed" for a, b in zip(self.hooks, other.hooks) if a != b]
+        for (n, g1), (_, g2) in zip(self.grads, other.grads):
+            if (g1 is None) != (g2 is None) or (g1 is not None and not torch.equal(g1, g2)):
+                diffs.append(f".grad of {n} changed")
+        if not torch.equal(self.rng[0], other.rng[0]):
+            diffs.append("torch CPU RNG state changed")
+        if len(self.rng[1]) == len(other.rng[1]) and any(not torch.equal(a, b) for a, b in zip(self.rng[1], other.rng[1])):
+            diffs.append("torch CUDA RNG state changed")
+        if self.rng[2] != other.rng[2]:
+            diffs.append("python random state changed")
+        if self.rng[3] is not None and not (self.rng[3] == other.rng[3]).all():
+            diffs.append("numpy RNG state changed")
+        return diffs

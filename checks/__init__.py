@@ -1,0 +1,14 @@
+"""Built-in checks, one per module, each registered under its module's name.
+
+Importing this package registers them in this order (cheap structural checks first).
+"""
+from . import (  # noqa: F401
+    loss_at_init,
+    input_mutation,
+    causal_leak,
+    caption_dependence,
+    batch_independence,
+    padding_invariance,
+    gradient_reachability,
+    eval_determinism,
+)

@@ -1,0 +1,73 @@
+"""caption_dependence: with teacher forcing, logits at position t must depend on the token at t.
+
+Catches a decoder that never reads its caption input (so it can only learn the prior), an
+off-by-one that feeds token t-1 where t belongs (captions shifted twice), and an eval-mode
+forward that silently switches to free-running decoding, which makes every teacher-forced
+validation number meaningless. Checked in train and eval mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from capdiag.check import Check, Subject
+from capdiag.finding import Status
+from capdiag.probe import logits_in, random_tokens, rel_diff, tolerance
+from capdiag.registry import register_check
+
+
+@register_check
+@dataclass
+class CaptionDependence(Check):
+    name = "caption_dependence"
+    catches = "decoder ignoring its caption input, off-by-one shifts, eval-mode free-running forward"
+    min_fraction: float = 0.5  # of (sample, position) pairs whose logits must react to their token
+
+    def run(self, s: Subject):
+        cap = s.captioner
+        lengths = cap.lengths(s.captions)
+        last = int(lengths.min()) - 2  # positions whose token and next target are real for all samples
+        if last < 1:
+            return self.skip("captions too short to perturb a token inside every caption")
+        positions = sorted({1, (1 + last) // 2, last})
+        g = torch.Generator().manual_seed(s.seed + 1)
+        metrics, verdicts = {}, {}
+        for train in (False, True):
+            tag = "train" if train else "eval"
+            base = logits_in(cap, s.images, s.captions, train, s.seed)
+            tol = tolerance(base)
+            hits = []
+            for t in positions:
+                caps = s.captions.clone()
+                caps[:, t] = random_tokens(cap, caps[:, t].shape, g, avoid=caps[:, t]).to(caps.device)
+                out = logits_in(cap, s.images, caps, train, s.seed)
+                hits.append(rel_diff(base[:, t], out[:, t], dim=(1,)) > tol)  # (B,)
+            frac = float(torch.stack(hits).float().mean())
+            metrics[f"fraction_dependent_{tag}"] = frac
+            verdicts[tag] = frac >= self.min_fraction
+        if not verdicts["eval"] and verdicts["train"]:
+            return self.finding(
+                Status.FAIL,
+                f"in eval mode the logits ignore the caption tokens (only {metrics['fraction_dependent_eval']:.0%} "
+                f"react, vs {metrics['fraction_dependent_train']:.0%} in train mode)",
+                metrics,
+                "forward() decodes free-running when not self.training. Keep forward teacher-forced in both "
+                "modes and put free-running decoding in generate(); otherwise validation loss is not comparable.",
+            )
+        if not (verdicts["eval"] and verdicts["train"]):
+            return self.finding(
+                Status.FAIL,
+                f"logits at position t do not depend on the caption token at t "
+                f"(train {metrics['fraction_dependent_train']:.0%}, eval {metrics['fraction_dependent_eval']:.0%} react)",
+                metrics,
+                "The decoder does not read its caption input at the right position: check that the token "
+                "embedding feeds the decoder, and that captions are shifted once (input captions[:, :-1], "
+                "target captions[:, 1:]), not twice.",
+            )
+        return self.finding(
+            Status.PASS,
+            f"logits react to the current token in train ({metrics['fraction_dependent_train']:.0%}) "
+            f"and eval ({metrics['fraction_dependent_eval']:.0%}) mode",
+            metrics,
+        )

@@ -1,0 +1,59 @@
+"""causal_leak: logits at position t must not depend on caption tokens after t.
+
+Catches a missing or wrong causal mask, a prefix mask that lets the caption see the future,
+bidirectional RNNs over the caption, and targets fed as inputs (teacher-forcing leak). Such
+a model reaches a near-zero training loss and generates garbage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from capdiag.check import Check, Subject
+from capdiag.finding import Status
+from capdiag.probe import logits_in, random_tokens, rel_diff, tolerance
+from capdiag.registry import register_check
+
+
+@register_check
+@dataclass
+class CausalLeak(Check):
+    name = "causal_leak"
+    catches = "missing/wrong causal mask: position t sees caption tokens after t"
+
+    def run(self, s: Subject):
+        cap = s.captioner
+        T = s.captions.shape[1]
+        if T < 3:
+            return self.skip("captions shorter than 3 tokens")
+        g = torch.Generator().manual_seed(s.seed)
+        cuts = sorted({1, T // 2, T - 2})
+        worst, first_leak, metrics = 0.0, None, {}
+        for train in (False, True):
+            base = logits_in(cap, s.images, s.captions, train, s.seed)
+            tol = tolerance(base)
+            for k in cuts:  # keep inputs 0..k, scramble k+1..T-1
+                caps = s.captions.clone()
+                caps[:, k + 1 :] = random_tokens(cap, caps[:, k + 1 :].shape, g, avoid=caps[:, k + 1 :]).to(caps.device)
+                out = logits_in(cap, s.images, caps, train, s.seed)
+                per_pos = rel_diff(base[:, : k + 1], out[:, : k + 1], dim=(0, 2))  # (k+1,)
+                worst = max(worst, float(per_pos.max()))
+                leaking = (per_pos > tol).nonzero()
+                if len(leaking) and first_leak is None:
+                    first_leak = (int(leaking[0]), k, "train" if train else "eval")
+        metrics["max_rel_change_from_future_tokens"] = worst
+        if first_leak:
+            t, k, m = first_leak
+            return self.finding(
+                Status.FAIL,
+                f"logits at position {t} change when tokens after position {k} change ({m} mode, "
+                f"max relative change {worst:.2g}): the decoder sees the future",
+                metrics,
+                "Pass a causal mask to the decoder (nn.Transformer.generate_square_subsequent_mask(T), "
+                "is_causal=True), do not run a bidirectional RNN over the caption, and feed captions[:, :-1] "
+                "as input while scoring captions[:, 1:].",
+            )
+        return self.finding(
+            Status.PASS, f"future tokens do not affect earlier positions (max relative change {worst:.1g})", metrics
+        )

@@ -1,0 +1,92 @@
+"""gradient_reachability: every trainable parameter gets a finite, non-zero gradient.
+
+Catches a detached image path (``features.detach()``, encoder run under ``no_grad`` while
+meant to fine-tune), dead projections (all-zero gradient), modules that are built but never
+used, and NaN/inf gradients. One train-mode backward of capdiag's caption loss.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from capdiag.check import Check, Subject
+from capdiag.finding import Status
+from capdiag.probe import grads_of, param_part, trainable
+from capdiag.registry import register_check
+from capdiag.state import mode, seeded
+
+
+def _module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else "(top level)"
+
+
+def _summarize(names: list, limit: int = 4) -> str:
+    mods = sorted({_module_of(n) for n in names})
+    more = f" and {len(mods) - limit} more" if len(mods) > limit else ""
+    return ", ".join(mods[:limit]) + more
+
+
+@register_check
+@dataclass
+class GradientReachability(Check):
+    name = "gradient_reachability"
+    catches = "detached image path, dead or unused modules, NaN/inf gradients"
+
+    def run(self, s: Subject):
+        cap = s.captioner
+        params = trainable(cap.model)
+        if not params:
+            return self.skip("the model has no trainable parameters")
+        with mode(cap.model, True), seeded(s.seed):
+            grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
+        none = [n for n, _ in params if grads.get(n) is None]
+        nonfinite = [n for n, _ in params if grads.get(n) is not None and not bool(torch.isfinite(grads[n]).all())]
+        zero = [n for n, _ in params if grads.get(n) is not None and n not in nonfinite and not bool(grads[n].any())]
+        # A module all of whose parameters get nothing is dead; a lone zero bias (e.g. before BatchNorm) is not.
+        by_module = defaultdict(list)
+        for n, _ in params:
+            by_module[_module_of(n)].append(n)
+        bad = set(none) | set(zero)
+        dead_modules = [m for m, ns in by_module.items() if all(n in bad for n in ns)]
+        parts_none = sorted({param_part(n) for n in none})
+        metrics = {
+            "n_trainable": len(params),
+            "n_no_grad": len(none),
+            "n_zero_grad": len(zero),
+            "n_nonfinite_grad": len(nonfinite),
+        }
+        if nonfinite:
+            return self.finding(
+                Status.FAIL, f"{len(nonfinite)} parameters get NaN/inf gradients, first in {_summarize(nonfinite)}", metrics,
+                "Non-finite gradients usually come from log/sqrt/division of values near zero or overflow in "
+                "half precision; enable torch.autograd.detect_anomaly() once to find the op.",
+                {"nonfinite": nonfinite},
+            )
+        if none:
+            return self.finding(
+                Status.FAIL,
+                f"{len(none)} of {len(params)} trainable parameters get no gradient from the caption loss "
+                f"({', '.join(parts_none)}: {_summarize(none)})",
+                metrics,
+                "These parameters are cut off from the loss: a .detach() or torch.no_grad() on the image "
+                "features, a module built but never called, or a branch unused in forward. If they are meant "
+                "frozen, set requires_grad=False.",
+                {"no_grad": none},
+            )
+        if dead_modules:
+            return self.finding(
+                Status.FAIL,
+                f"modules get an all-zero gradient: {', '.join(dead_modules[:4])}", metrics,
+                "A dead path: a ReLU after a projection whose outputs are all negative, a multiply by zero, or "
+                "features scaled to nothing. Check the init and the activation after this module.",
+                {"zero_grad": zero},
+            )
+        if zero:
+            return self.finding(
+                Status.WARN, f"{len(zero)} parameters get an exactly zero gradient: {', '.join(zero[:4])}", metrics,
+                "Often a bias followed by BatchNorm/LayerNorm (harmless but useless); otherwise a dead path.",
+                {"zero_grad": zero},
+            )
+        return self.finding(Status.PASS, f"all {len(params)} trainable parameters get finite, non-zero gradients", metrics)

@@ -1,0 +1,65 @@
+"""loss_at_init: an untrained captioner's loss should start near ln(vocab).
+
+Catches huge output-layer init, saturated softmax, logits fed through softmax twice, and
+NaN/inf in the forward pass. A trained or pretrained model scores below ln(V): that passes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from capdiag.check import Check, Subject
+from capdiag.finding import Status
+from capdiag.probe import first_nonfinite_module, logits_in
+from capdiag.registry import register_check
+
+
+@register_check
+@dataclass
+class LossAtInit(Check):
+    name = "loss_at_init"
+    catches = "huge or saturated init (loss far above ln V), NaN/inf in the forward pass"
+    fail_excess: float = 2.0  # nats above ln(V) (or 30 % of ln V, whichever is larger) that fail
+    warn_excess: float = 0.7
+
+    def run(self, s: Subject):
+        cap = s.captioner
+        V = cap.spec.vocab_size
+        ln_v = math.log(V)
+        metrics = {"ln_vocab": ln_v}
+        for train in (False, True):
+            tag = "train" if train else "eval"
+            logits = logits_in(cap, s.images, s.captions, train, s.seed, check_finite=False)
+            loss = float(cap.loss_from_logits(logits, s.captions))
+            metrics[f"loss_{tag}"] = loss
+            if not math.isfinite(loss):
+                where = first_nonfinite_module(cap, s.images, s.captions, train, s.seed)
+                return self.finding(
+                    Status.FAIL, f"loss is {loss} in {tag} mode; first non-finite output: {where}", metrics,
+                    "Look for log of zero/negative values, division by zero, overflow in half precision, "
+                    "or uninitialized (torch.empty) weights in that module.",
+                )
+            mask = cap.target_mask(s.captions)
+            maxp = torch.softmax(logits, -1).amax(-1)[mask].mean()
+            metrics[f"mean_max_prob_{tag}"] = float(maxp)
+        loss = max(metrics["loss_eval"], metrics["loss_train"])
+        excess = loss - ln_v
+        metrics["excess_over_ln_vocab"] = excess
+        if excess > max(self.fail_excess, 0.3 * ln_v):
+            return self.finding(
+                Status.FAIL,
+                f"loss at init {loss:.2f} is {excess:.1f} nats above ln(V)={ln_v:.2f}: the model starts "
+                f"overconfident (mean max softmax prob {max(metrics['mean_max_prob_eval'], metrics['mean_max_prob_train']):.2f})",
+                metrics,
+                "The output layer is initialized too large (or logits are scaled up). Use the default or a "
+                "small-std init for the vocabulary projection; check custom init functions and logit scaling.",
+            )
+        if excess > self.warn_excess:
+            return self.finding(
+                Status.WARN, f"loss at init {loss:.2f} is {excess:.1f} nats above ln(V)={ln_v:.2f}", metrics,
+                "Slightly overconfident init; usually harmless, but check the output layer's init scale.",
+            )
+        below = " (below ln V: pretrained or already trained)" if excess < -0.5 else ""
+        return self.finding(Status.PASS, f"loss at init {loss:.2f} vs ln(V)={ln_v:.2f}{below}", metrics)

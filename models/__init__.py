@@ -1,0 +1,1 @@
+"""Reference captioners, one family per module, each following the model-file contract."""

@@ -1,0 +1,166 @@
+"""A zoo of tiny captioners for testing checks: clean twins of three architectures, and one
+planted bug each. Every bug here has been seen in public captioning code.
+
+``make(arch, bug)`` builds one; ``BUGS`` maps each bug to the check that must catch it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB, PAD, BOS, EOS = 24, 0, 1, 2
+HINTS = dict(vocab_size=VOCAB, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=32, image_module="encoder")
+
+# bug -> (architectures it applies to, check that must fail)
+BUGS = {
+    "no_causal_mask": (("transformer",), "causal_leak"),
+    "batch_mean_image": (("transformer", "lstm", "gru"), "batch_independence"),
+    "relative_positions": (("transformer",), "padding_invariance"),
+    "detached_image": (("transformer", "lstm", "gru"), "gradient_reachability"),
+    "unused_module": (("transformer", "lstm", "gru"), "gradient_reachability"),
+    "eval_dropout": (("transformer", "lstm", "gru"), "eval_determinism"),
+    "eval_free_running": (("transformer", "lstm", "gru"), "caption_dependence"),
+    "caption_blind": (("transformer", "lstm", "gru"), "caption_dependence"),
+    "double_shift": (("gru",), "caption_dependence"),
+    "inplace_normalize": (("transformer", "lstm", "gru"), "input_mutation"),
+    "huge_init": (("transformer", "lstm", "gru"), "loss_at_init"),
+    "nan_logits": (("transformer", "gru"), "loss_at_init"),
+}
+ARCHS = ("transformer", "lstm", "gru")
+
+
+class TinyEncoder(nn.Module):
+    """Two strided convs with BatchNorm -> regions (B, 16, C)."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+        )
+
+    def forward(self, images):
+        f = self.net(images)  # (B, C, 4, 4)
+        return f.flatten(2).transpose(1, 2)  # (B, 16, C)
+
+
+class ZooCaptioner(nn.Module):
+    def __init__(self, arch: str = "transformer", bug: str | None = None, d: int = 32, vocab: int = VOCAB):
+        super().__init__()
+        self.arch, self.bug, self.d, self.vocab = arch, bug, d, vocab
+        self.encoder = TinyEncoder(d)
+        self.proj = nn.Linear(d, d)
+        self.embed = nn.Embedding(vocab, d, padding_idx=PAD)
+        if arch == "transformer":
+            self.pos = nn.Embedding(64, d)
+            layer = nn.TransformerDecoderLayer(d, 2, 64, dropout=0.1, batch_first=True)
+            self.decoder = nn.TransformerDecoder(layer, 1)
+        elif arch == "lstm":
+            self.init_h, self.init_c = nn.Linear(d, d), nn.Linear(d, d)
+            self.att_img, self.att_hid, self.att_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 1)
+            self.cell = nn.LSTMCell(2 * d, d)
+            self.drop = nn.Dropout(0.1)
+        elif arch == "gru":
+            self.rnn = nn.GRU(d, d, batch_first=True)
+            self.drop = nn.Dropout(0.1)
+        else:
+            raise ValueError(arch)
+        if arch == "transformer":
+            self.drop = nn.Dropout(0.1)
+        self.out = nn.Linear(d, vocab)
+        if bug == "unused_module":
+            self.aux_head = nn.Linear(d, vocab)  # built, never called
+        if bug == "huge_init":
+            with torch.no_grad():
+                self.out.weight.mul_(60.0)
+
+    # ---- pieces -----------------------------------------------------------------------
+    def image_regions(self, images):
+        if self.bug == "inplace_normalize":
+            images.sub_(0.1).div_(0.9)  # "normalize" the caller's tensor in place
+        regions = self.proj(self.encoder(images))  # (B, L, d)
+        if self.bug == "detached_image":
+            regions = regions.detach()
+        if self.bug == "batch_mean_image":
+            regions = regions + regions.mean(0, keepdim=True)  # meant mean(1): pools over the batch
+        return regions
+
+    def maybe_drop(self, x):
+        if self.bug == "eval_dropout":
+            return F.dropout(x, 0.3, training=True)
+        return self.drop(x) if hasattr(self, "drop") else x
+
+    def tokens_in(self, captions):
+        if self.bug == "caption_blind":
+            captions = torch.full_like(captions, BOS)
+        return captions
+
+    def forward(self, images, captions):
+        if self.bug == "eval_free_running" and not self.training:
+            return self.free_run(images, captions.shape[1])
+        regions = self.image_regions(images)
+        captions = self.tokens_in(captions)
+        if self.arch == "transformer":
+            logits = self._transformer(regions, captions)
+        elif self.arch == "lstm":
+            logits = self._lstm(regions, captions)
+        else:
+            logits = self._gru(regions, captions)
+        if self.bug == "nan_logits":
+            logits = logits + torch.log(logits.new_zeros(()) - 1.0)  # log(-1) = nan
+        return logits  # (B, T, V)
+
+    def _transformer(self, regions, captions):
+        B, T = captions.shape
+        if self.bug == "relative_positions":
+            pos = (torch.arange(T, device=captions.device) * 63 // max(T - 1, 1))  # scaled by padded length
+        else:
+            pos = torch.arange(T, device=captions.device)
+        x = self.embed(captions) * math.sqrt(self.d) + self.pos(pos)[None]
+        mask = None if self.bug == "no_causal_mask" else nn.Transformer.generate_square_subsequent_mask(T, device=captions.device)
+        h = self.decoder(x, regions, tgt_mask=mask, tgt_is_causal=mask is not None)
+        return self.out(self.maybe_drop(h))
+
+    def _lstm(self, regions, captions):
+        B, T = captions.shape
+        mean = regions.mean(1)
+        h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        emb = self.embed(captions)
+        keys = self.att_img(regions)
+        outs = []
+        for t in range(T):
+            e = torch.tanh(keys + self.att_hid(h)[:, None])
+            alpha = torch.softmax(self.att_v(e).squeeze(-1), dim=1)  # (B, L)
+            ctx = (alpha[..., None] * regions).sum(1)
+            h, c = self.cell(torch.cat([emb[:, t], ctx], -1), (h, c))
+            outs.append(self.out(self.maybe_drop(h)))
+        return torch.stack(outs, 1)
+
+    def _gru(self, regions, captions):
+        emb = self.embed(captions)
+        if self.bug == "double_shift":
+            emb = torch.cat([torch.zeros_like(emb[:, :1]), emb[:, :-1]], 1)  # shifted once more
+        h0 = torch.tanh(regions.mean(1))[None]
+        out, _ = self.rnn(emb, h0.contiguous())
+        return self.out(self.maybe_drop(out + regions.mean(1, keepdim=True)))
+
+    @torch.no_grad()
+    def free_run(self, images, T):
+        seq = torch.full((images.shape[0], 1), BOS, dtype=torch.long, device=images.device)
+        bug, self.bug = self.bug, None
+        try:
+            for _ in range(T - 1):
+                nxt = self.forward(images, seq)[:, -1].argmax(-1)
+                seq = torch.cat([seq, nxt[:, None]], 1)
+            return self.forward(images, seq)
+        finally:
+            self.bug = bug
+
+
+def make(arch: str = "transformer", bug: str | None = None, seed: int = 0) -> ZooCaptioner:
+    torch.manual_seed(seed)
+    return ZooCaptioner(arch, bug)
