@@ -60,9 +60,25 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer's value (train-mode forwards update BatchNorm running statistics)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+@contextlib.contextmanager
 def mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
-    """Put the model in train or eval mode for a block; restore each submodule's own flag after."""
-    with preserved_modes(model):
+    """Put the model in train or eval mode for a block; restore each submodule's own flag after.
+
+    In train mode BatchNorm updates its running statistics even under ``no_grad``, so buffers
+    are restored too: a check must never shift the statistics the user's eval mode relies on.
+    """
+    with preserved_modes(model), (preserved_buffers(model) if train else contextlib.nullcontext()):
         model.train(train)
         yield model
 
@@ -70,7 +86,7 @@ def mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Modes, requires_grad and RNG restored after the block (what the runner wraps every check in)."""
-    with preserved_modes(model), preserved_rng():
+    with preserved_modes(model), preserved_buffers(model), preserved_rng():
         yield
 
 

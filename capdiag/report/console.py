@@ -5,7 +5,7 @@ import os
 import shutil
 import sys
 import textwrap
-from typing import TextIO
+from typing import Optional, TextIO
 
 from ..finding import Finding, Report, Status
 
@@ -36,7 +36,8 @@ def format_finding(f: Finding, color: bool = False, width: int = 0) -> str:
     return "\n".join(lines)
 
 
-def print_header(title: str, assumptions: list, stream: TextIO = sys.stdout) -> None:
+def print_header(title: str, assumptions: list, stream: Optional[TextIO] = None) -> None:
+    stream = stream or sys.stdout
     print(title, file=stream)
     if assumptions:
         print("assumed (set CAPDIAG hints in the model file to change):", file=stream)
@@ -45,7 +46,8 @@ def print_header(title: str, assumptions: list, stream: TextIO = sys.stdout) -> 
     print(file=stream)
 
 
-def print_summary(report: Report, seconds: float, stream: TextIO = sys.stdout) -> None:
+def print_summary(report: Report, seconds: float, stream: Optional[TextIO] = None) -> None:
+    stream = stream or sys.stdout
     c = report.counts()
     parts = [f"{c[s.value]} {word}" for s, word in (
         (Status.PASS, "passed"), (Status.FAIL, "failed"), (Status.WARN, "warned"),
