@@ -11,4 +11,7 @@ from . import (  # noqa: F401
     padding_invariance,
     gradient_reachability,
     eval_determinism,
+    overfit,
+    image_ablation,
+    decoding_consistency,
 )

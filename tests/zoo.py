@@ -29,6 +29,11 @@ BUGS = {
     "huge_init": (("transformer", "lstm", "gru"), "loss_at_init"),
     "nan_logits": (("transformer", "gru"), "loss_at_init"),
 }
+# Bugs only a model that has learned reveals (full checks; they train a copy).
+LEARNED_BUGS = {
+    "image_blind": (("transformer", "lstm", "gru"), ("overfit", "image_ablation")),
+    "generate_ignores_image": (("transformer", "gru"), ("decoding_consistency", "image_ablation")),
+}
 ARCHS = ("transformer", "lstm", "gru")
 
 
@@ -85,6 +90,8 @@ class ZooCaptioner(nn.Module):
         regions = self.proj(self.encoder(images))  # (B, L, d)
         if self.bug == "detached_image":
             regions = regions.detach()
+        if self.bug == "image_blind":
+            regions = torch.zeros_like(regions)  # the decoder never receives the features
         if self.bug == "batch_mean_image":
             regions = regions + regions.mean(0, keepdim=True)  # meant mean(1): pools over the batch
         return regions
@@ -147,6 +154,22 @@ class ZooCaptioner(nn.Module):
         h0 = torch.tanh(regions.mean(1))[None]
         out, _ = self.rnn(emb, h0.contiguous())
         return self.out(self.maybe_drop(out + regions.mean(1, keepdim=True)))
+
+    @torch.no_grad()
+    def generate(self, images, max_len: int = 12):
+        """Greedy decoding, returns ids starting with BOS."""
+        if self.bug == "generate_ignores_image":
+            images = torch.zeros_like(images)
+        seq = torch.full((images.shape[0], 1), BOS, dtype=torch.long, device=images.device)
+        done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+        for _ in range(max_len - 1):
+            nxt = self.forward(images, seq)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            done |= nxt == EOS
+            if bool(done.all()):
+                break
+        return seq
 
     @torch.no_grad()
     def free_run(self, images, T):

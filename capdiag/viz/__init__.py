@@ -1,0 +1,1 @@
+"""Finding -> matplotlib Figure. No pyplot global state; matplotlib imported lazily."""
