@@ -33,7 +33,7 @@ class CaptionSpec:
     image_size: int = 64
     max_len: int = 16
     image_module: Optional[str] = None
-    pretrained: Any = ()
+    pretrained: Any = None  # None: not declared; [] declares "nothing pretrained"
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
     captions_keyword: Optional[str] = None  # call model(images, **{kw: captions}) when set

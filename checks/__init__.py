@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     padding_invariance,
     gradient_reachability,
     eval_determinism,
+    pretrained_guard,
     overfit,
     image_ablation,
     decoding_consistency,
