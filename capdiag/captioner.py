@@ -70,11 +70,17 @@ class Captioner:
         name: shown in reports.
     """
 
-    def __init__(self, model: nn.Module, spec: CaptionSpec, loss_fn: Optional[Callable] = None, name: str = "model"):
+    def __init__(self, model: nn.Module, spec: CaptionSpec, loss_fn: Optional[Callable] = None, name: str = "model",
+                 bleu_fn: Optional[Callable] = None):
         self.model = model
         self.spec = spec
         self.loss_fn = loss_fn
+        self.bleu_fn = bleu_fn
         self.name = name
+
+    def with_model(self, model: nn.Module) -> "Captioner":
+        """The same contract over another module (a deep copy that a check trains)."""
+        return Captioner(model, self.spec, self.loss_fn, self.name, self.bleu_fn)
 
     # ---- devices and inputs -------------------------------------------------------------
     @property

@@ -229,7 +229,8 @@ def make_subject(
         with seeded(seed):
             model = build_model(mf, model_kwargs)
         model.to(dev)  # capdiag built this model, so moving it is ours to do
-    h = mf.hints
+    # A model may refine the file's hints and bring its own loss/metric (bug twins, configs).
+    h = {**mf.hints, **(getattr(model, "capdiag_hints", None) or {})}
     assumptions = []
     spec = CaptionSpec(vocab_size=int(h.get("vocab_size", 0) or 0))
     for key, default in (("pad_id", 0), ("bos_id", 1), ("eos_id", 2)):
@@ -251,7 +252,8 @@ def make_subject(
             assumptions.append(f"image module = {spec.image_module!r} (guessed by name; set CAPDIAG['image_module'])")
     for name in _pretrained_names(spec.pretrained):
         resolve_module(model, name)
-    cap = Captioner(model, spec, loss_fn=mf.loss_fn, name=mf.name)
+    cap = Captioner(model, spec, loss_fn=_callable(model, "loss_fn") or mf.loss_fn, name=mf.name,
+                    bleu_fn=_callable(model, "bleu_fn") or mf.bleu_fn)
     user_file = _file(mf)
     data = None
 
@@ -303,6 +305,11 @@ def make_subject(
             spec.max_len = captions.shape[1] + 4
     spec.assumptions = assumptions
     return Subject(cap, images, captions, data=data, seed=seed, out_dir=out_dir, progress=progress)
+
+
+def _callable(model: nn.Module, name: str):
+    fn = getattr(model, name, None)
+    return fn if callable(fn) and not isinstance(fn, nn.Module) else None
 
 
 def _check_vocab(spec: CaptionSpec, logits: torch.Tensor, assumptions: list) -> None:

@@ -142,7 +142,7 @@ def grads_of(cap: Captioner, loss_of: Callable[[], torch.Tensor]) -> dict:
     except RuntimeError as e:
         if "checkpoint" not in str(e).lower() and ".grad()" not in str(e):
             raise
-    twin = Captioner(copy.deepcopy(cap.model), cap.spec, cap.loss_fn, cap.name)
+    twin = cap.with_model(copy.deepcopy(cap.model))
     twin.model.zero_grad(set_to_none=True)
     original = cap.model
     cap.model = twin.model

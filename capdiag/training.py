@@ -30,7 +30,7 @@ class FitResult:
 
 
 def copy_captioner(cap: Captioner) -> Captioner:
-    return Captioner(copy.deepcopy(cap.model), cap.spec, cap.loss_fn, cap.name)
+    return cap.with_model(copy.deepcopy(cap.model))
 
 
 def fit_copy(
