@@ -198,10 +198,12 @@ class Captioner:
                 break
         return seq
 
-    def strip(self, ids: torch.Tensor) -> list[list[int]]:
-        """Token lists without BOS, EOS and padding (for BLEU and exact match)."""
+    def strip(self, ids) -> list[list[int]]:
+        """Token lists without BOS, EOS and padding (for BLEU and exact match).
+
+        ``ids``: a (B, L) tensor or a list of id lists (of any lengths)."""
         out = []
-        for row in ids.tolist():
+        for row in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
             row = row[1:] if row and row[0] == self.spec.bos_id else row
             words = []
             for t in row:

@@ -108,15 +108,25 @@ def first_nonfinite_module(cap: Captioner, images, captions, train: bool, seed: 
     return "the loss (logits are finite)"
 
 
+_PARTS = (
+    ("embedding", ("embed", "wte", "wpe", "tok_emb", "pos_emb", "word_emb", "pos")),
+    ("encoder", ("encoder", "cnn", "backbone", "visual", "vision", "resnet", "efficientnet", "image")),
+    ("projection", ("proj", "bridge", "adapter", "mapper", "init_h", "init_c", "prefix", "merge")),
+    ("output", ("lm_head", "fc_out", "classifier", "output", "head", "out", "fc")),
+    ("decoder", ("decoder", "rnn", "lstm", "gru", "cell", "transformer", "att", "gpt", "layers", "blocks")),
+)
+
+
 def param_part(name: str) -> str:
-    """Coarse part of a captioner a parameter belongs to, from its name (for grouping/reporting)."""
+    """Coarse part of a captioner a parameter belongs to (encoder / projection / embedding /
+    decoder / output), judged from its top-level module name first: ``decoder.x.out_proj``
+    is decoder, not projection."""
+    top = name.split(".")[0].lower()
+    for part, keys in _PARTS:
+        if any(top == k or top.startswith(k) for k in keys):
+            return part
     n = name.lower()
-    for part, keys in (
-        ("embedding", ("embed", "wte", "wpe", "tok_emb", "pos_emb", "word_emb")),
-        ("encoder", ("encoder", "cnn", "backbone", "visual", "vision", "resnet", "efficientnet", "image")),
-        ("projection", ("proj", "bridge", "adapter", "mapper", "init_h", "init_c", "prefix")),
-        ("output", ("lm_head", "fc_out", "out_proj_vocab", "classifier", "output", "head", "fc.")),
-    ):
+    for part, keys in _PARTS:
         if any(k in n for k in keys):
             return part
     return "decoder"

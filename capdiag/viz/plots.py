@@ -52,10 +52,11 @@ def plot_gradient_flow(names: Sequence[str], mean_abs: Sequence[float], max_abs:
     from matplotlib.patches import Patch
 
     n = len(names)
-    fig = _figure(max(7, 0.22 * n + 2), 5.5)
+    fig = _figure(min(max(8, 0.16 * n + 3), 22), 6)
     ax = fig.add_subplot()
     x = np.arange(n)
-    floor = 1e-12
+    nonzero = [v for v in list(mean_abs) + list(max_abs) if v and np.isfinite(v) and v > 0]
+    floor = max(min(nonzero) / 100, 1e-12) if nonzero else 1e-12  # zero/None layers sit on the floor
     mx = np.maximum(np.nan_to_num(np.asarray(max_abs, float), nan=0.0, posinf=1e6), floor)
     mn = np.maximum(np.nan_to_num(np.asarray(mean_abs, float), nan=0.0, posinf=1e6), floor)
     part_colors = {"encoder": "tab:blue", "projection": "tab:purple", "embedding": "tab:olive",
@@ -69,13 +70,15 @@ def plot_gradient_flow(names: Sequence[str], mean_abs: Sequence[float], max_abs:
             ax.annotate(f, (i, floor * 3), rotation=90, fontsize=7, color=color, ha="center", va="bottom")
     ax.set_yscale("log")
     ax.set_ylim(floor, max(mx.max() * 10, 1e-6))
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    step = max(1, n // 90)  # keep labels legible on deep encoders: label every step-th layer
+    ax.set_xticks(x[::step])
+    ax.set_xticklabels(list(names)[::step], rotation=90, fontsize=6)
+    ax.set_xlim(-1, n)
     ax.set_ylabel("|gradient|")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color="lightgray", label="max |grad|")] + [Patch(color=c, label=f"mean |grad|: {p}") for p, c in part_colors.items() if p in set(parts)]
-    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
