@@ -19,4 +19,6 @@ from . import (  # noqa: F401
     overfit,
     image_ablation,
     decoding_consistency,
+    attention_maps,
+    attribution,
 )

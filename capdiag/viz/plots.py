@@ -140,3 +140,30 @@ def plot_image_grid(images: np.ndarray, captions: Sequence[str], title: str = ""
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def plot_head_maps(image: np.ndarray, words: Sequence[str], maps: np.ndarray, title: str = "", cmap: str = "jet"):
+    """Per-head cross-attention: one row per head, one column per word; maps (H, T, L)."""
+    import torch
+    import torch.nn.functional as F
+
+    H, T = maps.shape[0], min(maps.shape[1], len(words))
+    side = int(round(maps.shape[-1] ** 0.5))
+    h, w = image.shape[:2]
+    fig = _figure(1.6 * T + 0.6, 1.6 * H + 0.6)
+    for i in range(H):
+        for j in range(T):
+            ax = fig.add_subplot(H, T, i * T + j + 1)
+            m = torch.as_tensor(maps[i, j, : side * side], dtype=torch.float32).view(1, 1, side, side)
+            up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+            ax.imshow(image)
+            ax.imshow(up, cmap=cmap, alpha=0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(words[j], fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"head {i}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -1,0 +1,97 @@
+"""Capture attention weights without changing the model.
+
+Two sources. ``nn.MultiheadAttention`` modules used as cross-attention (key is not the query):
+a forward pre-hook asks that call for per-head weights (``need_weights=True,
+average_attn_weights=False``) and a forward hook records them; nothing persists after the
+block. Additive (Bahdanau) attention modules that return ``(context, alpha)``: the last
+non-negative tensor of the output tuple is recorded, per call (per decoding step).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionRecord:
+    module: str
+    kind: str  # "cross" (MultiheadAttention) or "additive"
+    weights: list = field(default_factory=list)  # per call: (B, H, Tq, L) cross, (B, L) additive
+
+
+def attention_modules(model: nn.Module, names: Optional[list] = None) -> dict:
+    """Modules to watch: the named ones, else every MultiheadAttention and every module whose
+    name or class mentions attention (and is not inside a MultiheadAttention)."""
+    if names:
+        return {n: model.get_submodule(n) for n in names}
+    out = {}
+    mha_names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for n, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out[n] = m
+        elif n and ("att" in n.split(".")[-1].lower() or "attention" in type(m).__name__.lower()):
+            if not any(n.startswith(h + ".") for h in mha_names) and not isinstance(m, (nn.Linear, nn.Dropout)):
+                out[n] = m
+    # drop modules that contain another watched module (keep the innermost)
+    return {n: m for n, m in out.items() if not any(o != n and o.startswith(n + ".") for o in out)}
+
+
+@contextlib.contextmanager
+def captured_attention(model: nn.Module, names: Optional[list] = None) -> Iterator[dict]:
+    records: dict = {}
+    handles = []
+    cross_call: dict = {}  # id(module) -> whether the current call is cross-attention
+
+    def mha_pre(name):
+        def hook(module, args, kwargs):
+            query = args[0] if args else kwargs.get("query")
+            key = args[1] if len(args) > 1 else kwargs.get("key")
+            cross = key is not None and key is not query
+            cross_call[id(module)] = cross
+            if cross:  # ask this call (only) for per-head weights
+                kwargs = {**kwargs, "need_weights": True, "average_attn_weights": False}
+            return args, kwargs
+        return hook
+
+    def mha_post(name):
+        def hook(module, args, output):
+            if cross_call.get(id(module)) and isinstance(output, tuple) and output[1] is not None:
+                rec = records.setdefault(name, AttentionRecord(name, "cross"))
+                rec.weights.append(output[1].detach())
+            return output
+        return hook
+
+    def additive_post(name):
+        def hook(module, args, output):
+            if isinstance(output, (tuple, list)):
+                cands = [t for t in output[1:] if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2]
+                if cands and bool((cands[-1] >= 0).all()):
+                    rec = records.setdefault(name, AttentionRecord(name, "additive"))
+                    rec.weights.append(cands[-1].detach())
+        return hook
+
+    mods = attention_modules(model, names)
+    try:
+        for n, m in mods.items():
+            if isinstance(m, nn.MultiheadAttention):
+                handles.append(m.register_forward_pre_hook(mha_pre(n), with_kwargs=True))
+                handles.append(m.register_forward_hook(mha_post(n)))
+            else:
+                handles.append(m.register_forward_hook(additive_post(n)))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def per_token_maps(rec: AttentionRecord) -> torch.Tensor:
+    """``(B, T, L)`` maps (heads averaged) from a record: one call over all positions for
+    cross-attention (the last call), or one call per decoding step for additive attention."""
+    if rec.kind == "cross":
+        w = rec.weights[-1]  # (B, H, T, L)
+        return w.float().mean(1) if w.dim() == 4 else w.float()
+    return torch.stack([w.float().reshape(w.shape[0], -1) for w in rec.weights], 1)  # (B, T, L)
