@@ -23,6 +23,8 @@ def subject_for(
     batch: Optional[tuple] = None,
     seed: int = 0,
     out_dir: Optional[Path] = None,
+    loss_fn=None,
+    bleu_fn=None,
     **hints,
 ) -> Subject:
     """Wrap a model object (already built, on its own device) for checks.
@@ -33,6 +35,7 @@ def subject_for(
         model: the captioner, called ``model(images, captions)``.
         vocab_size, pad_id, bos_id, eos_id, image_size: contract hints (see README).
         batch: a real ``(images, captions)`` batch; default: synthetic data.
+        loss_fn, bleu_fn: the training recipe's own loss and BLEU, checked by loss_sanity/metric_sanity.
         **hints: any other ``CAPDIAG`` hint (image_module, pretrained, ...).
     """
     h = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id, **hints}
@@ -41,6 +44,6 @@ def subject_for(
     if image_size is not None:
         h["image_size"] = image_size
     sample = (lambda: batch) if batch is not None else None
-    mf = ModelFile(type(model).__name__, SimpleNamespace(), lambda: model, h, sample)
+    mf = ModelFile(type(model).__name__, SimpleNamespace(), lambda: model, h, sample, loss_fn, bleu_fn)
     device = str(next(iter(model.parameters()), torch.empty(0)).device)
     return make_subject(mf, model=model, device=device, seed=seed, out_dir=out_dir)

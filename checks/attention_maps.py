@@ -79,13 +79,6 @@ class AttentionMaps(Check):
                 "The softmax runs over the wrong dimension (batch or time instead of regions): use "
                 "softmax(scores, dim=-1) over the region axis.", artifacts,
             )
-        if all(st["max_pairwise_tv"] < self.identical_tv for st in stats.values()):
-            return self.finding(
-                Status.FAIL, "attention is identical for every word and every image in all attention modules",
-                metrics,
-                "The attention scores ignore the decoder state and the image: check that the hidden state "
-                "enters the scoring function and that scores are not broadcast from a constant.", artifacts,
-            )
         if all(st["normalized_entropy"] > self.uniform_entropy for st in stats.values()):
             ent = min(st["normalized_entropy"] for st in stats.values())
             return self.finding(
@@ -93,6 +86,13 @@ class AttentionMaps(Check):
                 f"after training ({source})", metrics,
                 "Scores are constant across regions: a missing tanh/score projection, scores multiplied by "
                 "zero, or a temperature so high the softmax flattens.", artifacts,
+            )
+        if all(st["max_pairwise_tv"] < self.identical_tv for st in stats.values()):
+            return self.finding(
+                Status.FAIL, "attention is identical for every word and every image in all attention modules",
+                metrics,
+                "The attention scores ignore the decoder state and the image: check that the hidden state "
+                "enters the scoring function and that scores are not broadcast from a constant.", artifacts,
             )
         best = min(stats, key=lambda n: stats[n]["normalized_entropy"])
         return self.finding(

@@ -134,6 +134,10 @@ class GradientFlow(Check):
             names = [L["name"] for L in bad if L["flag"] == "nonfinite"]
             return self.finding(Status.FAIL, f"NaN/inf gradients in {len(names)} layers: {', '.join(names[:4])}", metrics,
                                 "Find the op with torch.autograd.detect_anomaly(); check log/div/sqrt near zero.", artifacts)
+        if bad:
+            names = [L["name"] for L in bad]
+            return self.finding(Status.FAIL, f"{len(bad)} layers get no or all-zero gradient: {', '.join(names[:4])}", metrics,
+                                "See gradient_reachability: detached/unused modules or a dead path.", artifacts)
         if ratio is not None and ratio < self.starved_ratio:
             return self.finding(
                 Status.FAIL,
@@ -144,10 +148,6 @@ class GradientFlow(Check):
                 "(custom init over pretrained layers), features multiplied by ~0 or detached, a dead ReLU after the "
                 "projection. The plot shows where the gradient dies.", artifacts,
             )
-        if bad:
-            names = [L["name"] for L in bad]
-            return self.finding(Status.FAIL, f"{len(bad)} layers get no or all-zero gradient: {', '.join(names[:4])}", metrics,
-                                "See gradient_reachability: detached/unused modules or a dead path.", artifacts)
         odd = [L["name"] for L in layers if L["flag"] in ("vanishing", "exploding")]
         band_lo, band_hi = self.band
         out_band = [r["name"] for r in rows if math.isfinite(r["update_ratio"]) and r["update_ratio"] > 0

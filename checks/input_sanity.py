@@ -31,7 +31,19 @@ def image_entry_stats(s: Subject) -> dict:
         handle.remove()
     x = (seen[0] if seen else s.images).float()
     dims = (0, 2, 3) if x.dim() == 4 else tuple(range(x.dim()))
-    return {"mean": x.mean(dims), "std": x.std(), "min": float(x.min()), "max": float(x.max())}
+    return {"mean": x.mean(dims), "std": x.std(), "min": float(x.min()), "max": float(x.max()), "tensor": x}
+
+
+def normalized_again(entry: torch.Tensor, given: torch.Tensor, spec) -> bool:
+    """Whether the encoder sees ``(given - mean) / std``: the batch normalized a second time."""
+    if entry.shape != given.shape or entry.dim() != 4 or entry.shape[1] != 3:
+        return False
+    m = torch.tensor(spec.image_mean, device=given.device).view(1, 3, 1, 1)
+    sd = torch.tensor(spec.image_std, device=given.device).view(1, 3, 1, 1)
+    if bool((m == 0).all()) and bool((sd == 1).all()):
+        return False
+    again = (given.float() - m) / sd
+    return bool(torch.allclose(entry, again, atol=1e-3, rtol=1e-3)) and not torch.allclose(entry, given.float(), atol=1e-3)
 
 
 def caption_problems(cap, captions: torch.Tensor) -> list:
@@ -71,8 +83,11 @@ class InputSanity(Check):
             problems.append(f"images reach {st['max']:.0f}: raw 0-255 pixels (divide by 255 and normalize)")
         elif st["min"] >= 0 and st["max"] <= 1.0 and cap.spec.image_mean != (0.0, 0.0, 0.0):
             problems.append(f"images lie in [{st['min']:.2f}, {st['max']:.2f}]: not normalized with the encoder's mean/std")
-        elif std > 2.5 and mean > 1.2:
-            problems.append(f"image std {std:.1f} and channel mean up to {mean:.1f}: normalization applied twice")
+        elif normalized_again(st["tensor"], s.images, cap.spec):
+            problems.append(f"the encoder receives the batch normalized a second time (std {std:.2f}, range "
+                            f"[{st['min']:.1f}, {st['max']:.1f}]): normalization applied twice")
+        elif std > 3 or mean > 2:
+            problems.append(f"image std {std:.1f} and channel mean up to {mean:.1f}: far from normalized inputs")
         problems += caption_problems(cap, s.captions)
         artifacts = {}
         path = s.output_path("input_batch.png")

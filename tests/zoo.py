@@ -31,9 +31,12 @@ BUGS = {
 }
 # Bugs only a model that has learned reveals (full checks; they train a copy).
 LEARNED_BUGS = {
-    "image_blind": (("transformer", "lstm", "gru"), ("overfit", "image_ablation")),
+    "image_blind": (("transformer", "lstm", "gru"), ("overfit", "image_ablation", "attribution")),
     "generate_ignores_image": (("transformer", "gru"), ("decoding_consistency", "image_ablation")),
+    "att_softmax_wrong_dim": (("lstm",), ("attention_maps",)),
+    "uniform_attention": (("lstm",), ("attention_maps",)),
 }
+BUGS["normalizes_again"] = (("transformer", "gru"), "input_sanity")
 ARCHS = ("transformer", "lstm", "gru")
 
 
@@ -53,6 +56,26 @@ class TinyEncoder(nn.Module):
         return f.flatten(2).transpose(1, 2)  # (B, 16, C)
 
 
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention returning (context, alpha), as Show-Attend-Tell implementations do."""
+
+    def __init__(self, d: int, bug: str | None = None):
+        super().__init__()
+        self.att_img, self.att_hid, self.att_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 1)
+        self.bug = bug
+
+    def forward(self, regions, keys, h):
+        e = torch.tanh(keys + self.att_hid(h)[:, None])  # (B, L, d)
+        scores = self.att_v(e).squeeze(-1)  # (B, L)
+        if self.bug == "att_softmax_wrong_dim":
+            alpha = torch.softmax(scores, dim=0)  # over the batch, not the regions
+        elif self.bug == "uniform_attention":
+            alpha = torch.softmax(scores * 0.0, dim=1)  # scores flattened to a constant
+        else:
+            alpha = torch.softmax(scores, dim=1)
+        return (alpha[..., None] * regions).sum(1), alpha
+
+
 class ZooCaptioner(nn.Module):
     def __init__(self, arch: str = "transformer", bug: str | None = None, d: int = 32, vocab: int = VOCAB):
         super().__init__()
@@ -66,7 +89,7 @@ class ZooCaptioner(nn.Module):
             self.decoder = nn.TransformerDecoder(layer, 1)
         elif arch == "lstm":
             self.init_h, self.init_c = nn.Linear(d, d), nn.Linear(d, d)
-            self.att_img, self.att_hid, self.att_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 1)
+            self.attention = AdditiveAttention(d, bug)
             self.cell = nn.LSTMCell(2 * d, d)
             self.drop = nn.Dropout(0.1)
         elif arch == "gru":
@@ -85,11 +108,17 @@ class ZooCaptioner(nn.Module):
 
     # ---- pieces -----------------------------------------------------------------------
     def image_regions(self, images):
+        if self.bug == "normalizes_again":
+            mean = images.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+            std = images.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+            images = (images - mean) / std  # the data pipeline already normalized them
         if self.bug == "inplace_normalize":
             images.sub_(0.1).div_(0.9)  # "normalize" the caller's tensor in place
         regions = self.proj(self.encoder(images))  # (B, L, d)
         if self.bug == "detached_image":
             regions = regions.detach()
+        if self.bug == "starved_image":
+            regions = regions * 1e-6  # features scaled to nothing next to the token embeddings
         if self.bug == "image_blind":
             regions = torch.zeros_like(regions)  # the decoder never receives the features
         if self.bug == "batch_mean_image":
@@ -137,12 +166,10 @@ class ZooCaptioner(nn.Module):
         mean = regions.mean(1)
         h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
         emb = self.embed(captions)
-        keys = self.att_img(regions)
+        keys = self.attention.att_img(regions)
         outs = []
         for t in range(T):
-            e = torch.tanh(keys + self.att_hid(h)[:, None])
-            alpha = torch.softmax(self.att_v(e).squeeze(-1), dim=1)  # (B, L)
-            ctx = (alpha[..., None] * regions).sum(1)
+            ctx, _ = self.attention(regions, keys, h)
             h, c = self.cell(torch.cat([emb[:, t], ctx], -1), (h, c))
             outs.append(self.out(self.maybe_drop(h)))
         return torch.stack(outs, 1)
