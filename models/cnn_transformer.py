@@ -120,7 +120,7 @@ class CNNTransformerCaptioner(nn.Module):
     def decode(self, memory, captions):
         B, T = captions.shape
         x = self.embed(captions) * math.sqrt(self.cfg.d_model) + self.positions(T, captions.device)  # (B, T, d)
-        causal = None if self.bug == "no_causal_mask" else nn.Transformer.generate_square_subsequent_mask(T, device=captions.device)
+        causal = None if self.bug == "no_causal_mask" else torch.ones(T, T, dtype=torch.bool, device=captions.device).triu(1)
         h = self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=causal is not None,
                          tgt_key_padding_mask=self.padding_mask(captions))
         return self.lm_head(self.norm(h))  # (B, T, V)
