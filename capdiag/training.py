@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .captioner import Captioner
+from .data import empirical_blind_floor
 from .state import mode, seeded
 
 
@@ -43,8 +44,14 @@ def fit_copy(
     stop_loss: float = 0.005,
     progress: bool = False,
     desc: str = "overfit",
+    patience: int = 100,
+    floor: Optional[float] = None,
 ) -> FitResult:
-    """Train a deep copy with Adam on one fixed batch; stop early at ``stop_loss``.
+    """Train a deep copy with Adam on one fixed batch; stop early at ``stop_loss``, or on a
+    plateau: no 2 % improvement of the best loss within ``patience`` steps (a model that
+    cannot see the image sits at its floor; more steps only cost time). With the batch's
+    image-blind ``floor`` given, ``patience // 2`` consecutive steps within 5 % of it also stop:
+    a model that reads the image passes through that level in a few steps.
 
     Ctrl-C stops the loop and returns the partial result with ``interrupted=True``.
     """
@@ -75,7 +82,7 @@ def fit_copy(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{value:.4f}")
-                if value < stop_loss:
+                if value < stop_loss or _plateaued(result.losses, patience) or _at_floor(result.losses, floor, patience // 2):
                     break
         except KeyboardInterrupt:
             result.interrupted = True
@@ -83,6 +90,18 @@ def fit_copy(
             if bar is not None:
                 bar.close()
     return result
+
+
+def _plateaued(losses: list, patience: int) -> bool:
+    if not patience or len(losses) < 2 * patience:
+        return False
+    return min(losses[-patience:]) > 0.98 * min(losses[:-patience])
+
+
+def _at_floor(losses: list, floor: Optional[float], n: int) -> bool:
+    if floor is None or not n or len(losses) < n:
+        return False
+    return all(abs(v - floor) < 0.05 * floor for v in losses[-n:])
 
 
 @torch.no_grad()
@@ -114,6 +133,7 @@ def learned(s, steps: int = 300, lr: float = 3e-3, batch_size: int = 16):
     images, captions = overfit_batch(s, batch_size)
     fitted = s.options.get("fitted")
     if fitted is None:
-        fitted = fit_copy(cap, images, captions, steps, lr, s.seed, 0.005, s.progress, "fitting a copy").captioner
+        floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
+        fitted = fit_copy(cap, images, captions, steps, lr, s.seed, 0.005, s.progress, "fitting a copy", floor=floor).captioner
         s.options["fitted"] = fitted
     return fitted, images, captions, "a copy overfit on one synthetic batch"

@@ -35,7 +35,6 @@ class Overfit(Check):
     batch_size: int = 16
     pass_loss: float = 0.05
     min_exact_match: float = 0.9
-    sweep_lrs: tuple = (3e-4, 3e-3, 1e-2)
     sweep_steps: int = 150
 
     def __post_init__(self):
@@ -47,7 +46,7 @@ class Overfit(Check):
         images, captions = overfit_batch(s, self.batch_size)
         floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
         lr = self.lr or 1e-3
-        fit = fit_copy(cap, images, captions, self.steps, lr, s.seed, self.pass_loss / 10, s.progress, "overfit")
+        fit = fit_copy(cap, images, captions, self.steps, lr, s.seed, self.pass_loss / 10, s.progress, "overfit", floor=floor)
         final = eval_loss(fit.captioner, images, captions, s.seed) if not fit.diverged else float("nan")
         refs = cap.strip(captions)
         with torch.no_grad(), seeded(s.seed), mode(fit.captioner.model, False):
@@ -91,10 +90,14 @@ class Overfit(Check):
     def _diagnose(self, s, cap, images, captions, fit, final, floor, metrics):
         best_lr, best = fit.lr, final if math.isfinite(final) else float("inf")
         curves = {}
-        for lr in self.sweep_lrs:
-            if lr == fit.lr:
-                continue
-            trial = fit_copy(cap, images, captions, min(self.steps, self.sweep_steps), lr, s.seed, self.pass_loss / 10, False)
+        # A diverging run asks whether a smaller step fits; a plateau whether a larger one does.
+        if fit.diverged or not math.isfinite(final):
+            sweep = (fit.lr / 3, fit.lr / 10)
+        else:  # plus the usual Adam default when the given rate is far below it
+            sweep = (fit.lr * 3, fit.lr * 10) + ((1e-3,) if fit.lr * 10 < 1e-3 else ())
+        for lr in sweep:
+            trial = fit_copy(cap, images, captions, min(self.steps, self.sweep_steps), lr, s.seed, self.pass_loss / 10,
+                             False, patience=50, floor=floor)
             curves[lr] = trial.losses
             loss = eval_loss(trial.captioner, images, captions, s.seed) if not trial.diverged else float("inf")
             metrics[f"sweep_loss_lr_{lr:g}"] = loss
