@@ -104,10 +104,11 @@ class Overfit(Check):
             if loss < best:
                 best_lr, best = lr, loss
         metrics["best_lr"], metrics["best_loss"] = best_lr, best
-        if best < self.pass_loss:
+        # A rate that gets far below both the main run and the image-blind floor shows the model can fit.
+        if best < self.pass_loss or (best < 0.5 * final and best < 0.5 * floor):
             return Status.WARN, (
                 f"does not fit at lr {fit.lr:g} in {fit.steps} steps (loss {final:.3f}) but reaches {best:.4f} "
-                f"at lr {best_lr:g}: the learning rate is off, the model can fit"), (
+                f"within {self.sweep_steps} steps at lr {best_lr:g}: the learning rate is off, the model can fit"), (
                 f"Train with a learning rate near {best_lr:g} (or add warm-up); rerun with --lr {best_lr:g}."), curves
         if not math.isfinite(best):
             return Status.FAIL, "the loss diverges to NaN/inf at every learning rate tried", (
