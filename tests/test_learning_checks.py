@@ -29,7 +29,7 @@ def test_overfit_image_blind_fails_with_floor_diagnosis(zoo_subject):
 
 
 def test_overfit_learning_rate_too_low_is_told_apart(zoo_subject):
-    f = run_check(zoo_subject("gru"), get_check("overfit", steps=150, lr=1e-5))
+    f = run_check(zoo_subject("gru"), get_check("overfit", steps=300, lr=1e-5, sweep_steps=300))
     assert f.status is Status.WARN and "learning rate is off" in f.summary
 
 
