@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import zoo
+from capdiag.models import zoo
 
 torch.set_num_threads(2)
 

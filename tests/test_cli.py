@@ -13,10 +13,8 @@ import pytest
 from capdiag.cli import main
 
 TESTS = Path(__file__).parent
-GOOD = f"""
-import sys
-sys.path.insert(0, {str(TESTS)!r})
-import zoo
+GOOD = """
+from capdiag.models import zoo
 CAPDIAG = dict(zoo.HINTS)
 def build_model(bug=None, arch="transformer"):
     return zoo.make(arch, bug)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zoo
+from capdiag.models import zoo
 from capdiag import get_check
 from capdiag.finding import Status
 from capdiag.runner import run_check, run_checks
