@@ -28,6 +28,11 @@ _EXPORTS = {
     "SyntheticCaptions": "capdiag.data",
     "CapdiagError": "capdiag.errors",
     "ModelSnapshot": "capdiag.state",
+    "TrainingDiagnostics": "capdiag.monitor",
+    "CapdiagWarning": "capdiag.monitor",
+    "ImageIgnoredError": "capdiag.monitor",
+    "guard_pretrained": "capdiag.pretrained",
+    "DriftWatcher": "capdiag.pretrained",
 }
 
 __all__ = sorted(_EXPORTS)

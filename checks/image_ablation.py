@@ -29,22 +29,40 @@ def derangement(images: torch.Tensor) -> torch.Tensor:
     return images.roll(1, 0)
 
 
+ALL_KINDS = ("shuffled_images", "zeroed_images", "noise_images", "zeroed_features", "shuffled_features")
+
+
 @torch.no_grad()
-def ablation_losses(cap, images, captions, seed: int, feature_level: bool = True) -> dict:
-    """Loss with true, shuffled, zeroed and noise images (and ablated features), eval mode."""
+def ablation_losses(cap, images, captions, seed: int, feature_level: bool = True, kinds=ALL_KINDS,
+                    watch_true=None, records=None) -> dict:
+    """Loss with true images and under each ablation in ``kinds`` (eval mode).
+
+    Feature-level kinds replace the output of ``image_module`` through a forward hook and are
+    skipped when the model has none. ``watch_true``: a context-manager factory entered around
+    the true pass only (the training monitor captures attention there); what it yields is
+    stored in ``records["attention"]``.
+    """
     out = {}
+    mod = cap.image_module() if feature_level else None
     with seeded(seed), mode(cap.model, False):
-        out["true"] = float(cap.loss(images, captions))
-        out["shuffled_images"] = float(cap.loss(derangement(images), captions))
-        out["zeroed_images"] = float(cap.loss(torch.zeros_like(images), captions))
-        g = torch.Generator().manual_seed(seed)
-        out["noise_images"] = float(cap.loss(torch.randn(images.shape, generator=g).to(images), captions))
-        mod = cap.image_module() if feature_level else None
-        if mod is not None:
-            with zeroed_output(mod):
-                out["zeroed_features"] = float(cap.loss(images, captions))
-            with shuffled_output(mod):
-                out["shuffled_features"] = float(cap.loss(images, captions))
+        if watch_true is not None:
+            with watch_true() as rec:
+                out["true"] = float(cap.loss(images, captions))
+            if records is not None:
+                records["attention"] = rec
+        else:
+            out["true"] = float(cap.loss(images, captions))
+        for kind in kinds:
+            if kind == "shuffled_images":
+                out[kind] = float(cap.loss(derangement(images), captions))
+            elif kind == "zeroed_images":
+                out[kind] = float(cap.loss(torch.zeros_like(images), captions))
+            elif kind == "noise_images":
+                g = torch.Generator().manual_seed(seed)
+                out[kind] = float(cap.loss(torch.randn(images.shape, generator=g).to(images), captions))
+            elif mod is not None:
+                with (zeroed_output(mod) if kind == "zeroed_features" else shuffled_output(mod)):
+                    out[kind] = float(cap.loss(images, captions))
     return out
 
 

@@ -1,0 +1,1 @@
+"""Thin adapters of ``TrainingDiagnostics`` for training frameworks (optional extras)."""

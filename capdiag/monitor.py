@@ -1,0 +1,374 @@
+"""Training-time diagnostics: watch a real training run for image-ignoring decoders.
+
+``TrainingDiagnostics`` is framework-free; the Lightning and Hugging Face callbacks are thin
+adapters over it. Every ``every`` steps it measures, on a fixed probe batch, in eval mode,
+under ``no_grad`` and without consuming the caller's RNG streams:
+
+* the image-reliance gap (loss with batch-shuffled images, and with zeroed image features,
+  minus the true loss; the same ``ablation_losses`` the image_ablation check uses);
+* attention entropy (normalized, when attention modules exist);
+* drift of modules meant to stay frozen (parameters and BatchNorm running statistics).
+
+After each backward it reads the gradients already in ``.grad`` (no extra backward):
+per-part gradient norms and the encoder's share, and NaN/inf events. The central flag:
+after ``warmup`` steps, the reliance gap stays below ``min_reliance`` for ``patience``
+probes while the training loss keeps falling, or the image path's gradient share collapses.
+The action is configurable: "warn" (a ``CapdiagWarning``), "raise" (``ImageIgnoredError``) or
+"stop" (``should_stop`` turns True; under DDP on every rank).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .attention import attention_modules, captured_attention, per_token_maps
+from .captioner import Captioner, CaptionSpec
+from .errors import CapdiagError, UsageError
+from .pretrained import DriftWatcher
+from .probe import param_part
+from .state import mode, preserved_rng
+
+
+class CapdiagWarning(UserWarning):
+    """A training-time diagnostic finding."""
+
+
+class ImageIgnoredError(CapdiagError):
+    """Raised (action="raise") when the decoder is judged to ignore the image."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _dist():
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+
+class TrainingDiagnostics:
+    """Watch a captioner while it trains.
+
+    Example (plain PyTorch)::
+
+        diag = capdiag.TrainingDiagnostics(model, probe_batch, log_dir="runs/diag", vocab_size=V)
+        for step, (images, captions) in enumerate(loader):
+            loss = criterion(model(images, captions), captions)
+            loss.backward()
+            diag.after_backward(step)
+            optimizer.step(); optimizer.zero_grad()
+            diag.after_step(step, loss)
+            if diag.should_stop:
+                break
+        diag.close()
+
+    Args:
+        model: the captioner (DDP-wrapped is fine), called ``model(images, captions)``.
+        probe_batch: a fixed ``(images, captions)`` batch on the model's device.
+        log_dir: TensorBoard run directory (rank 0 writes; None: no files).
+        every: probe cadence in steps (gradient statistics run every ``grad_every`` steps, default the same).
+        warmup: steps before the image-ignoring flag may fire.
+        min_reliance: reliance gap (relative loss increase with shuffled images) below which a probe counts as blind.
+        patience: consecutive blind probes needed to flag.
+        action: "warn", "raise" or "stop".
+        frozen_modules: dotted names of modules meant to stay frozen (drift watched).
+        histograms: also log gradient histograms (expensive: about 2x a step).
+        **hints: captioning hints (vocab_size, pad_id, bos_id, eos_id, image_module, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_batch: Sequence[torch.Tensor],
+        *,
+        log_dir: Optional[str] = None,
+        every: int = 100,
+        grad_every: Optional[int] = None,
+        warmup: int = 200,
+        min_reliance: float = 0.05,
+        patience: int = 3,
+        action: str = "warn",
+        frozen_modules: Sequence[str] = (),
+        histograms: bool = False,
+        figures: bool = True,
+        max_history: int = 10_000,
+        **hints,
+    ):
+        if action not in ("warn", "raise", "stop"):
+            raise UsageError(f"action must be 'warn', 'raise' or 'stop', got {action!r}")
+        if every < 1:
+            raise UsageError(f"every must be >= 1, got {every}")
+        self.model = model
+        inner = _unwrap(model)
+        images, captions = probe_batch[0], probe_batch[1]
+        if images.shape[0] < 2:
+            raise UsageError("probe_batch needs at least 2 images (reliance shuffles them across the batch)")
+        spec = CaptionSpec(vocab_size=int(hints.pop("vocab_size", 0) or 0))
+        for k, v in hints.items():
+            if not hasattr(spec, k):
+                raise UsageError(f"unknown hint {k!r} for TrainingDiagnostics")
+            setattr(spec, k, v)
+        self.captioner = Captioner(inner, spec, name=type(inner).__name__)
+        self.images, self.captions = images.detach(), captions.detach()
+        if not spec.vocab_size:
+            with torch.no_grad(), mode(inner, False), preserved_rng():
+                spec.vocab_size = int(self.captioner.logits(self.images[:2], self.captions[:2]).shape[-1])
+        if spec.image_module:
+            self.captioner.submodule(spec.image_module)
+        self.every, self.grad_every = every, grad_every or every
+        self.warmup, self.min_reliance, self.patience, self.action = warmup, min_reliance, patience, action
+        self.histograms, self.figures = histograms, figures
+        self.watchers = [DriftWatcher(self.captioner.submodule(n), n) for n in frozen_modules]
+        self.has_attention = bool(attention_modules(inner, getattr(spec, "attention_modules", None) or None))
+        d = _dist()
+        self.rank = d.get_rank() if d else 0
+        self.writer = None
+        if log_dir is not None and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir)
+        self.history = collections.defaultdict(lambda: collections.deque(maxlen=max_history))
+        self.flags: list = []
+        self._stop_local = False
+        self.should_stop = False
+        self._blind_streak = 0
+        self._loss_at_warmup: Optional[float] = None
+        self._grad_share_start: Optional[float] = None
+        self._last_loss: Optional[float] = None
+        self._closed = False
+
+    # ---- after backward: gradients already in .grad ---------------------------------------------
+    def after_backward(self, step: int) -> dict:
+        """Gradient statistics from ``.grad`` (call after ``loss.backward()``, before ``zero_grad``)."""
+        if step % self.grad_every:
+            return {}
+        names, grads = [], []
+        for n, p in self.captioner.model.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                names.append(n)
+                grads.append(p.grad.detach())
+        if not grads:
+            return {}
+        norms = torch._foreach_norm(grads)  # one fused pass: a few % of a step
+        norms = torch.stack(norms).float().cpu()
+        parts = collections.defaultdict(float)
+        for n, v in zip(names, norms.tolist()):
+            parts[self._part(n)] += v * v
+        out = {f"grad_norm/{k}": math.sqrt(v) for k, v in parts.items()}
+        finite = bool(torch.isfinite(norms).all())
+        img = parts.get("encoder", 0.0) + parts.get("projection", 0.0)
+        txt = sum(v for k, v in parts.items() if k not in ("encoder", "projection"))
+        if img and txt:
+            share = math.sqrt(img) / (math.sqrt(img) + math.sqrt(txt))
+            out["grad_share/image_path"] = share
+            if self._grad_share_start is None:
+                self._grad_share_start = share
+            elif step >= self.warmup and share < 1e-3 * self._grad_share_start:
+                self._flag(step, f"the image path's gradient share fell from {self._grad_share_start:.2g} to {share:.2g}: "
+                                 "the encoder has stopped learning")
+        if not finite:
+            bad = [n for n, v in zip(names, norms.tolist()) if not math.isfinite(v)]
+            self._flag(step, f"non-finite gradients in {len(bad)} parameters, first {bad[0]}", kind="nonfinite")
+        self._log(step, out)
+        if self.writer is not None and self.histograms:
+            for n, g in zip(names, grads):
+                self.writer.add_histogram(f"capdiag/grad/{n}", g.float().cpu(), step)
+        return out
+
+    def _part(self, name: str) -> str:
+        im = self.captioner.spec.image_module
+        if im and (name == im or name.startswith(im + ".")):
+            return "encoder"
+        return param_part(name)
+
+    # ---- after the optimizer step: probes ------------------------------------------------------
+    def after_step(self, step: int, loss: Optional[float] = None) -> dict:
+        """Record the loss and, every ``every`` steps, probe image reliance, attention and drift."""
+        if loss is not None:
+            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            self._last_loss = value
+            if not math.isfinite(value):
+                self._flag(step, f"training loss is {value}", kind="nonfinite")
+        out = {}
+        if step % self.every == 0:
+            out = self.probe()
+            out = self._reduce(out)
+            if self._last_loss is not None:
+                out["train_loss"] = self._last_loss
+            for w in self.watchers:
+                moved = w.drift()
+                out[f"drift/{w.name}"] = max(moved.values()) if moved else 0.0
+                if moved:
+                    self._flag(step, f"frozen module {w.name!r} changed: {len(moved)} tensors moved "
+                                     f"(e.g. {next(iter(moved))}); BatchNorm running stats update in train mode "
+                                     "unless the module is kept in eval()", kind="drift", once=True)
+            self._judge(step, out)
+            self._log(step, out)
+        self._sync_stop()
+        return out
+
+    @torch.no_grad()
+    def probe(self) -> dict:
+        """Reliance gaps (and attention entropy) on the probe batch; eval mode, RNG untouched."""
+        from capdiag.checks.image_ablation import ablation_losses
+
+        cap = self.captioner
+        kinds = ("shuffled_images", "zeroed_features") if cap.spec.image_module else ("shuffled_images",)
+        records: dict = {}
+        watch = (lambda: captured_attention(cap.model, getattr(cap.spec, "attention_modules", None) or None)) \
+            if self.has_attention else None
+        with preserved_rng():
+            losses = ablation_losses(cap, self.images, self.captions, seed=0, kinds=kinds, watch_true=watch, records=records)
+        true = losses["true"]
+        out = {"probe_loss": true}
+        for k in kinds:
+            if k in losses:
+                out[f"reliance/{k}"] = (losses[k] - true) / max(true, 1e-8)
+        ents = []
+        for rec in records.get("attention", {}).values():
+            if rec.weights:
+                maps = per_token_maps(rec)  # (B, T, L)
+                L = maps.shape[-1]
+                if L > 1:
+                    p = maps.clamp_min(0) / maps.sum(-1, keepdim=True).clamp_min(1e-12)
+                    ents.append(float((-(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(L)).mean()))
+        if ents:
+            out["attention_entropy"] = sum(ents) / len(ents)
+        return out
+
+    def _judge(self, step: int, out: dict) -> None:
+        gap = out.get("reliance/shuffled_images")
+        if gap is None or step < self.warmup:
+            if step >= self.warmup and self._loss_at_warmup is None:
+                self._loss_at_warmup = self._last_loss
+            return
+        if self._loss_at_warmup is None:
+            self._loss_at_warmup = self._last_loss
+        self._blind_streak = self._blind_streak + 1 if gap < self.min_reliance else 0
+        falling = self._last_loss is not None and self._loss_at_warmup is not None and self._last_loss < self._loss_at_warmup
+        if self._blind_streak >= self.patience and (falling or self._blind_streak >= 2 * self.patience):
+            self._flag(step, f"image-ignoring decoder: shuffling the probe images raises the loss by only {gap:.1%} "
+                             f"for {self._blind_streak} probes in a row while the training loss "
+                             f"{'keeps falling' if falling else 'stalls'} ({self._last_loss:.3f}). Likely causes: a "
+                             "pretrained encoder clobbered by a custom init, detached or zeroed features, a dead ReLU "
+                             "on the projection, features scaled to nothing.", once=True)
+
+    def _flag(self, step: int, message: str, kind: str = "image_ignored", once: bool = False) -> None:
+        if once and any(f[1] == kind for f in self.flags):
+            return
+        self.flags.append((step, kind, message))
+        if self.writer is not None:
+            self.writer.add_text(f"capdiag/flags/{kind}", f"step {step}: {message}", step)
+        if self.action == "raise" and kind == "image_ignored":
+            raise ImageIgnoredError(f"step {step}: {message}")
+        if self.action == "stop" and kind in ("image_ignored", "nonfinite"):
+            self._stop_local = True
+        if self.rank == 0:
+            warnings.warn(f"capdiag (step {step}): {message}", CapdiagWarning, stacklevel=3)
+
+    # ---- distributed -----------------------------------------------------------------------------
+    def _reduce(self, metrics: dict) -> dict:
+        """Average probe metrics over ranks (each rank probed its own batch slice or replica)."""
+        d = _dist()
+        if d is None or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self._comm_device())
+        d.all_reduce(t)
+        t /= d.get_world_size()
+        return dict(zip(keys, t.tolist()))
+
+    def _sync_stop(self) -> None:
+        d = _dist()
+        if d is None:
+            self.should_stop = self._stop_local
+            return
+        t = torch.tensor([1.0 if self._stop_local else 0.0], device=self._comm_device())
+        d.all_reduce(t, op=d.ReduceOp.MAX)
+        self.should_stop = bool(t.item() > 0)
+
+    def _comm_device(self):
+        d = _dist()
+        return torch.device("cuda", torch.cuda.current_device()) if d and d.get_backend() == "nccl" else torch.device("cpu")
+
+    # ---- output ----------------------------------------------------------------------------------
+    def _log(self, step: int, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.history[k].append((step, v))
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"capdiag/{k}", v, step)
+        if self.figures and "reliance/shuffled_images" in metrics and len(self.history["reliance/shuffled_images"]) % 10 == 1:
+            self._figures(step)
+
+    def _figures(self, step: int) -> None:
+        from .viz.plots import _figure
+
+        fig = _figure(6, 3.5)
+        ax = fig.add_subplot()
+        xs, ys = zip(*self.history["reliance/shuffled_images"])
+        ax.plot(xs, ys, marker="o", label="shuffled images")
+        if self.history.get("reliance/zeroed_features"):
+            xz, yz = zip(*self.history["reliance/zeroed_features"])
+            ax.plot(xz, yz, marker="s", label="zeroed features")
+        ax.axhline(self.min_reliance, color="tab:red", ls="--", label="flag threshold")
+        ax.set_xlabel("step")
+        ax.set_ylabel("relative loss increase")
+        ax.set_title("image reliance on the probe batch")
+        ax.legend(fontsize=8)
+        self.writer.add_figure("capdiag/reliance_history", fig, step)
+
+    def add_gradient_flow_figure(self, step: int) -> None:
+        """Log the gradient-flow bar plot of the current ``.grad`` (call after backward)."""
+        if self.writer is None:
+            return
+        from capdiag.checks.gradient_flow import by_layer
+
+        from .viz.plots import plot_gradient_flow
+
+        rows = []
+        for n, p in self.captioner.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            g = p.grad
+            if g is None:
+                rows.append({"name": n, "part": self._part(n), "numel": p.numel(), "mean_abs": 0.0, "max_abs": 0.0, "flag": "none"})
+            else:
+                g = g.detach().float()
+                rows.append({"name": n, "part": self._part(n), "numel": p.numel(), "mean_abs": float(g.abs().mean()),
+                             "max_abs": float(g.abs().max()), "flag": "" if bool(g.any()) else "zero"})
+        layers = by_layer(rows)
+        fig = plot_gradient_flow([L["name"] for L in layers], [L["mean_abs"] for L in layers], [L["max_abs"] for L in layers],
+                                 [L["flag"] for L in layers], [L["part"] for L in layers], f"gradient flow at step {step}")
+        self.writer.add_figure("capdiag/gradient_flow", fig, step)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard files; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
