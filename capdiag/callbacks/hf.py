@@ -26,7 +26,7 @@ class CapdiagTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.diag is None:
             kw = dict(self.kwargs)
-            kw.setdefault("log_dir", f"{args.logging_dir or args.output_dir}/capdiag")
+            kw.setdefault("log_dir", f"{getattr(args, 'logging_dir', None) or args.output_dir}/capdiag")
             device = next(model.parameters()).device
             images, captions = self.probe_batch
             self.diag = TrainingDiagnostics(model, (images.to(device), captions.to(device)), **kw)
