@@ -80,13 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: short sweep)")
     p.add_argument("--batch-size", type=int, default=16)
-    sub.add_parser("list", help="list every check and the bug it catches")
+    p = sub.add_parser("list", help="list every check and the bug it catches")
+    p.add_argument("--markdown", action="store_true", help="as the README's table")
     return parser
+
+
+def checks_markdown() -> str:
+    from .registry import list_checks
+
+    rows = ["| check | run | catches |", "|---|---|---|"]
+    rows += [f"| `{c.name}` | {'quick' if c.cheap else 'full'} | {c.catches} |" for c in list_checks()]
+    return "\n".join(rows)
 
 
 def cmd_list(args) -> int:
     from .registry import list_checks
 
+    if args.markdown:
+        print(checks_markdown())
+        return EXIT_OK
     for c in list_checks():
         kind = "quick" if c.cheap else "full "
         print(f"{c.name:<24} {kind}  {c.catches}")

@@ -86,6 +86,8 @@ class TrainingDiagnostics:
         action: "warn", "raise" or "stop".
         frozen_modules: dotted names of modules meant to stay frozen (drift watched).
         histograms: also log gradient histograms (expensive: about 2x a step).
+        figures, figure_every: log the reliance-history figure every ``figure_every`` probes (a
+            matplotlib render costs ~0.1 s, so not at every probe).
         **hints: captioning hints (vocab_size, pad_id, bos_id, eos_id, image_module, ...).
     """
 
@@ -104,6 +106,7 @@ class TrainingDiagnostics:
         frozen_modules: Sequence[str] = (),
         histograms: bool = False,
         figures: bool = True,
+        figure_every: int = 10,
         max_history: int = 10_000,
         **hints,
     ):
@@ -130,7 +133,7 @@ class TrainingDiagnostics:
             self.captioner.submodule(spec.image_module)
         self.every, self.grad_every = every, grad_every or every
         self.warmup, self.min_reliance, self.patience, self.action = warmup, min_reliance, patience, action
-        self.histograms, self.figures = histograms, figures
+        self.histograms, self.figures, self.figure_every = histograms, figures, max(1, figure_every)
         self.watchers = [DriftWatcher(self.captioner.submodule(n), n) for n in frozen_modules]
         self.has_attention = bool(attention_modules(inner, getattr(spec, "attention_modules", None) or None))
         d = _dist()
@@ -150,29 +153,36 @@ class TrainingDiagnostics:
         self._grad_share_start: Optional[float] = None
         self._last_loss: Optional[float] = None
         self._closed = False
+        self._params = None
+        self._seg = None
 
     # ---- after backward: gradients already in .grad ---------------------------------------------
     def after_backward(self, step: int) -> dict:
         """Gradient statistics from ``.grad`` (call after ``loss.backward()``, before ``zero_grad``)."""
         if step % self.grad_every:
             return {}
-        names, grads = [], []
-        for n, p in self.captioner.model.named_parameters():
-            if p.requires_grad and p.grad is not None:
-                names.append(n)
-                grads.append(p.grad.detach())
-        if not grads:
+        if self._params is None:  # names and parts resolved once: this runs on the hot path
+            self._params = [(n, p) for n, p in self.captioner.model.named_parameters() if p.requires_grad]
+            self._part_names = sorted({self._part(n) for n, _ in self._params})
+            self._part_index = [self._part_names.index(self._part(n)) for n, _ in self._params]
+        present = [(i, p.grad) for i, (_, p) in enumerate(self._params) if p.grad is not None]
+        if not present:
             return {}
-        norms = torch._foreach_norm(grads)  # one fused pass: a few % of a step
-        norms = torch.stack(norms).float().cpu()
-        parts = collections.defaultdict(float)
-        for n, v in zip(names, norms.tolist()):
-            parts[self._part(n)] += v * v
+        idx = [i for i, _ in present]
+        grads = [g.detach() for _, g in present]
+        norms = torch.stack(torch._foreach_norm(grads)).float()  # one fused pass over all gradients
+        key = (tuple(idx), norms.device)
+        if self._seg is None or self._seg[0] != key:  # usually the same parameters have grads every step
+            self._seg = (key, torch.tensor([self._part_index[i] for i in idx], device=norms.device))
+        seg = self._seg[1]
+        sq = torch.zeros(len(self._part_names), device=norms.device).index_add_(0, seg, norms * norms)
+        finite = torch.isfinite(norms).all()
+        sq, finite = sq.tolist(), bool(finite)  # one device sync per call
+        parts = dict(zip(self._part_names, sq))
         out = {f"grad_norm/{k}": math.sqrt(v) for k, v in parts.items()}
-        finite = bool(torch.isfinite(norms).all())
         img = parts.get("encoder", 0.0) + parts.get("projection", 0.0)
         txt = sum(v for k, v in parts.items() if k not in ("encoder", "projection"))
-        if img and txt:
+        if img and txt and math.isfinite(img) and math.isfinite(txt):
             share = math.sqrt(img) / (math.sqrt(img) + math.sqrt(txt))
             out["grad_share/image_path"] = share
             if self._grad_share_start is None:
@@ -181,12 +191,12 @@ class TrainingDiagnostics:
                 self._flag(step, f"the image path's gradient share fell from {self._grad_share_start:.2g} to {share:.2g}: "
                                  "the encoder has stopped learning")
         if not finite:
-            bad = [n for n, v in zip(names, norms.tolist()) if not math.isfinite(v)]
+            bad = [self._params[i][0] for i, v in zip(idx, norms.tolist()) if not math.isfinite(v)]
             self._flag(step, f"non-finite gradients in {len(bad)} parameters, first {bad[0]}", kind="nonfinite")
         self._log(step, out)
         if self.writer is not None and self.histograms:
-            for n, g in zip(names, grads):
-                self.writer.add_histogram(f"capdiag/grad/{n}", g.float().cpu(), step)
+            for i, g in zip(idx, grads):
+                self.writer.add_histogram(f"capdiag/grad/{self._params[i][0]}", g.float().cpu(), step)
         return out
 
     def _part(self, name: str) -> str:
@@ -313,7 +323,7 @@ class TrainingDiagnostics:
             return
         for k, v in metrics.items():
             self.writer.add_scalar(f"capdiag/{k}", v, step)
-        if self.figures and "reliance/shuffled_images" in metrics and len(self.history["reliance/shuffled_images"]) % 10 == 1:
+        if self.figures and "reliance/shuffled_images" in metrics and len(self.history["reliance/shuffled_images"]) % self.figure_every == 0:
             self._figures(step)
 
     def _figures(self, step: int) -> None:

@@ -82,7 +82,7 @@ def fit_copy(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{value:.4f}")
-                if value < stop_loss or _plateaued(result.losses, patience) or _at_floor(result.losses, floor, patience // 2):
+                if value < stop_loss or _plateaued(result.losses, patience, floor) or _at_floor(result.losses, floor, patience // 2):
                     break
         except KeyboardInterrupt:
             result.interrupted = True
@@ -92,8 +92,12 @@ def fit_copy(
     return result
 
 
-def _plateaued(losses: list, patience: int) -> bool:
+def _plateaued(losses: list, patience: int, floor: Optional[float] = None) -> bool:
+    """No 2 % improvement in ``patience`` steps, while still far from memorized (a model already
+    well below the image-blind floor is converging, however slowly, and keeps training)."""
     if not patience or len(losses) < 2 * patience:
+        return False
+    if floor is not None and min(losses) < 0.5 * floor:
         return False
     return min(losses[-patience:]) > 0.98 * min(losses[:-patience])
 

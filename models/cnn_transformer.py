@@ -225,7 +225,9 @@ def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optiona
         encoder_weights = "imagenet"
     cfg = replace(cfg, encoder_weights=encoder_weights, **overrides)
     model = CNNTransformerCaptioner(cfg, bug)
-    model.capdiag_hints = {"pretrained": ["encoder"]} if encoder_weights else {"pretrained": []}
+    # Hints that depend on the configuration (the module-level CAPDIAG describes the small one).
+    model.capdiag_hints = {"pretrained": ["encoder"] if encoder_weights else [], "vocab_size": cfg.vocab_size,
+                           "image_size": cfg.image_size}
     return model
 
 

@@ -229,7 +229,9 @@ def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optiona
     if cfg.encoder == "efficientnet_lite0" and encoder_weights is None and pretrained_available("efficientnet_lite0"):
         encoder_weights = "imagenet"
     model = ShowAttendTell(replace(cfg, encoder_weights=encoder_weights, **overrides), bug)
-    model.capdiag_hints = {"pretrained": ["encoder"] if encoder_weights else []}
+    # Hints that depend on the configuration (the module-level CAPDIAG describes the small one).
+    model.capdiag_hints = {"pretrained": ["encoder"] if encoder_weights else [], "vocab_size": model.cfg.vocab_size,
+                           "image_size": model.cfg.image_size}
     return model
 
 

@@ -61,7 +61,7 @@ def test_tensorboard_files_read_back_with_tensorboards_reader(tmp_path):
     torch.manual_seed(0)
     m = zoo.ZooCaptioner("lstm")
     with TrainingDiagnostics(m, PROBE, every=10, warmup=0, image_module="encoder", log_dir=str(tmp_path),
-                             histograms=True) as diag:
+                             histograms=True, figure_every=2) as diag:
         train(m, 41, diag)
         diag.add_gradient_flow_figure(40)
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "histograms": 0})

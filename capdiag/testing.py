@@ -1,0 +1,56 @@
+"""Plain-pytest helpers: importable check functions that return findings, and assertions.
+
+    from capdiag.testing import assert_passes, check_causal_leak
+    def test_my_captioner_is_causal(capdiag_subject):
+        assert_passes(check_causal_leak(capdiag_subject(MyCaptioner(), vocab_size=1000)))
+
+``check_<name>(subject, **options)`` exists for every registered check.
+"""
+from __future__ import annotations
+
+from .finding import Finding, Status
+
+
+class CheckFailed(AssertionError):
+    """A finding that should have passed; the message is the finding's summary and fix."""
+
+
+def run(name: str, subject, **options) -> Finding:
+    from .registry import get_check
+    from .runner import run_check
+
+    return run_check(subject, get_check(name, **options))
+
+
+def explain(f: Finding) -> str:
+    text = f"capdiag {f.check}: {f.status.value.upper()}: {f.summary}"
+    if f.hint:
+        text += f"\n  fix: {f.hint}"
+    return text
+
+
+def assert_passes(finding: Finding, allow_warn: bool = True, allow_skip: bool = False) -> Finding:
+    """Raise ``CheckFailed`` (an AssertionError) with the explanation unless the finding passed."""
+    ok = {Status.PASS} | ({Status.WARN} if allow_warn else set()) | ({Status.SKIP} if allow_skip else set())
+    if finding.status not in ok:
+        raise CheckFailed(explain(finding))
+    return finding
+
+
+def assert_fails(finding: Finding) -> Finding:
+    if finding.status is not Status.FAIL:
+        raise CheckFailed(f"expected {finding.check} to fail, got {finding.status.value}: {finding.summary}")
+    return finding
+
+
+def __getattr__(name: str):
+    if name.startswith("check_"):
+        check = name[len("check_"):]
+
+        def fn(subject, **options) -> Finding:
+            return run(check, subject, **options)
+
+        fn.__name__ = name
+        fn.__doc__ = f"Run capdiag's {check} check on a Subject and return its Finding."
+        return fn
+    raise AttributeError(name)

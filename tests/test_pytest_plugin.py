@@ -1,0 +1,78 @@
+"""The pytest plugin, driven with pytest's own pytester."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+MODEL = """
+from capdiag.models import zoo
+CAPDIAG = dict(zoo.HINTS)
+def build_model(bug=None):
+    return zoo.make("gru", bug)
+"""
+
+
+def test_quick_checks_pass_on_clean_model(pytester):
+    pytester.makepyfile(model=MODEL)
+    result = pytester.runpytest("--capdiag", "model.py", "--capdiag-quick", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=10, skipped=3)
+    result.stdout.no_fnmatch_line("*overfit*PASSED*")
+
+
+def test_bug_twin_fails_with_readable_message_and_junit(pytester):
+    pytester.makepyfile(model=MODEL)
+    result = pytester.runpytest("--capdiag", "model.py", "--capdiag-quick", "--capdiag-arg", "bug=detached_image",
+                                "--junitxml=out.xml", "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] >= 1
+    result.stdout.fnmatch_lines(["*capdiag gradient_reachability: FAIL: * get no gradient from the caption loss*",
+                                 "*fix: These parameters are cut off from the loss*"])
+    assert "Traceback" not in result.stdout.str()
+    xml = (pytester.path / "out.xml").read_text()
+    assert 'name="gradient_reachability"' in xml and "<failure" in xml
+
+
+def test_k_selection_and_markers(pytester):
+    pytester.makepyfile(model=MODEL)
+    result = pytester.runpytest("--capdiag", "model.py", "-k", "causal_leak or padding", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result = pytester.runpytest("--capdiag", "model.py", "-m", "capdiag_quick and not gradient", "--co", "-q")
+    assert "overfit" not in result.stdout.str() and "causal_leak" in result.stdout.str()
+
+
+def test_full_set_includes_training_checks(pytester):
+    pytester.makepyfile(model=MODEL)
+    result = pytester.runpytest("--capdiag", "model.py", "-k", "overfit or image_ablation", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_loading_error_fails_items_with_one_line(pytester):
+    pytester.makepyfile(model="def build_model():\n    raise ValueError('no config')\n")
+    result = pytester.runpytest("--capdiag", "model.py", "-k", "causal_leak", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*could not load model.py: build_model() raised ValueError: no config*"])
+
+
+def test_fixtures_and_check_functions(pytester):
+    pytester.makepyfile(test_user="""
+        from capdiag.models import zoo
+        from capdiag.testing import assert_passes, assert_fails, check_causal_leak, check_batch_independence
+
+        def test_mine(capdiag_subject, capdiag_batch):
+            images, captions = capdiag_batch(zoo.VOCAB, n=4, image_size=32)
+            assert images.shape == (4, 3, 32, 32)
+            subject = capdiag_subject(zoo.make("transformer"), **zoo.HINTS)
+            assert_passes(check_causal_leak(subject))
+            assert_fails(check_causal_leak(capdiag_subject(zoo.make("transformer", "no_causal_mask"), **zoo.HINTS)))
+            assert_passes(check_batch_independence(subject))
+    """)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_plugin_costs_nothing_when_unused():
+    code = ("import sys, capdiag.pytest_plugin; "
+            "print([m for m in ('torch', 'matplotlib', 'captum', 'tensorboard') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
