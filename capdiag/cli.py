@@ -171,7 +171,11 @@ def cmd_overfit(args) -> int:
     finding = run_check(subject, check)
     print(format_finding(finding, use_color(sys.stdout)))
     report = Report([finding], list(subject.captioner.spec.assumptions), subject.captioner.name)
-    return _finish(report, args, started)
+    code = _finish(report, args, started)
+    if finding.metrics.get("interrupted"):
+        print("capdiag: interrupted; the result above is partial", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code
 
 
 COMMANDS = {"check": cmd_check, "overfit": cmd_overfit, "list": cmd_list}

@@ -252,6 +252,11 @@ def make_subject(
             assumptions.append(f"image module = {spec.image_module!r} (guessed by name; set CAPDIAG['image_module'])")
     for name in _pretrained_names(spec.pretrained):
         resolve_module(model, name)
+    if isinstance(spec.pretrained, dict):
+        from .pretrained import load_reference
+
+        # Load references now: a missing or non-state_dict path is bad input (exit 2), not a finding.
+        spec.pretrained = {name: load_reference(ref) for name, ref in spec.pretrained.items()}
     cap = Captioner(model, spec, loss_fn=_callable(model, "loss_fn") or mf.loss_fn, name=mf.name,
                     bleu_fn=_callable(model, "bleu_fn") or mf.bleu_fn)
     user_file = _file(mf)

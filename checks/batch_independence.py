@@ -12,7 +12,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import logits_in, random_tokens, rel_diff, tolerance
+from capdiag.probe import input_grad, logits_in, random_tokens, rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
 
@@ -44,17 +44,17 @@ class BatchIndependence(Check):
         fwd = float(rel_diff(base[:-1], out[:-1]))
         metrics = {"max_rel_change_forward": fwd}
         # Gradient of sample 0's loss with respect to the other samples' images must be zero.
-        x = images.clone().requires_grad_(True)
-        with mode(cap.model, False), seeded(s.seed):
-            loss0 = cap.loss(x, captions, per_sample=True)[0]
+        def loss0(c, x):
+            with mode(c.model, False), seeded(s.seed):
+                return c.loss(x, captions, per_sample=True)[0]
+
         grad_leak = None
-        if loss0.requires_grad:
-            (gx,) = torch.autograd.grad(loss0, x, allow_unused=True)
-            if gx is not None:
-                own = float(gx[0].abs().max())
-                others = float(gx[1:].abs().max())
-                grad_leak = others / max(own, 1e-12) if own > 0 else (float("inf") if others > 0 else 0.0)
-                metrics["grad_other_samples_over_own"] = grad_leak
+        gx = input_grad(cap, loss0, images)
+        if gx is not None:
+            own = float(gx[0].abs().max())
+            others = float(gx[1:].abs().max())
+            grad_leak = others / max(own, 1e-12) if own > 0 else (float("inf") if others > 0 else 0.0)
+            metrics["grad_other_samples_over_own"] = grad_leak
         leaked_fwd = fwd > tol
         leaked_grad = grad_leak is not None and grad_leak > tol
         if leaked_fwd or leaked_grad:

@@ -9,11 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.probe import logits_in, random_tokens, rel_diff, tolerance
 from capdiag.registry import register_check
+
+
+def _batchnorm_outside_encoder(s: Subject) -> bool:
+    enc = s.captioner.spec.image_module
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not (enc and (n == enc or n.startswith(enc + ".")))
+        for n, m in s.model.named_modules()
+    )
 
 
 @register_check
@@ -30,6 +39,7 @@ class CausalLeak(Check):
         g = torch.Generator().manual_seed(s.seed)
         cuts = sorted({1, T // 2, T - 2})
         worst, first_leak, metrics = 0.0, None, {}
+        leaked_modes = set()
         for train in (False, True):
             base = logits_in(cap, s.images, s.captions, train, s.seed)
             tol = tolerance(base)
@@ -40,9 +50,21 @@ class CausalLeak(Check):
                 per_pos = rel_diff(base[:, : k + 1], out[:, : k + 1], dim=(0, 2))  # (k+1,)
                 worst = max(worst, float(per_pos.max()))
                 leaking = (per_pos > tol).nonzero()
+                if len(leaking):
+                    leaked_modes.add("train" if train else "eval")
                 if len(leaking) and first_leak is None:
                     first_leak = (int(leaking[0]), k, "train" if train else "eval")
         metrics["max_rel_change_from_future_tokens"] = worst
+        if leaked_modes == {"train"} and _batchnorm_outside_encoder(s):
+            return self.finding(
+                Status.WARN,
+                f"logits change with future tokens in train mode only (max relative change {worst:.2g}): BatchNorm "
+                "outside the image encoder normalizes over caption positions, so its batch statistics carry "
+                "future tokens",
+                metrics,
+                "A weak train-time leak: the model can exploit statistics of the tokens it must predict. Prefer "
+                "LayerNorm in the decoder (eval mode, which uses running statistics, is causal).",
+            )
         if first_leak:
             t, k, m = first_leak
             return self.finding(

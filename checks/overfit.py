@@ -55,6 +55,7 @@ class Overfit(Check):
         metrics = {
             "final_loss": final, "blind_floor": floor, "steps_run": fit.steps, "lr": lr,
             "exact_match": em, "bleu4": bleu, "loss_over_floor": final / floor if floor > 0 else float("nan"),
+            "interrupted": float(fit.interrupted),
         }
         s.options["fitted"] = fit.captioner  # reused by ablation/attention/attribution
         examples = [

@@ -1,0 +1,188 @@
+"""capdiag never harms the model it inspects, and copes with odd but legal captioners."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import capdiag
+from capdiag import ModelSnapshot, run_checks
+from capdiag.finding import Status
+from capdiag.models import zoo
+from capdiag.registry import list_checks
+
+ALL = [c.name for c in list_checks()]
+QUICK = [c.name for c in list_checks() if c.cheap]
+
+
+def _state_unchanged(subject, checks):
+    m = subject.model
+    m.train()
+    torch.manual_seed(5), random.seed(6), np.random.seed(7)
+    before = ModelSnapshot.take(m)
+    report = run_checks(subject, checks)
+    assert before.differences(ModelSnapshot.take(m)) == []
+    return report
+
+
+@pytest.mark.parametrize("name", ["show_attend_tell", "cnn_transformer"])
+def test_every_check_leaves_every_reference_model_untouched(name):
+    import importlib
+
+    mod = importlib.import_module(f"capdiag.models.{name}")
+    model = mod.build_model()
+    hints = {**mod.CAPDIAG, **model.capdiag_hints}
+    subject = capdiag.subject_for(model, loss_fn=getattr(model, "loss_fn", None), bleu_fn=getattr(model, "bleu_fn", None), **hints)
+    report = _state_unchanged(subject, ALL)
+    assert not [f for f in report.findings if f.status.failed], [(f.check, f.summary) for f in report.findings if f.status.failed]
+
+
+@pytest.mark.parametrize("arch", zoo.ARCHS)
+def test_every_check_leaves_zoo_models_untouched(arch):
+    _state_unchanged(capdiag.subject_for(zoo.make(arch), **zoo.HINTS), ALL)
+
+
+def test_state_restored_even_when_the_model_raises():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = zoo.make("gru")
+            self.calls = 0
+
+        def forward(self, images, captions):
+            self.calls += 1
+            if self.calls > 3:
+                raise RuntimeError("flaky forward")
+            return self.inner(images, captions)
+
+    m = Flaky()
+    s = capdiag.subject_for(m, **{**zoo.HINTS, "image_module": "inner.encoder"})
+    m.train()
+    before = ModelSnapshot.take(m)
+    report = run_checks(s, QUICK)
+    assert any(f.status is Status.ERROR for f in report.findings)
+    assert before.differences(ModelSnapshot.take(m)) == []
+
+
+# ---- odd but legal models ------------------------------------------------------------------------
+class Odd(nn.Module):
+    """A GRU captioner with switches for the odd-but-legal variations users write."""
+
+    def __init__(self, output="tensor", length="T", keyword=False, tie=False, bn_decoder=False, checkpoint=False,
+                 vocab=24):
+        super().__init__()
+        self.output, self.length, self.keyword, self.checkpoint = output, length, keyword, checkpoint
+        self.encoder = zoo.TinyEncoder(32)
+        self.embed = nn.Embedding(vocab, 32)
+        self.rnn = nn.GRU(32, 32, batch_first=True)
+        self.bn = nn.BatchNorm1d(32) if bn_decoder else None
+        self.out = nn.Linear(32, vocab)
+        if tie:
+            nn.init.normal_(self.embed.weight, std=0.02)  # as tied LMs do: N(0, 1) rows would give huge logits
+            self.out.weight = self.embed.weight  # weight tying
+
+    def body(self, images, captions):
+        h0 = self.encoder(images).mean(1)[None].contiguous()
+        x = self.embed(captions)
+        if self.checkpoint:  # reentrant activation checkpointing of the recurrent block
+            from torch.utils.checkpoint import checkpoint
+
+            x = checkpoint(lambda a, b: self.rnn(a, b)[0], x, h0, use_reentrant=True)
+        else:
+            x, _ = self.rnn(x, h0)
+        if self.bn is not None:
+            x = self.bn(x.transpose(1, 2)).transpose(1, 2)
+        return self.out(x)
+
+    def forward(self, images, captions=None, *, tokens=None):
+        captions = tokens if self.keyword else captions
+        logits = self.body(images, captions)
+        if self.length == "T-1":
+            logits = logits[:, :-1]
+        if self.output == "tuple":
+            return logits, None
+        if self.output == "dict":
+            return {"logits": logits, "aux": 1}
+        if self.output == "modeloutput":
+            from transformers.modeling_outputs import CausalLMOutput
+
+            return CausalLMOutput(logits=logits)
+        return logits
+
+
+ODD = {
+    "tuple output": (dict(output="tuple"), {}),
+    "dict output": (dict(output="dict"), {}),
+    "ModelOutput": (dict(output="modeloutput"), {}),
+    "logits of length T-1": (dict(length="T-1"), {}),
+    "captions as keyword": (dict(keyword=True), {"captions_keyword": "tokens"}),
+    "weight tying": (dict(tie=True), {}),
+    "BatchNorm in the decoder": (dict(bn_decoder=True), {}),
+    "reentrant checkpointing": (dict(checkpoint=True), {}),
+    "pad == bos == eos (GPT-2)": ({}, {"pad_id": 3, "bos_id": 3, "eos_id": 3}),
+    "eos == pad (CLIP)": ({}, {"pad_id": 0, "bos_id": 1, "eos_id": 0}),
+    "BOS id 0": ({}, {"pad_id": 2, "bos_id": 0, "eos_id": 1}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD))
+def test_odd_but_legal_models_pass_quick_checks(case):
+    if case == "ModelOutput":
+        pytest.importorskip("transformers")
+    kwargs, hints = ODD[case]
+    torch.manual_seed(0)
+    model = Odd(**kwargs)
+    subject = capdiag.subject_for(model, **{**zoo.HINTS, **hints})
+    report = _state_unchanged(subject, QUICK)
+    allowed = {Status.PASS, Status.SKIP}
+    if case == "BatchNorm in the decoder":  # a real, weak train-time leak through batch statistics: a warning
+        assert report.findings[QUICK.index("causal_leak")].status is Status.WARN
+        allowed.add(Status.WARN)
+    bad = {f.check: f.summary for f in report.findings if f.status not in allowed}
+    assert not bad, bad
+
+
+def test_batch_size_one_and_other_image_sizes():
+    model = zoo.make("gru")
+    from capdiag.captioner import IMAGENET_MEAN, IMAGENET_STD
+
+    data = capdiag.SyntheticCaptions(zoo.VOCAB, image_size=48, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    images, captions = data.batch(1, seed=3)
+    report = run_checks(capdiag.subject_for(model, batch=(images, captions), **{**zoo.HINTS, "image_size": 48}), QUICK)
+    assert not [f for f in report.findings if f.status.failed], [(f.check, f.summary) for f in report.findings]
+
+
+def test_half_precision_model():
+    model = zoo.make("transformer").to(torch.bfloat16)
+    report = run_checks(capdiag.subject_for(model, **zoo.HINTS), ["causal_leak", "caption_dependence", "padding_invariance",
+                                                                      "batch_independence", "gradient_reachability"])
+    assert all(f.status is Status.PASS for f in report.findings), [(f.check, f.summary) for f in report.findings]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_model_already_on_cuda():
+    model = zoo.make("transformer").cuda()
+    report = _state_unchanged(capdiag.subject_for(model, **zoo.HINTS), QUICK)
+    assert not [f for f in report.findings if f.status.failed]
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------------
+def test_ctrl_c_during_overfit_prints_partial_result(tmp_path):
+    (tmp_path / "model.py").write_text("from capdiag.models import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
+                                       "def build_model():\n    return zoo.make('lstm', 'image_blind')\n")
+    p = subprocess.Popen([sys.executable, "-m", "capdiag", "overfit", "model.py", "--steps", "100000", "--lr", "1e-5"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports, building, and a few hundred steps
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert "interrupted after" in out and "partial" in err
+    assert "Traceback" not in err
