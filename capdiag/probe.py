@@ -11,7 +11,7 @@ from .captioner import Captioner
 from .state import mode, seeded
 
 
-def tolerance(t: torch.Tensor) -> float:
+def tolerance(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> float:
     """Relative tolerance for "unchanged".
 
     On CPU float32, a changed sequence length reorders reductions by ~1e-6. On CUDA, another
@@ -19,16 +19,16 @@ def tolerance(t: torch.Tensor) -> float:
     CNN+Transformer moved by 7.7e-4 on an H100 when pad columns were appended. Real bugs move
     logits by 1e-2 and more. Half precision: ~1e-3 per op.
     """
-    if t.dtype in (torch.float16, torch.bfloat16):
+    if (dtype or t.dtype) in (torch.float16, torch.bfloat16):  # the model's dtype, not the upcast logits'
         return 2e-2
     return 5e-3 if t.device.type == "cuda" else 1e-4
 
 
-def tolerance_same_shape(t: torch.Tensor) -> float:
+def tolerance_same_shape(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> float:
     """Tolerance for "changed" between two passes of identical shapes: the same kernels run, so
     anything above rounding noise is a real dependence (used where a loose tolerance would hide
     one, e.g. logits dominated by huge untrained features)."""
-    return 1e-3 if t.dtype in (torch.float16, torch.bfloat16) else 1e-6
+    return 1e-3 if (dtype or t.dtype) in (torch.float16, torch.bfloat16) else 1e-6
 
 
 def untrained_batchnorm(model) -> bool:

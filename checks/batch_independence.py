@@ -30,7 +30,7 @@ class BatchIndependence(Check):
             images, captions = torch.cat([images, images.flip(-1)]), torch.cat([captions, captions])
         B = images.shape[0]
         base = logits_in(cap, images, captions, False, s.seed)
-        tol = tolerance(base)
+        tol = tolerance(base, cap.dtype)
         # Replace the last sample's image and caption; the others must not notice.
         g = torch.Generator().manual_seed(s.seed + 2)
         imgs2, caps2 = images.clone(), captions.clone()

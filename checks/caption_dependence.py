@@ -36,7 +36,7 @@ class CaptionDependence(Check):
         for train in (False, True):
             tag = "train" if train else "eval"
             base = logits_in(cap, s.images, s.captions, train, s.seed)
-            tol = tolerance_same_shape(base)  # same shapes: any real reaction counts
+            tol = tolerance_same_shape(base, cap.dtype)  # same shapes: any real reaction counts
             hits = []
             for t in positions:
                 caps = s.captions.clone()

@@ -42,7 +42,7 @@ class CausalLeak(Check):
         leaked_modes = set()
         for train in (False, True):
             base = logits_in(cap, s.images, s.captions, train, s.seed)
-            tol = tolerance(base)
+            tol = tolerance(base, cap.dtype)
             for k in cuts:  # keep inputs 0..k, scramble k+1..T-1
                 caps = s.captions.clone()
                 caps[:, k + 1 :] = random_tokens(cap, caps[:, k + 1 :].shape, g, avoid=caps[:, k + 1 :]).to(caps.device)

@@ -37,7 +37,7 @@ class EvalDeterminism(Check):
                 g2 = cap.generate(s.images)
                 gen_same = g1.shape == g2.shape and bool(torch.equal(g1, g2))
                 metrics["generate_identical"] = float(gen_same)
-        tol = 1e-6 if a.device.type == "cpu" and a.dtype == torch.float32 else tolerance(a)
+        tol = 1e-6 if a.device.type == "cpu" and a.dtype == torch.float32 else tolerance(a, cap.dtype)
         problems = []
         if d > tol:
             problems.append(f"two eval-mode forwards differ (relative {d:.2g})")

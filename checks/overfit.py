@@ -119,6 +119,13 @@ class Overfit(Check):
             return Status.FAIL, "the loss diverges to NaN/inf at every learning rate tried", (
                 "Look for log/division of values near zero, missing gradient clipping, or an unstable custom "
                 "layer; loss_at_init and gradient_reachability locate non-finite values."), curves
+        if best > 1.25 * floor:
+            return Status.FAIL, (
+                f"the loss stays at {best:.3f}, above even the image-blind floor {floor:.3f}, at every learning rate "
+                "tried: the model does not learn the caption prior, let alone the image"), (
+                "Training does not work at all: check that parameters are not frozen by mistake, that the optimizer "
+                "gets model.parameters(), that targets are captions shifted by one, and that the loss is computed "
+                "on logits."), curves
         if best > 0.8 * floor:
             return Status.FAIL, (
                 f"loss plateaus at {best:.3f}, at the image-blind floor {floor:.3f} ({best / floor:.0%} of it), "

@@ -30,7 +30,7 @@ class PaddingInvariance(Check):
         T = caps.shape[1]
         mask = cap.target_mask(caps)[..., None]  # (B, T-1, 1)
         base = logits_in(cap, s.images, caps, False, s.seed)
-        tol = tolerance(base)
+        tol = tolerance(base, cap.dtype)
         pads = torch.full((caps.shape[0], self.extra_pad), cap.spec.pad_id, dtype=caps.dtype, device=caps.device)
         longer = logits_in(cap, s.images, torch.cat([caps, pads], 1), False, s.seed)[:, : T - 1]
         d_len = float(rel_diff(base * mask, longer * mask))

@@ -176,13 +176,27 @@ def test_model_already_on_cuda():
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------
 def test_ctrl_c_during_overfit_prints_partial_result(tmp_path):
-    (tmp_path / "model.py").write_text("from capdiag.models import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
-                                       "def build_model():\n    return zoo.make('lstm', 'image_blind')\n")
-    p = subprocess.Popen([sys.executable, "-m", "capdiag", "overfit", "model.py", "--steps", "100000", "--lr", "1e-5"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # imports, building, and a few hundred steps
+    import threading
+
+    p = subprocess.Popen([sys.executable, "-m", "capdiag", "overfit", "capdiag.models.show_attend_tell", "--steps", "100000",
+                          "--lr", "1e-6"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_chunks, started = [], threading.Event()
+
+    def read_err():
+        for chunk in iter(lambda: p.stderr.read(64), ""):
+            err_chunks.append(chunk)
+            if "overfit:" in chunk and "step" in "".join(err_chunks[-4:]):
+                started.set()
+
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
+    assert started.wait(120), "overfit never started: " + "".join(err_chunks)[-2000:]
+    time.sleep(1.0)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, (out, err)
+    out = p.stdout.read()
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(err_chunks)
+    assert p.returncode == 130, (out, err[-2000:])
     assert "interrupted after" in out and "partial" in err
     assert "Traceback" not in err
