@@ -37,6 +37,7 @@ class CaptionSpec:
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
     captions_keyword: Optional[str] = None  # call model(images, **{kw: captions}) when set
+    attention_modules: Optional[list] = None  # dotted names; default: found by type and name
     assumptions: list = field(default_factory=list)
 
     @property

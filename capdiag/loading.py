@@ -238,7 +238,7 @@ def make_subject(
             setattr(spec, key, int(h[key]))
         else:
             assumptions.append(f"{key} = {default} (not in CAPDIAG hints)")
-    for key in ("max_len", "captions_keyword", "image_mean", "image_std", "pretrained"):
+    for key in ("max_len", "captions_keyword", "image_mean", "image_std", "pretrained", "attention_modules"):
         if key in h:
             setattr(spec, key, tuple(h[key]) if key in ("image_mean", "image_std") else h[key])
     if "image_mean" not in h:
@@ -251,6 +251,8 @@ def make_subject(
         if spec.image_module:
             assumptions.append(f"image module = {spec.image_module!r} (guessed by name; set CAPDIAG['image_module'])")
     for name in _pretrained_names(spec.pretrained):
+        resolve_module(model, name)
+    for name in spec.attention_modules or []:
         resolve_module(model, name)
     if isinstance(spec.pretrained, dict):
         from .pretrained import load_reference

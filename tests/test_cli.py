@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bad_inputs import CASES, EVIL_WEIGHTS, FORWARD_RAISES, GOOD
 from capdiag.cli import main
 
 TESTS = Path(__file__).parent
-GOOD = """
-from capdiag.models import zoo
-CAPDIAG = dict(zoo.HINTS)
-def build_model(bug=None, arch="transformer"):
-    return zoo.make(arch, bug)
-"""
-
-
 def write(tmp_path: Path, body: str, name: str = "model.py") -> str:
     p = tmp_path / name
     p.write_text(textwrap.dedent(body))
@@ -66,66 +59,31 @@ def test_default_model_file_is_dot_model_py(tmp_path, capsys, monkeypatch):
     assert code == 0 and "model.py" in out
 
 
-BAD_FILES = {
-    "syntax": ("def build_model(:\n    pass\n", "syntax error"),
-    "import": ("import definitely_not_a_module_xyz\n", "No module named 'definitely_not_a_module_xyz'"),
-    "no_factory": ("def make():\n    pass\n", "defines no build_model()"),
-    "factory_raises": ("def build_model():\n    raise ValueError('bad config')\n", "build_model() raised ValueError: bad config"),
-    "not_module": ("def build_model():\n    return 3\n", "expected a torch.nn.Module"),
-    "forward_raises": (
-        "import torch\nclass M(torch.nn.Module):\n    def forward(self, images, captions):\n"
-        "        raise RuntimeError('oops in forward')\ndef build_model():\n    return M()\n",
-        "forward raised RuntimeError: oops in forward",
-    ),
-    "wrong_shape": (
-        "import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self.l = torch.nn.Linear(3, 30)\n    def forward(self, images, captions):\n"
-        "        return self.l(images.mean((2, 3)))\ndef build_model():\n    return M()\n",
-        "expected (B, T, V)",
-    ),
-    "wrong_vocab": (
-        GOOD + "CAPDIAG['vocab_size'] = 99\n", "CAPDIAG['vocab_size'] is 99",
-    ),
-    "bad_hint_module": (GOOD + "CAPDIAG['image_module'] = 'encodr'\n", "did you mean encoder"),
-    "unknown_hint": (GOOD + "CAPDIAG['vocab'] = 3\n", "unknown keys ['vocab']"),
-    "bad_sample_batch": (
-        GOOD + "import torch\ndef sample_batch():\n    return torch.zeros(2, 3, 32, 32), torch.zeros(2, 7)\n",
-        "captions are torch.float32 (2, 7); expected a long tensor",
-    ),
-}
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
+    cid, _, body, argv, expected = case
+    model = tmp_path / "model.py"
+    if body is not None:
+        model.write_text(textwrap.dedent(body))
+    if cid == "pickle_weights":
+        import torch
 
-
-@pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_model_files_exit_2_with_one_line(tmp_path, capsys, case):
-    body, expected = BAD_FILES[case]
-    path = write(tmp_path, body)
-    code, out, err = run_cli(capsys, "check", path, "--quick")
+        ns: dict = {}
+        exec(EVIL_WEIGHTS, ns)
+        torch.save(ns["Evil"](), tmp_path / "evil.pt")
+    argv = [a.replace("{model}", str(model)).replace("{dir}", str(tmp_path)) for a in argv]
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2, (out, err)
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("capdiag: error:"), err
     assert expected in lines[0], lines[0]
+    assert not (tmp_path / "pwned").exists()  # nothing in a weights file ever runs
 
 
 def test_forward_error_shows_users_frame(tmp_path, capsys):
-    path = write(tmp_path, BAD_FILES["forward_raises"][0])
+    path = write(tmp_path, FORWARD_RAISES)
     _, _, err = run_cli(capsys, "check", path)
     assert f"{path}:4 in forward" in err
-
-
-@pytest.mark.parametrize(
-    "argv,expected",
-    [
-        (["check", "missing_file.py"], "not found"),
-        (["check", "{GOOD}", "--only", "causal_leek"], "did you mean causal_leak"),
-        (["check", "{GOOD}", "--arg", "nonsense"], "must look like NAME=VALUE"),
-        (["overfit", "{GOOD}", "--steps", "0"], "--steps must be at least 1"),
-    ],
-)
-def test_usage_errors_exit_2(tmp_path, capsys, argv, expected):
-    good = write(tmp_path, GOOD)
-    argv = [a.replace("{GOOD}", good) for a in argv]
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2 and expected in err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
@@ -135,7 +93,7 @@ def test_cuda_on_cpu_machine_is_usage_error(tmp_path, capsys):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    path = write(tmp_path, BAD_FILES["syntax"][0])
+    path = write(tmp_path, "def build_model(:\n    pass\n")
     r = subprocess.run([sys.executable, "-m", "capdiag", "check", path], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "syntax error" in r.stderr

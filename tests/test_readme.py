@@ -27,3 +27,14 @@ def test_readme_first_commands_and_ci_agree():
     assert [l.split("#")[0].strip() for l in first] == ["./dev demo", "./dev test"]
     ci = (ROOT / ".ci/run").read_text()
     assert "./dev test" in ci
+
+
+def test_bad_input_table_matches_the_tested_cases():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bad_inputs import CASES
+
+    block = re.search(r"<!-- bad-input-table.*?-->\n(.*?)\n<!-- end bad-input-table -->", README, re.S).group(1)
+    rows = block.strip().splitlines()[2:]
+    assert rows == [f"| {what} | `...{exp}...` |" for _, what, _, _, exp in CASES]

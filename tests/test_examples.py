@@ -1,0 +1,52 @@
+"""The examples run, small, and tell the story they claim."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_main(path: Path, argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(argv)
+
+
+def test_forum_case_is_flagged_during_training_and_fixed_version_is_not(capsys):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    flags = _run_main(ROOT / "examples/forum_case/train.py", ["--steps", "200"])
+    out = capsys.readouterr().out
+    assert [k for _, k, _ in flags] == ["image_ignored"]
+    real, zeroed = [float(x.rstrip(",")) for x in out.split("probe loss with the images ")[1].split()[::4][:2]]
+    assert abs(real - zeroed) < 1e-3  # zeroing the image changes nothing: the author's own test
+    flags = _run_main(ROOT / "examples/forum_case/train.py", ["--steps", "200", "--fixed"])
+    assert flags == []
+
+
+def test_forum_case_capdiag_check_names_the_clobbered_encoder(capsys):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from capdiag.cli import main
+
+    assert main(["check", str(ROOT / "examples/forum_case/model.py"), "--quick"]) == 1
+    assert "FAIL  pretrained_guard" in capsys.readouterr().out
+    assert main(["check", str(ROOT / "examples/forum_case/model.py"), "--quick", "--arg", "fixed=True"]) == 0
+
+
+def test_lightning_example(tmp_path):
+    pytest.importorskip("lightning")
+    flags = _run_main(ROOT / "examples/lightning/train_sat.py", ["--steps", "30", "--root", str(tmp_path)])
+    assert flags == []
+
+
+def test_pytest_example_passes():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "examples/pytest")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "3 passed" in r.stdout
