@@ -50,3 +50,15 @@ def test_pytest_example_passes():
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "3 passed" in r.stdout
+
+
+def test_train_reference_reads_the_image_and_blind_twin_stays_at_floor(capsys):
+    from capdiag.data import BLIND_FLOOR
+
+    good = _run_main(ROOT / "examples/train_reference.py", ["--model", "cnn_transformer", "--steps", "150",
+                                                             "--val-every", "150", "--batch", "16"])
+    assert good["val_loss"] < 0.6 * BLIND_FLOOR and good["bleu4"] > 0.4
+    blind = _run_main(ROOT / "examples/train_reference.py", ["--model", "cnn_transformer", "--bug", "image_not_fed",
+                                                              "--steps", "80", "--val-every", "80", "--batch", "16"])
+    assert blind["val_loss"] > 0.9 * BLIND_FLOOR and blind["bleu4"] < 0.2
+    assert "greedy:" in capsys.readouterr().out
