@@ -98,6 +98,9 @@ class CNNTransformerCaptioner(nn.Module):
             for part in (self.proj, self.decoder, self.lm_head):
                 part.apply(xavier)
         nn.init.normal_(self.embed.weight, std=0.02)
+        if self.bug != "xavier_init_clobbers_encoder":
+            # Small output projection: the loss starts at ln(V), not ~0.6 nats above it.
+            nn.init.normal_(self.lm_head.weight, std=0.02)
 
     # ---- pieces -----------------------------------------------------------------------
     def regions(self, images):
