@@ -108,3 +108,12 @@ def test_list_names_every_check(capsys):
     assert code == 0
     for c in list_checks():
         assert c.name in out
+
+
+def test_overfit_command_passes_clean_and_diagnoses_blind_twin(tmp_path, capsys):
+    path = write(tmp_path, GOOD.replace('arch="transformer"', 'arch="gru"'))
+    code, out, _ = run_cli(capsys, "overfit", path, "--steps", "500", "--out", str(tmp_path / "plots"))
+    assert code == 0 and "PASS  overfit" in out and "memorized 16 captions" in out
+    assert (tmp_path / "plots" / "overfit_loss.png").exists()
+    code, out, _ = run_cli(capsys, "overfit", path, "--steps", "500", "--arg", "bug=image_blind")
+    assert code == 1 and "image-blind floor" in out and "cannot see the image" in out

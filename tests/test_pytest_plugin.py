@@ -76,3 +76,14 @@ def test_plugin_costs_nothing_when_unused():
             "print([m for m in ('torch', 'matplotlib', 'captum', 'tensorboard') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_reference_model_by_module_name_clean_and_twin(pytester):
+    clean = pytester.runpytest("--capdiag", "capdiag.models.cnn_transformer", "--capdiag-quick", "-p", "no:cacheprovider")
+    outcomes = clean.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes["passed"] >= 11
+    twin = pytester.runpytest("--capdiag", "capdiag.models.cnn_transformer", "--capdiag-quick",
+                              "--capdiag-arg", "bug=no_causal_mask", "-p", "no:cacheprovider")
+    twin.assert_outcomes(passed=outcomes["passed"] - 1, failed=1, skipped=outcomes.get("skipped", 0))
+    twin.stdout.fnmatch_lines(["*capdiag causal_leak: FAIL: logits at position * change when tokens after position *",
+                               "*fix: Pass a causal mask to the decoder*"])

