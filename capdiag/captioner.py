@@ -97,6 +97,12 @@ class Captioner:
                 return p.dtype
         return torch.float32
 
+    def pixels(self, images: torch.Tensor):
+        """Normalized images ``(B, 3, H, W)`` back to ``(B, H, W, 3)`` numpy arrays in [0, 1], for plots."""
+        m = torch.tensor(self.spec.image_mean).view(1, 3, 1, 1)
+        sd = torch.tensor(self.spec.image_std).view(1, 3, 1, 1)
+        return (images.detach().float().cpu() * sd + m).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
     def to_inputs(self, images: torch.Tensor, captions: torch.Tensor):
         """Move a batch to the model's device (and float dtype) without touching the caller's tensors."""
         return images.to(self.device, self.dtype), captions.to(self.device)

@@ -122,10 +122,7 @@ class AttentionMaps(Check):
         L = maps.shape[-1]
         if int(round(L ** 0.5)) ** 2 != L:
             return  # regions are not a square grid: nothing sensible to overlay
-        spec = cap.spec
-        m = torch.tensor(spec.image_mean).view(3, 1, 1)
-        sd = torch.tensor(spec.image_std).view(3, 1, 1)
-        pic = (img[0].detach().float().cpu() * sd + m).clamp(0, 1).permute(1, 2, 0).numpy()
+        pic = cap.pixels(img)[0]
         save(plot_word_maps(pic, words, list(maps.cpu().numpy()), f"attention per generated word ({name})"), path)
         artifacts["attention_words_png"] = path
         rec = r2[name]

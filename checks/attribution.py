@@ -89,10 +89,7 @@ class Attribution(Check):
         if path is not None:
             from capdiag.viz.plots import plot_word_maps, save
 
-            spec = cap.spec
-            m = torch.tensor(spec.image_mean).view(3, 1, 1)
-            sd = torch.tensor(spec.image_std).view(3, 1, 1)
-            pic = (img[0].detach().float().cpu() * sd + m).clamp(0, 1).permute(1, 2, 0).numpy()
+            pic = cap.pixels(img)[0]
             labels = [f"{w} ({sh:.0%} img)" for w, sh in zip(words, img_shares)]
             maps = [(p / p.max().clamp_min(1e-12)).numpy() for p in pixel_maps]
             save(plot_word_maps(pic, labels, maps, "Integrated Gradients |attribution| per generated word", cmap="inferno", alpha=0.6), path)

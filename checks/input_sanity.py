@@ -108,10 +108,7 @@ class InputSanity(Check):
 def save_batch_grid(s: Subject, path, n: int = 8):
     from capdiag.viz.plots import plot_image_grid, save
 
-    spec = s.captioner.spec
-    m = torch.tensor(spec.image_mean).view(1, 3, 1, 1)
-    sd = torch.tensor(spec.image_std).view(1, 3, 1, 1)
-    imgs = (s.images[:n].detach().float().cpu() * sd + m).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    imgs = s.captioner.pixels(s.images[:n])
     if s.data is not None:
         caps = [s.data.decode(c) for c in s.captioner.strip(s.captions[:n])]
     else:
