@@ -119,6 +119,15 @@ class Overfit(Check):
             return Status.FAIL, "the loss diverges to NaN/inf at every learning rate tried", (
                 "Look for log/division of values near zero, missing gradient clipping, or an unstable custom "
                 "layer; loss_at_init and gradient_reachability locate non-finite values."), curves
+        train_tail = min(fit.losses[-10:]) if fit.losses else float("inf")
+        metrics["train_mode_loss"] = train_tail
+        if train_tail < 0.5 * best and train_tail < floor:
+            return Status.FAIL, (
+                f"fits in train mode (loss {train_tail:.3f}) but not in eval mode (loss {best:.3f}, image-blind floor "
+                f"{floor:.3f}): the model behaves differently at inference"), (
+                "Train and eval mode disagree. Usual cause: BatchNorm running statistics that do not match the "
+                "weights (a pretrained encoder whose weights a custom init overwrote while its running statistics "
+                "stayed pretrained: the forum case), or dropout/noise layers left on or off by mistake."), curves
         if best > 1.25 * floor:
             return Status.FAIL, (
                 f"the loss stays at {best:.3f}, above even the image-blind floor {floor:.3f}, at every learning rate "
