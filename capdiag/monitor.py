@@ -135,7 +135,7 @@ class TrainingDiagnostics:
         self.warmup, self.min_reliance, self.patience, self.action = warmup, min_reliance, patience, action
         self.histograms, self.figures, self.figure_every = histograms, figures, max(1, figure_every)
         self.watchers = [DriftWatcher(self.captioner.submodule(n), n) for n in frozen_modules]
-        self.has_attention = bool(attention_modules(inner, getattr(spec, "attention_modules", None) or None))
+        self.has_attention = bool(attention_modules(inner, spec.attention_modules))
         d = _dist()
         self.rank = d.get_rank() if d else 0
         self.writer = None
@@ -239,7 +239,7 @@ class TrainingDiagnostics:
         cap = self.captioner
         kinds = ("shuffled_images", "zeroed_features") if cap.spec.image_module else ("shuffled_images",)
         records: dict = {}
-        watch = (lambda: captured_attention(cap.model, getattr(cap.spec, "attention_modules", None) or None)) \
+        watch = (lambda: captured_attention(cap.model, cap.spec.attention_modules)) \
             if self.has_attention else None
         with preserved_rng():
             losses = ablation_losses(cap, self.images, self.captions, seed=0, kinds=kinds, watch_true=watch, records=records)

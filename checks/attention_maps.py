@@ -51,7 +51,7 @@ class AttentionMaps(Check):
     identical_tv: float = 1e-3
 
     def run(self, s: Subject):
-        hinted = s.options.get("attention_modules") or getattr(s.captioner.spec, "attention_modules", None)
+        hinted = s.captioner.spec.attention_modules
         if not attention_modules(s.model, hinted):
             return self.skip("no attention modules found (nn.MultiheadAttention or modules named *att*)")
         cap, images, captions, source = learned(s)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capdiag.models.encoders import ImageEncoder, pretrained_available
+from capdiag.models.encoders import ImageEncoder, choose_encoder
 
 PAD, BOS, EOS = 0, 1, 2
 BUGS = ("xavier_init_clobbers_encoder", "no_causal_mask", "image_not_fed", "loss_counts_padding", "bleu_counts_padding")
@@ -220,12 +220,8 @@ def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optiona
     xavier bug twin defaults to it, since clobbering needs pretrained weights to clobber.
     """
     cfg = FULL if size == "full" else Config()
-    if encoder is None and bug == "xavier_init_clobbers_encoder":
-        encoder = "efficientnet_lite0"
-    if encoder is not None:
-        cfg = replace(cfg, encoder=encoder)
-    if cfg.encoder == "efficientnet_lite0" and encoder_weights is None and pretrained_available("efficientnet_lite0"):
-        encoder_weights = "imagenet"
+    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights, bug)
+    cfg = replace(cfg, encoder=encoder)
     cfg = replace(cfg, encoder_weights=encoder_weights, **overrides)
     model = CNNTransformerCaptioner(cfg, bug)
     # Hints that depend on the configuration (the module-level CAPDIAG describes the small one).

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capdiag.models.encoders import ImageEncoder, pretrained_available
+from capdiag.models.encoders import ImageEncoder, choose_encoder
 
 PAD, BOS, EOS = 0, 1, 2
 BUGS = ("xavier_init_clobbers_encoder", "image_not_fed", "att_softmax_wrong_dim", "loss_counts_padding")
@@ -222,12 +222,8 @@ class ShowAttendTell(nn.Module):
 def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optional[str] = None,
                 encoder_weights: Optional[str] = None, **overrides) -> ShowAttendTell:
     cfg = FULL if size == "full" else Config()
-    if encoder is None and bug == "xavier_init_clobbers_encoder":
-        encoder = "efficientnet_lite0"
-    if encoder is not None:
-        cfg = replace(cfg, encoder=encoder)
-    if cfg.encoder == "efficientnet_lite0" and encoder_weights is None and pretrained_available("efficientnet_lite0"):
-        encoder_weights = "imagenet"
+    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights, bug)
+    cfg = replace(cfg, encoder=encoder)
     model = ShowAttendTell(replace(cfg, encoder_weights=encoder_weights, **overrides), bug)
     # Hints that depend on the configuration (the module-level CAPDIAG describes the small one).
     model.capdiag_hints = {"pretrained": ["encoder"] if encoder_weights else [], "vocab_size": model.cfg.vocab_size,
