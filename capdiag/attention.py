@@ -24,9 +24,11 @@ class AttentionRecord:
 
 
 def attention_modules(model: nn.Module, names: Optional[list] = None) -> dict:
-    """Modules to watch: the named ones, else every MultiheadAttention and every module whose
-    name or class mentions attention (and is not inside a MultiheadAttention)."""
-    if names:
+    """Modules to watch: the named ones (``[]`` declares that the model has no attention over
+    image regions, e.g. a prefix LM whose self-attention is not image attention), else every
+    MultiheadAttention and every module whose name or class mentions attention (and is not
+    inside a MultiheadAttention)."""
+    if names is not None:
         return {n: model.get_submodule(n) for n in names}
     out = {}
     mha_names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]

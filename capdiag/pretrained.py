@@ -142,8 +142,8 @@ def looks_like_backbone(module: nn.Module) -> Optional[str]:
 
 
 def load_reference(spec) -> dict:
-    """A reference state_dict from a path (``weights_only=True``: nothing is unpickled that could
-    run code) or ``"torchvision:ResNet18_Weights.DEFAULT"`` when that file is already cached.
+    """A reference state_dict from a path (``.safetensors``, or a torch file read with
+    ``weights_only=True``: nothing is unpickled that could run code) or ``"torchvision:ResNet18_Weights.DEFAULT"`` when that file is already cached.
 
     Raises:
         WeightsError: missing file, not a state_dict, or torchvision weights not cached.
@@ -155,7 +155,14 @@ def load_reference(spec) -> dict:
         return _torchvision_reference(text.split(":", 1)[1])
     path = Path(text)
     if not path.is_file():
-        raise WeightsError(f"reference weights {text!r} not found; give the path of a saved state_dict (.pt/.pth)")
+        raise WeightsError(
+            f"reference weights {text!r} not found; give the path of a saved state_dict (.pt/.pth/.safetensors)")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise WeightsError(f"{text!r} is a safetensors file: pip install safetensors to read it") from None
+        return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickles of arbitrary objects are refused here

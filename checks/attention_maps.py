@@ -52,6 +52,8 @@ class AttentionMaps(Check):
 
     def run(self, s: Subject):
         hinted = s.captioner.spec.attention_modules
+        if hinted == []:
+            return self.skip("the model declares no attention over image regions (attention_modules = [])")
         if not attention_modules(s.model, hinted):
             return self.skip("no attention modules found (nn.MultiheadAttention or modules named *att*)")
         cap, images, captions, source = learned(s)

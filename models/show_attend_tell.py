@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capdiag.models.encoders import ImageEncoder, choose_encoder
+from capdiag.models.recipe import caption_loss, real_targets
 
 PAD, BOS, EOS = 0, 1, 2
 BUGS = ("xavier_init_clobbers_encoder", "image_not_fed", "att_softmax_wrong_dim", "loss_counts_padding")
@@ -145,27 +146,14 @@ class ShowAttendTell(nn.Module):
         return torch.stack(logits, 1), torch.stack(alphas, 1)
 
     # ---- the training recipe ------------------------------------------------------------
-    def real_targets(self, captions):
-        targets = captions[:, 1:]
-        pos = torch.arange(captions.shape[1], device=captions.device)
-        is_eos = (captions == EOS) & (pos >= 1)
-        first = torch.where(is_eos, pos, torch.full_like(pos, captions.shape[1])).min(1).values
-        return targets, pos[None, 1:] <= first[:, None]
-
     def loss_fn(self, logits, captions):
         """Label-smoothed CE over real target tokens (the bug twin also averages over padding)."""
-        targets, real = self.real_targets(captions)
-        logits = logits[:, : targets.shape[1]]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             label_smoothing=self.cfg.label_smoothing, reduction="none").view_as(targets)
-        if self.bug == "loss_counts_padding":
-            return ce.mean()
-        return (ce * real).sum() / real.sum()
+        return caption_loss(logits, captions, EOS, self.cfg.label_smoothing, self.bug == "loss_counts_padding")
 
     def training_loss(self, images, captions):
         """loss_fn plus the doubly stochastic attention regularizer (Eq. 14)."""
         logits, alphas = self(images, captions)
-        _, real = self.real_targets(captions)
+        _, real = real_targets(captions, EOS)
         coverage = (alphas[:, :-1] * real[..., None]).sum(1)  # (B, L): attention each region got
         return self.loss_fn(logits, captions) + self.cfg.att_gamma * ((1 - coverage) ** 2).mean()
 
