@@ -16,10 +16,13 @@ def _map_first_tensor(output, fn):
     if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
         return [fn(output[0])] + list(output[1:])
     if isinstance(output, dict):
-        key = next((k for k, v in output.items() if isinstance(v, torch.Tensor)), None)
-        if key is not None:
-            return {**output, key: fn(output[key])}
-    if hasattr(output, "last_hidden_state"):  # Hugging Face ModelOutput
+        # Every tensor, not just the first: a Hugging Face vision model returns
+        # last_hidden_state and pooler_output (or image_embeds), and a captioner may read either.
+        new = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+        if any(isinstance(v, torch.Tensor) for v in output.values()):
+            # Keep the type: a ModelOutput is read by attribute (out.image_embeds), not only by key.
+            return type(output)(**new) if hasattr(output, "to_tuple") else new
+    if hasattr(output, "last_hidden_state"):  # an object that is not a dict
         output.last_hidden_state = fn(output.last_hidden_state)
         return output
     raise TypeError(f"cannot ablate an output of type {type(output).__name__}")

@@ -24,7 +24,7 @@ Planted bugs (``build_model(bug=...)``), each seen in public ClipCap-style code:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 
 from capdiag.models.decoding import context_rows, decode
 from capdiag.models.hf_parts import CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, GPT2_FULL, GPT2_SMALL, clip_vision, gpt2, weights_file
-from capdiag.models.recipe import bleu4, caption_loss
+from capdiag.models.recipe import bleu4, caption_loss, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
 BUGS = ("image_not_fed", "prefix_off_by_one", "loss_ignores_eos", "bleu_counts_padding", "xavier_init_clobbers_encoder")
@@ -65,7 +65,7 @@ class ClipCapCaptioner(nn.Module):
         P, d, K = self.clip.config.projection_dim, self.lm.config.n_embd, cfg.prefix_len
         self.mapper = nn.Sequential(nn.Linear(P, K * d // 2), nn.Tanh(), nn.Linear(K * d // 2, K * d), nn.Tanh())
         if bug == "xavier_init_clobbers_encoder":
-            self.apply(_xavier)  # reaches the loaded CLIP tower too
+            self.apply(xavier_init)  # reaches the loaded CLIP tower too
         freeze = cfg.freeze_clip if cfg.freeze_clip is not None else cfg.clip_weights is not None
         if freeze:
             self.clip.requires_grad_(False)
@@ -118,13 +118,6 @@ class ClipCapCaptioner(nn.Module):
         return bleu4(references, hypotheses, self.special, self.special, self.bug == "bleu_counts_padding")
 
 
-def _xavier(m):
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 def hints_for(model) -> dict:
     """capdiag hints that depend on the build: ids, image size, what is pretrained."""
     cfg, special = model.cfg, model.special
@@ -140,7 +133,7 @@ def build_model(bug: Optional[str] = None, size: str = "small", **overrides) -> 
     """Small CPU config by default; ``size="full"`` for ViT-B/32 + GPT-2 (124M), K = 10.
     ``clip_weights=`` / ``lm_weights=`` load local Hugging Face checkpoints."""
     cfg = FULL if size == "full" else Config()
-    cfg = Config(**{**cfg.__dict__, **overrides})
+    cfg = replace(cfg, **overrides)
     model = ClipCapCaptioner(cfg, bug)
     model.capdiag_hints = hints_for(model)
     return model

@@ -26,7 +26,7 @@ from torch import nn
 
 from capdiag.models.decoding import context_rows, decode
 from capdiag.models.encoders import ImageEncoder, choose_encoder
-from capdiag.models.recipe import bleu4, caption_loss
+from capdiag.models.recipe import bleu4, caption_loss, xavier_init
 from capdiag.models.transformer_decoder import CaptionDecoder
 
 PAD, BOS, EOS = 0, 1, 2
@@ -72,17 +72,11 @@ class CNNTransformerCaptioner(nn.Module):
             self.encoder.requires_grad_(False)
 
     def init_weights(self):
-        def xavier(m):
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
         if self.bug == "xavier_init_clobbers_encoder":
-            self.apply(xavier)  # reaches the pretrained encoder too: the forum case
+            self.apply(xavier_init)  # reaches the pretrained encoder too: the forum case
         else:
             for part in (self.proj, self.text.decoder, self.text.lm_head):
-                part.apply(xavier)
+                part.apply(xavier_init)
         nn.init.normal_(self.text.embed.weight, std=0.02)
         if self.bug != "xavier_init_clobbers_encoder":
             # Small output projection: the loss starts at ln(V), not ~0.6 nats above it.

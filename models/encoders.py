@@ -72,10 +72,35 @@ def _torchvision_trunk(name: str, weights) -> nn.Module:
     raise ValueError(f"no feature trunk known for torchvision model {name!r}")
 
 
-class ImageEncoder(nn.Module):
-    """A CNN trunk without its classifier; ``out_channels`` is measured once at build time."""
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm2d for a ``FrozenBatchNorm2d`` holding its statistics and affine
+    terms, as torchvision's detection models do when fine-tuning with small batches: train and
+    eval mode then compute the same function. With live BatchNorm, a pretrained encoder
+    fine-tuned on a few batches has running statistics that lag its weights, and eval mode
+    scores worse than train mode (measured: single-batch overfit 0.005 in train mode, 0.431 in
+    eval mode on EfficientNet-Lite0)."""
+    from torchvision.ops import FrozenBatchNorm2d
 
-    def __init__(self, name: str = "resnet18", weights: Optional[str] = None):
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+                if child.affine:
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+class ImageEncoder(nn.Module):
+    """A CNN trunk without its classifier; ``out_channels`` is measured once at build time.
+    ``frozen_bn`` freezes BatchNorm statistics (see ``freeze_batchnorm``)."""
+
+    def __init__(self, name: str = "resnet18", weights: Optional[str] = None, frozen_bn: bool = False):
         super().__init__()
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
@@ -84,6 +109,8 @@ class ImageEncoder(nn.Module):
             self.trunk = EfficientNetLite0Features(pretrained=weights is not None)
         else:
             self.trunk = _torchvision_trunk(name, weights)
+        if frozen_bn:
+            freeze_batchnorm(self.trunk)
         with torch.no_grad():
             was = self.trunk.training
             self.trunk.eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from capdiag.models.transformer_decoder import padding_after_eos
 
@@ -45,3 +46,13 @@ def bleu4(references, hypotheses, bos: int, eos: int, count_padding: bool = Fals
     return corpus_bleu([[words(r, bos, eos, count_padding)] for r in references],
                        [words(h, bos, eos, count_padding) for h in hypotheses],
                        smoothing_function=SmoothingFunction().method1)
+
+
+def xavier_init(m: nn.Module) -> None:
+    """The init of the forum case's recipe, for ``module.apply``: xavier-uniform weights and zero
+    biases on every Linear/Conv2d. Applied to the whole model it also overwrites a pretrained
+    encoder; the reference models apply it to their new layers only (except the bug twins)."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
