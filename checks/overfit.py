@@ -6,6 +6,13 @@ it: its loss plateaus at the batch's image-blind floor. Pass = loss near zero an
 decoding reproduces the captions. On a plateau, a short learning-rate sweep separates "the
 learning rate is off" from "this model cannot fit", and the plateau is compared with the
 floor to diagnose "cannot see the image".
+
+BatchNorm: hard single-batch training moves a pretrained encoder's weights faster than its
+running statistics follow (momentum 0.01-0.1), so eval mode can miss a batch that train mode
+memorized in a perfectly correct model. When that happens and the statistics matched the weights
+at the start (see ``capdiag.batchnorm``), the copy's statistics are re-estimated on the batch and
+eval mode is judged again. Statistics that were already off at the start (pretrained statistics
+under overwritten weights: the forum case) are the model's problem and are reported as such.
 """
 from __future__ import annotations
 
@@ -15,13 +22,14 @@ from typing import Optional
 
 import torch
 
+from capdiag import batchnorm
 from capdiag.check import Check, Subject
 from capdiag.data import empirical_blind_floor
 from capdiag.finding import Status
 from capdiag.metrics import bleu4, exact_match
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
-from capdiag.training import eval_loss, fit_copy, overfit_batch
+from capdiag.training import copy_captioner, eval_loss, fit_copy, overfit_batch
 
 
 @register_check
@@ -36,6 +44,7 @@ class Overfit(Check):
     pass_loss: float = 0.05
     min_exact_match: float = 0.9
     sweep_steps: int = 150
+    bn_mismatch: float = 1.0  # |log variance ratio| at init above which BatchNorm statistics are stale
 
     def __post_init__(self):
         if self.steps < 1:
@@ -48,6 +57,9 @@ class Overfit(Check):
         lr = self.lr or 1e-3
         fit = fit_copy(cap, images, captions, self.steps, lr, s.seed, self.pass_loss / 10, s.progress, "overfit", floor=floor)
         final = eval_loss(fit.captioner, images, captions, s.seed) if not fit.diverged else float("nan")
+        bn_metrics, bn_note = self._batchnorm_lag(s, cap, images, captions, fit, final, floor)
+        if "eval_loss_bn_recalibrated" in bn_metrics:
+            final = bn_metrics["eval_loss_bn_recalibrated"]
         refs = cap.strip(captions)
         with torch.no_grad(), seeded(s.seed), mode(fit.captioner.model, False):
             hyps = cap.strip(fit.captioner.generate(images, max_len=captions.shape[1] + 2))
@@ -55,7 +67,7 @@ class Overfit(Check):
         metrics = {
             "final_loss": final, "blind_floor": floor, "steps_run": fit.steps, "lr": lr,
             "exact_match": em, "bleu4": bleu, "loss_over_floor": final / floor if floor > 0 else float("nan"),
-            "interrupted": float(fit.interrupted),
+            "interrupted": float(fit.interrupted), **bn_metrics,
         }
         s.options["fitted"] = fit.captioner  # reused by ablation/attention/attribution
         examples = [
@@ -64,7 +76,7 @@ class Overfit(Check):
         sweep_curves: dict = {}
         # Memorized: greedy decoding reproduces the batch and the loss is near zero (or, for big
         # vocabularies that converge slowly, a fifth of the image-blind floor).
-        low = math.isfinite(final) and (final < self.pass_loss or final < 0.2 * floor)
+        low = self._low(final, floor)
         passed = low and em >= self.min_exact_match
         if fit.interrupted:
             status, summary, hint = Status.WARN, (
@@ -73,7 +85,7 @@ class Overfit(Check):
         elif passed:
             status, summary, hint = Status.PASS, (
                 f"memorized {len(refs)} captions in {fit.steps} steps: loss {final:.4f} "
-                f"(floor {floor:.3f}), exact match {em:.0%}, BLEU-4 {bleu:.2f}"), ""
+                f"(floor {floor:.3f}), exact match {em:.0%}, BLEU-4 {bleu:.2f}{bn_note}"), ""
         elif low:
             status, summary, hint = Status.FAIL, (
                 f"loss fell to {final:.4f} but greedy decoding reproduces only {em:.0%} of the captions "
@@ -90,6 +102,31 @@ class Overfit(Check):
             save(plot_loss_curve(fit.losses, floor, self.pass_loss, f"single-batch overfit: {cap.name}", sweep_curves), fig_path)
             artifacts["loss_curve_png"] = fig_path
         return self.finding(status, summary, metrics, hint, artifacts)
+
+    def _low(self, loss: float, floor: float) -> bool:
+        return math.isfinite(loss) and (loss < self.pass_loss or loss < 0.2 * floor)
+
+    def _batchnorm_lag(self, s, cap, images, captions, fit, final, floor):
+        """When train mode memorized the batch but eval mode did not, and BatchNorm statistics
+        matched the weights at init, re-estimate the copy's statistics on the batch (its running
+        statistics lagged our own hard training) and use that copy from here on."""
+        tail = min(fit.losses[-10:]) if fit.losses else float("inf")
+        if fit.diverged or self._low(final, floor) or not self._low(tail, floor):
+            return {}, ""
+        if not batchnorm.tracking_batchnorms(fit.captioner.model):
+            return {}, ""
+        mismatch = batchnorm.stats_mismatch(cap, images, captions, s.seed)
+        metrics = {"eval_loss_stale_bn": final}
+        if mismatch is not None:
+            metrics["bn_log_var_mismatch_at_init"] = mismatch
+            if mismatch > self.bn_mismatch:
+                return metrics, ""  # stale at init: the model's own problem (diagnosed below)
+        recal = copy_captioner(fit.captioner)
+        batchnorm.recalibrate(recal, images, captions, s.seed)
+        metrics["eval_loss_bn_recalibrated"] = eval_loss(recal, images, captions, s.seed)
+        fit.captioner = recal
+        return metrics, (f"; eval mode after re-estimating BatchNorm statistics on the batch (they lagged the "
+                         f"fast single-batch training: eval loss {final:.3f} before)")
 
     def _diagnose(self, s, cap, images, captions, fit, final, floor, metrics):
         best_lr, best = fit.lr, final if math.isfinite(final) else float("inf")
@@ -122,9 +159,12 @@ class Overfit(Check):
         train_tail = min(fit.losses[-10:]) if fit.losses else float("inf")
         metrics["train_mode_loss"] = train_tail
         if train_tail < 0.5 * best and train_tail < floor:
+            stale = metrics.get("bn_log_var_mismatch_at_init", 0.0)
+            why = (f"; at init its BatchNorm running variances are e^{stale:.1f} off the variances the weights "
+                   "produce" if stale > self.bn_mismatch else "")
             return Status.FAIL, (
                 f"fits in train mode (loss {train_tail:.3f}) but not in eval mode (loss {best:.3f}, image-blind floor "
-                f"{floor:.3f}): the model behaves differently at inference"), (
+                f"{floor:.3f}): the model behaves differently at inference{why}"), (
                 "Train and eval mode disagree. Usual cause: BatchNorm running statistics that do not match the "
                 "weights (a pretrained encoder whose weights a custom init overwrote while its running statistics "
                 "stayed pretrained: the forum case), or dropout/noise layers left on or off by mistake."), curves

@@ -18,10 +18,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capdiag.captioner import IMAGENET_MEAN, IMAGENET_STD, Captioner, CaptionSpec
+from capdiag.captioner import Captioner, CaptionSpec
 from capdiag.data import BLIND_FLOOR, SyntheticCaptions
 from capdiag.metrics import bleu4
 
@@ -29,16 +30,22 @@ from capdiag.metrics import bleu4
 class CocoFolder(torch.utils.data.Dataset):
     """COCO-format captions (an annotations JSON + an image folder), tokenized by whitespace."""
 
-    def __init__(self, root: str, ann: str, image_size: int, vocab_size: int, max_len: int = 20):
+    def __init__(self, root: str, ann: str, spec: CaptionSpec, max_len: int = 20):
         from PIL import Image  # noqa: F401  (pillow comes with matplotlib)
 
         data = json.loads(Path(ann).read_text())
         files = {im["id"]: im["file_name"] for im in data["images"]}
         self.items = [(Path(root) / files[a["image_id"]], a["caption"]) for a in data["annotations"]]
         words = Counter(w for _, c in self.items for w in self.tokenize(c))
-        self.itos = ["<pad>", "<bos>", "<eos>", "<unk>"] + [w for w, _ in words.most_common(vocab_size - 4)]
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
-        self.size, self.max_len = image_size, max_len
+        # The model's special ids stay where the model expects them (GPT-2: one id for all three).
+        specials = {spec.pad_id: "<pad>", spec.bos_id: "<bos>", spec.eos_id: "<eos>"}
+        free = [i for i in range(spec.vocab_size) if i not in specials]
+        self.unk = free[0]
+        self.itos = dict(specials)
+        self.itos[self.unk] = "<unk>"
+        self.itos.update(zip(free[1:], (w for w, _ in words.most_common(len(free) - 1))))
+        self.stoi = {w: i for i, w in self.itos.items() if i not in specials}
+        self.spec, self.size, self.max_len = spec, spec.image_size, max_len
 
     @staticmethod
     def tokenize(text: str) -> list:
@@ -52,15 +59,19 @@ class CocoFolder(torch.utils.data.Dataset):
 
         path, caption = self.items[i]
         img = Image.open(path).convert("RGB").resize((self.size, self.size))
-        x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(self.size, self.size, 3).permute(2, 0, 1) / 255
-        x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        ids = [1] + [self.stoi.get(w, 3) for w in self.tokenize(caption)][: self.max_len - 2] + [2]
-        caps = torch.zeros(self.max_len, dtype=torch.long)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255  # (3, S, S)
+        x = (x - torch.tensor(self.spec.image_mean).view(3, 1, 1)) / torch.tensor(self.spec.image_std).view(3, 1, 1)
+        words = [self.stoi.get(w, self.unk) for w in self.tokenize(caption)][: self.max_len - 2]
+        ids = [self.spec.bos_id] + words + [self.spec.eos_id]
+        caps = torch.full((self.max_len,), self.spec.pad_id, dtype=torch.long)
         caps[: len(ids)] = torch.tensor(ids)
         return x, caps
 
     def decode(self, ids) -> str:
-        return " ".join(self.itos[i] for i in ids)
+        return " ".join(self.itos.get(i, "<unk>") for i in ids)
+
+
+MODELS = ["show_attend_tell", "cnn_transformer", "clip_decoder", "clipcap", "dual_transfer"]
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -71,7 +82,7 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="show_attend_tell", choices=["show_attend_tell", "cnn_transformer"])
+    ap.add_argument("--model", default="show_attend_tell", choices=MODELS)
     ap.add_argument("--bug", default=None)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=32)
@@ -86,17 +97,19 @@ def main(argv=None):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = importlib.import_module(f"capdiag.models.{args.model}")
     model = module.build_model(bug=args.bug).to(dev)
-    V = model.capdiag_hints["vocab_size"]
-    cap = Captioner(model, CaptionSpec(V))
+    hints = {**module.CAPDIAG, **model.capdiag_hints}
+    spec = CaptionSpec(**{k: v for k, v in hints.items() if k in CaptionSpec.__dataclass_fields__})
+    V = spec.vocab_size
+    cap = Captioner(model, spec)
     if args.coco:
-        ds = CocoFolder(args.coco, args.ann, model.capdiag_hints["image_size"], V)
+        ds = CocoFolder(args.coco, args.ann, spec)
         loader = iter(torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True))
         def train_batch(step):
             return next(loader)
         val = next(iter(torch.utils.data.DataLoader(ds, batch_size=64)))
         decode = ds.decode
     else:
-        data = SyntheticCaptions(V, image_size=model.capdiag_hints["image_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        data = SyntheticCaptions.for_spec(spec)
         def train_batch(step):
             return data.batch(args.batch, seed=args.seed * 1_000_000 + step)
         val = data.batch(128, seed=987_654)  # held out: never a training seed

@@ -62,3 +62,26 @@ def test_train_reference_reads_the_image_and_blind_twin_stays_at_floor(capsys):
                                                               "--steps", "80", "--val-every", "80", "--batch", "16"])
     assert blind["val_loss"] > 0.9 * BLIND_FLOOR and blind["bleu4"] < 0.2
     assert "greedy:" in capsys.readouterr().out
+
+
+def test_train_reference_reads_a_coco_folder_with_gpt2_style_ids(tmp_path, capsys):
+    """COCO-format input keeps the model's special ids where it expects them (GPT-2: one id)."""
+    pytest.importorskip("transformers")
+    import json
+
+    from PIL import Image
+
+    names = []
+    for i, colour in enumerate(["red", "green", "blue", "red"]):
+        rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230)}[colour]
+        Image.new("RGB", (40, 40), rgb).save(tmp_path / f"{i}.png")
+        names.append((i, colour))
+    ann = {"images": [{"id": i, "file_name": f"{i}.png"} for i, _ in names],
+           "annotations": [{"image_id": i, "caption": f"A {c} square."} for i, c in names]}
+    (tmp_path / "captions.json").write_text(json.dumps(ann))
+    res = _run_main(ROOT / "examples/train_reference.py", ["--model", "clipcap", "--coco", str(tmp_path), "--ann",
+                                                            str(tmp_path / "captions.json"), "--steps", "2",
+                                                            "--batch", "2", "--val-every", "2"])
+    assert res["step"] == 2 and res["val_loss"] > 0
+    out = capsys.readouterr().out
+    assert "ref: a red square" in out or "ref: a green square" in out or "ref: a blue square" in out

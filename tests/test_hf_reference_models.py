@@ -1,0 +1,165 @@
+"""The Hugging Face reference captioners (CLIP decoder, ClipCap, EfficientNet-Lite0 + GPT-2 merge):
+forward/backward/generate, local-weight loading, and the quick checks on clean models vs their
+planted-bug twins. The full checks (which train copies) are in the slow set."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import capdiag  # noqa: E402
+from capdiag.finding import Status  # noqa: E402
+from capdiag.models import clip_decoder, clipcap, dual_transfer, hf_parts  # noqa: E402
+from capdiag.runner import run_checks  # noqa: E402
+
+FAMILIES = {"clip_decoder": clip_decoder, "clipcap": clipcap, "dual_transfer": dual_transfer}
+QUICK = [c.name for c in capdiag.list_checks() if c.cheap]
+
+
+def _needs_lite0(family):
+    if family is dual_transfer:
+        pytest.importorskip("efficientnet_lite_pytorch")
+
+
+def _subject(family, bug=None, **kw):
+    model = family.build_model(bug=bug, **kw)
+    hints = {**family.CAPDIAG, **model.capdiag_hints}
+    return capdiag.subject_for(model, loss_fn=model.loss_fn, bleu_fn=model.bleu_fn, **hints)
+
+
+def _captions(family):
+    """Two captions in the family's id convention, padded after EOS."""
+    h = family.CAPDIAG
+    bos, eos, pad = h["bos_id"], h["eos_id"], h["pad_id"]
+    return torch.tensor([[bos, 5, 6, 7, eos, pad], [bos, 8, 9, eos, pad, pad]])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_forward_backward_generate(name):
+    family = FAMILIES[name]
+    _needs_lite0(family)
+    torch.manual_seed(0)
+    model = family.build_model()
+    images, captions = torch.randn(2, 3, 64, 64), _captions(family)
+    logits = model(images, captions)
+    assert logits.shape == (2, 6, 32) and torch.isfinite(logits).all()
+    model.loss_fn(logits, captions).backward()
+    image_part = model.encoder if family is dual_transfer else model.clip
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in image_part.parameters())
+    model.eval()
+    bos = family.CAPDIAG["bos_id"]
+    for beam in (1, 3):
+        ids = model.generate(images, max_len=8, beam_size=beam)
+        assert ids.shape[0] == 2 and ids.shape[1] <= 8 and (ids[:, 0] == bos).all()
+
+
+@pytest.fixture(scope="module")
+def clean_quick():
+    """Quick-check statuses of each clean model, computed once."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = {f.check: f for f in run_checks(_subject(family), QUICK).findings}
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_clean_models_pass_every_quick_check(name, clean_quick):
+    family = FAMILIES[name]
+    _needs_lite0(family)
+    bad = {n: f.summary for n, f in clean_quick(family).items() if f.status not in (Status.PASS, Status.SKIP)}
+    assert not bad
+
+
+TWINS = [(clip_decoder, "no_causal_mask", "causal_leak"),
+         (clip_decoder, "image_not_fed", "gradient_reachability"),
+         (clip_decoder, "loss_counts_padding", "loss_sanity"),
+         (clip_decoder, "bleu_counts_padding", "metric_sanity"),
+         (clipcap, "image_not_fed", "gradient_reachability"),
+         (clipcap, "prefix_off_by_one", "caption_dependence"),
+         (clipcap, "loss_ignores_eos", "loss_sanity"),
+         (clipcap, "bleu_counts_padding", "metric_sanity"),
+         (dual_transfer, "xavier_init_clobbers_encoder", "pretrained_guard"),
+         (dual_transfer, "image_not_fed", "gradient_reachability"),
+         (dual_transfer, "batch_mean_image", "batch_independence"),
+         (dual_transfer, "loss_ignores_eos", "loss_sanity"),
+         (dual_transfer, "bleu_counts_padding", "metric_sanity")]
+
+
+@pytest.mark.parametrize("family,bug,check", TWINS, ids=[f"{f.__name__.split('.')[-1]}-{b}" for f, b, _ in TWINS])
+def test_twin_fails_the_right_check(family, bug, check, clean_quick):
+    _needs_lite0(family)
+    assert clean_quick(family)[check].status in (Status.PASS, Status.SKIP)
+    finding = run_checks(_subject(family, bug), [check]).findings[0]
+    assert finding.status is Status.FAIL, finding.summary
+
+
+@pytest.fixture(scope="module")
+def local_clip(tmp_path_factory):
+    """A CLIP checkpoint saved locally, standing in for real weights the user has on disk."""
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(1)
+    hf_parts.clip_vision(hf_parts.CLIP_SMALL).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", [clip_decoder, clipcap], ids=["clip_decoder", "clipcap"])
+def test_local_clip_weights_load_and_xavier_twin_is_caught(family, local_clip):
+    from safetensors.torch import load_file
+
+    saved = load_file(hf_parts.weights_file(local_clip))
+    model = family.build_model(clip_weights=local_clip)
+    state = model.clip.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert model.capdiag_hints["pretrained"] == {"clip": hf_parts.weights_file(local_clip)}
+    clean = run_checks(_subject(family, clip_weights=local_clip), ["pretrained_guard"]).findings[0]
+    assert clean.status is Status.PASS and "identical to the reference" in clean.summary
+    twin = run_checks(_subject(family, "xavier_init_clobbers_encoder", clip_weights=local_clip),
+                      ["pretrained_guard"]).findings[0]
+    assert twin.status is Status.FAIL and "no longer resemble the reference" in twin.summary
+
+
+def test_clipcap_freezes_loaded_clip_as_in_the_paper(local_clip):
+    assert not any(p.requires_grad for p in clipcap.build_model(clip_weights=local_clip).clip.parameters())
+    assert all(p.requires_grad for p in clipcap.build_model().clip.parameters())  # random tower: trained
+
+
+def test_dual_transfer_loads_real_lite0_weights_and_local_gpt2(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from capdiag.models.encoders import lite0_state_dict
+
+    torch.manual_seed(2)
+    lm = hf_parts.gpt2(hf_parts.GPT2_SMALL, 32, 31)
+    lm.save_pretrained(tmp_path)
+    model = dual_transfer.build_model(lm_weights=str(tmp_path))
+    real = lite0_state_dict()
+    mine = model.encoder.trunk.net.state_dict()
+    convs = [k for k, v in real.items() if v.dim() == 4]
+    assert len(convs) > 40 and all(torch.equal(mine[k], real[k]) for k in convs)
+    assert all(torch.equal(model.encoder.trunk.net.state_dict()[k], real[k])
+               for k in ("_bn0.running_mean", "_bn0.running_var"))  # frozen BatchNorm keeps ImageNet statistics
+    assert all(torch.equal(model.lm.state_dict()[k], v) for k, v in lm.state_dict().items())
+
+
+def test_missing_local_weights_and_missing_transformers_say_what_to_do(monkeypatch, tmp_path):
+    with pytest.raises(FileNotFoundError, match="capdiag never downloads"):
+        clipcap.build_model(clip_weights=str(tmp_path / "nowhere"))
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"capdiag\[hf\]"):
+        clip_decoder.build_model()
+
+
+@pytest.mark.slow  # trains copies: ~20 s for each CLIP model, ~75 s for the dual-transfer model on 2 cores
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_clean_models_pass_every_check(name):
+    family = FAMILIES[name]
+    _needs_lite0(family)
+    report = run_checks(_subject(family), [c.name for c in capdiag.list_checks()])
+    bad = {f.check: f.summary for f in report.findings if f.status not in (Status.PASS, Status.SKIP)}
+    assert not bad
