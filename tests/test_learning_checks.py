@@ -113,6 +113,23 @@ def test_loss_sanity(zoo_subject, fn, ok, needle):
     assert needle in f.summary
 
 
+def test_loss_sanity_catches_eos_dropped_by_ignore_index_when_pad_is_eos(zoo_subject):
+    """GPT-2 / CLIP recipes: pad == eos, so ignore_index=pad_id silently drops every EOS target."""
+    from capdiag.models.recipe import caption_loss
+
+    def ignore_pad(logits, captions):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), captions[:, 1:].reshape(-1),
+                               ignore_index=zoo.EOS)
+
+    def by_position(logits, captions):
+        return caption_loss(logits, captions, zoo.EOS)
+
+    bad = run_check(zoo_subject("gru", pad_id=zoo.EOS, loss_fn=ignore_pad), get_check("loss_sanity"))
+    assert bad.status is Status.FAIL and "EOS is not a target" in bad.summary, bad.summary
+    good = run_check(zoo_subject("gru", pad_id=zoo.EOS, loss_fn=by_position), get_check("loss_sanity"))
+    assert good.status is Status.PASS, good.summary
+
+
 def _bleu(keep_pads):
     from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 

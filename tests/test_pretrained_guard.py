@@ -10,17 +10,11 @@ from capdiag import get_check
 from capdiag.errors import ClobberedWeightsError, WeightsError
 from capdiag.finding import Status
 from capdiag.pretrained import DriftWatcher, freshness, guard_pretrained, load_reference
+from capdiag.models.recipe import xavier_init
 from capdiag.runner import run_check
 
 encoders = pytest.importorskip("capdiag.models.encoders")
 pytest.importorskip("efficientnet_lite_pytorch")
-
-
-def xavier_init(m):
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def build(clobber: bool, declare):
