@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from capdiag.models.decoding import context_rows, decode
+from capdiag.models.decoding import generate
 from capdiag.models.hf_parts import CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, clip_vision, weights_file
 from capdiag.models.recipe import bleu4, caption_loss, xavier_init
 from capdiag.models.transformer_decoder import CaptionDecoder
@@ -101,20 +101,17 @@ class ClipDecoderCaptioner(nn.Module):
         patches = self.clip.vision_model.post_layernorm(tokens[:, 1:])  # (B, N, h): the class token dropped
         return self.proj(self.clip.visual_projection(patches))  # (B, N, d)
 
+    def decode(self, memory, captions):
+        return self.text(memory, captions, causal=self.bug != "no_causal_mask")  # (B, T, V)
+
     def forward(self, images, captions):
-        return self.text(self.memory(images), captions, causal=self.bug != "no_causal_mask")  # (B, T, V)
+        return self.decode(self.memory(images), captions)
 
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search; ids (B, L) start with <|startoftext|>."""
-        memory = self.memory(images)
-
-        def step_for(i, n):
-            mem = context_rows(memory, i, n)
-            return lambda seq: self.text(mem, seq, causal=self.bug != "no_causal_mask")[:, -1]
-
-        return decode(step_for, images.shape[0], bos=self.cfg.bos, eos=self.cfg.eos, pad=self.cfg.eos,
-                      max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len, device=images.device)
+        return generate(self.memory(images), self.decode, bos=self.cfg.bos, eos=self.cfg.eos, pad=self.cfg.eos, max_len=max_len,
+                        beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     def loss_fn(self, logits, captions):
         return caption_loss(logits, captions, self.cfg.eos, count_padding=self.bug == "loss_counts_padding")

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from capdiag.models.decoding import context_rows, decode
+from capdiag.models.decoding import generate
 from capdiag.models.hf_parts import CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, GPT2_FULL, GPT2_SMALL, clip_vision, gpt2, weights_file
-from capdiag.models.recipe import bleu4, caption_loss, xavier_init
+from capdiag.models.recipe import bleu4, caption_loss, loss_ignoring_pad_id, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
 BUGS = ("image_not_fed", "prefix_off_by_one", "loss_ignores_eos", "bleu_counts_padding", "xavier_init_clobbers_encoder")
@@ -98,20 +97,12 @@ class ClipCapCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search; ids (B, L) start with BOS (= EOS = pad)."""
-        prefix = self.prefix(images)
-
-        def step_for(i, n):
-            p = context_rows(prefix, i, n)
-            return lambda seq: self.decode(p, seq)[:, -1]
-
-        return decode(step_for, images.shape[0], bos=self.special, eos=self.special, pad=self.special,
-                      max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len, device=images.device)
+        return generate(self.prefix(images), self.decode, bos=self.special, eos=self.special, pad=self.special, max_len=max_len,
+                        beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     def loss_fn(self, logits, captions):
         if self.bug == "loss_ignores_eos":
-            V = logits.shape[-1]
-            return F.cross_entropy(logits[:, :-1].reshape(-1, V), captions[:, 1:].reshape(-1),
-                                   ignore_index=self.special)
+            return loss_ignoring_pad_id(logits, captions, self.special)
         return caption_loss(logits, captions, self.special)
 
     def bleu_fn(self, references, hypotheses):

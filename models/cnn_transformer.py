@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from capdiag.models.decoding import context_rows, decode
+from capdiag.models.decoding import generate
 from capdiag.models.encoders import ImageEncoder, choose_encoder
 from capdiag.models.recipe import bleu4, caption_loss, xavier_init
 from capdiag.models.transformer_decoder import CaptionDecoder
@@ -88,20 +88,17 @@ class CNNTransformerCaptioner(nn.Module):
         f = self.pool(self.encoder(images))  # (B, C, s, s)
         return self.proj(f.flatten(2).transpose(1, 2))  # (B, s*s, d)
 
+    def decode(self, memory, captions):
+        return self.text(memory, captions, causal=self.bug != "no_causal_mask")  # (B, T, V)
+
     def forward(self, images, captions):
-        return self.text(self.memory(images), captions, causal=self.bug != "no_causal_mask")  # (B, T, V)
+        return self.decode(self.memory(images), captions)
 
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search with length normalisation; ids (B, L) start with BOS."""
-        memory = self.memory(images)
-
-        def step_for(i, n):
-            mem = context_rows(memory, i, n)
-            return lambda seq: self.text(mem, seq, causal=self.bug != "no_causal_mask")[:, -1]
-
-        return decode(step_for, images.shape[0], bos=BOS, eos=EOS, pad=PAD, max_len=max_len, beam_size=beam_size,
-                      alpha=alpha, min_len=min_len, device=images.device)
+        return generate(self.memory(images), self.decode, bos=BOS, eos=EOS, pad=PAD, max_len=max_len,
+                        beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     # ---- the training recipe's own loss and metric (checked by capdiag's loss/metric checks) --
     def loss_fn(self, logits, captions):

@@ -2,8 +2,8 @@
 next token from (image context, caption so far): CNN+Transformer, the CLIP decoder, ClipCap
 and the dual-transfer model. Show-Attend-Tell carries LSTM state and keeps its own loop.
 
-``step(seq)`` returns the logits of the next token for each row of ``seq`` (N, t) -> (N, V);
-the caller binds the image context (expanded to N rows for beams). Recomputing the whole
+``generate(context, decode_fn, ...)`` is the entry point: ``decode_fn(context, seq)`` scores the
+caption so far for each row (context expanded to one row per live beam). Recomputing the whole
 prefix each step is slower than a KV cache but decodes exactly what teacher forcing scores,
 which is what capdiag's decoding_consistency check compares.
 """
@@ -61,26 +61,25 @@ def beam(step: Step, *, bos: int, eos: int, max_len: int, k: int, alpha: float =
     return max(pool, key=lambda b: b[1] / (((5 + len(b[0])) / 6) ** alpha))[0]
 
 
-def decode(step_for: Callable[[int, int], Step], batch: int, *, bos: int, eos: int, pad: int, max_len: int,
-           beam_size: int = 1, alpha: float = 0.6, min_len: int = 0, device=None) -> torch.Tensor:
+def generate(context: torch.Tensor, decode_fn: Callable, *, bos: int, eos: int, pad: int, max_len: int,
+             beam_size: int = 1, alpha: float = 0.6, min_len: int = 0) -> torch.Tensor:
     """Greedy (beam_size 1) or per-image beam search, padded to (B, L) with ``pad``.
 
-    ``step_for(i, n)`` binds the context of image ``i`` (all images when ``i`` is -1) repeated
-    for ``n`` rows."""
+    ``context`` (B, ...) is what the decoder reads of each image (regions, prefix, image vector);
+    ``decode_fn(context, captions)`` returns logits (N, t, V) scoring the next tokens."""
+    def step_for(ctx):
+        return lambda seq: decode_fn(ctx, seq)[:, -1]
+
+    B, device = context.shape[0], context.device
     if beam_size == 1:
-        return greedy(step_for(-1, batch), batch, bos=bos, eos=eos, pad=pad, max_len=max_len, min_len=min_len,
-                      device=device)
+        return greedy(step_for(context), B, bos=bos, eos=eos, pad=pad, max_len=max_len, min_len=min_len, device=device)
     rows = []
-    for i in range(batch):
-        def step(seq, i=i):
-            return step_for(i, seq.shape[0])(seq)
+    for i in range(B):
+        one = context[i : i + 1]
+
+        def step(seq, one=one):  # one row of context per live beam
+            return step_for(one.expand(seq.shape[0], *one.shape[1:]))(seq)
+
         rows.append(beam(step, bos=bos, eos=eos, max_len=max_len, k=beam_size, alpha=alpha, min_len=min_len,
                          device=device))
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
-
-
-def context_rows(ctx: torch.Tensor, i: int, n: int) -> torch.Tensor:
-    """All of ``ctx`` (i == -1) or image ``i``'s context repeated for ``n`` beams."""
-    if i < 0:
-        return ctx
-    return ctx[i : i + 1].expand(n, *ctx.shape[1:])

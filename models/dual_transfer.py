@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from capdiag.captioner import IMAGENET_MEAN, IMAGENET_STD
-from capdiag.models.decoding import context_rows, decode
+from capdiag.models.decoding import generate
 from capdiag.models.encoders import ImageEncoder, choose_encoder
 from capdiag.models.hf_parts import GPT2_FULL, GPT2_SMALL, gpt2
-from capdiag.models.recipe import bleu4, caption_loss, xavier_init
+from capdiag.models.recipe import bleu4, caption_loss, loss_ignoring_pad_id, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
 BUGS = ("xavier_init_clobbers_encoder", "image_not_fed", "batch_mean_image", "loss_ignores_eos",
@@ -105,20 +105,12 @@ class DualTransferCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search; ids (B, L) start with BOS (= EOS = pad)."""
-        vec = self.image_vector(images)
-
-        def step_for(i, n):
-            v = context_rows(vec, i, n)
-            return lambda seq: self.decode(v, seq)[:, -1]
-
-        return decode(step_for, images.shape[0], bos=self.special, eos=self.special, pad=self.special,
-                      max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len, device=images.device)
+        return generate(self.image_vector(images), self.decode, bos=self.special, eos=self.special, pad=self.special, max_len=max_len,
+                        beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     def loss_fn(self, logits, captions):
         if self.bug == "loss_ignores_eos":
-            V = logits.shape[-1]
-            return F.cross_entropy(logits[:, :-1].reshape(-1, V), captions[:, 1:].reshape(-1),
-                                   ignore_index=self.special)
+            return loss_ignoring_pad_id(logits, captions, self.special)
         return caption_loss(logits, captions, self.special)
 
     def bleu_fn(self, references, hypotheses):

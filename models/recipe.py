@@ -29,6 +29,13 @@ def caption_loss(logits: torch.Tensor, captions: torch.Tensor, eos: int, label_s
     return (ce * real).sum() / real.sum()
 
 
+def loss_ignoring_pad_id(logits: torch.Tensor, captions: torch.Tensor, pad: int) -> torch.Tensor:
+    """The planted bug of the GPT-2 recipes: ``ignore_index=pad_id``. With pad == eos every EOS
+    target is dropped too, so the model never learns to stop."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), captions[:, 1:].reshape(-1), ignore_index=pad)
+
+
 def words(ids, bos: int, eos: int, count_padding: bool = False) -> list:
     """The caption's words: BOS dropped, cut at the first EOS. ``count_padding`` is the planted
     bug that keeps whatever follows (pad tokens scored as words)."""
