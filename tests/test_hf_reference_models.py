@@ -163,3 +163,12 @@ def test_clean_models_pass_every_check(name):
     report = run_checks(_subject(family), [c.name for c in capdiag.list_checks()])
     bad = {f.check: f.summary for f in report.findings if f.status not in (Status.PASS, Status.SKIP)}
     assert not bad
+
+
+@pytest.mark.slow  # trains copies: ~15-60 s per model on 2 cores
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_image_not_fed_twins_fail_the_learning_checks(name):
+    family = FAMILIES[name]
+    _needs_lite0(family)
+    report = run_checks(_subject(family, "image_not_fed"), ["overfit", "image_ablation"])
+    assert all(f.status is Status.FAIL for f in report.findings), [f.summary for f in report.findings]
