@@ -9,7 +9,10 @@ cd /tmp  # not the repo root: import the installed capdiag (with capdiag.models/
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 for spec in "capdiag.models.cnn_transformer" "capdiag.models.cnn_transformer --arg bug=xavier_init_clobbers_encoder" \
             "capdiag.models.show_attend_tell" "capdiag.models.show_attend_tell --arg bug=att_softmax_wrong_dim" \
-            "capdiag.models.cnn_transformer --arg size=full"; do
+            "capdiag.models.cnn_transformer --arg size=full" \
+            "capdiag.models.clip_decoder" "capdiag.models.clipcap" "capdiag.models.dual_transfer" \
+            "capdiag.models.dual_transfer --arg bug=xavier_init_clobbers_encoder" \
+            "capdiag.models.clip_decoder --arg size=full" "capdiag.models.clipcap --arg size=full"; do
     name=$(echo "$spec" | tr ' =.' '___' | cut -c1-80)
     echo "== capdiag check $spec --device cuda"
     /usr/bin/time -f "%e s wall" python3 -m capdiag check $spec --device cuda --json "$OUTDIR/$name.json" --out "$OUTDIR/plots_$name" 2>&1 \
