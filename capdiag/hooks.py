@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 
-def _map_first_tensor(output, fn):
+def _map_output(output, fn):
+    """``output`` with ``fn`` applied to what carries the image: a tensor, the first item of a
+    tuple/list, every per-sample tensor of a dict or Hugging Face ModelOutput (type kept)."""
     if isinstance(output, torch.Tensor):
         return fn(output)
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
@@ -16,10 +18,14 @@ def _map_first_tensor(output, fn):
     if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
         return [fn(output[0])] + list(output[1:])
     if isinstance(output, dict):
-        # Every tensor, not just the first: a Hugging Face vision model returns
+        # Every per-sample tensor, not just the first: a Hugging Face vision model returns
         # last_hidden_state and pooler_output (or image_embeds), and a captioner may read either.
-        new = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in output.items()}
-        if any(isinstance(v, torch.Tensor) for v in output.values()):
+        # Tensors without the batch dimension (a shared positional table) are left alone.
+        first = next((v for v in output.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if first is not None:
+            B = first.shape[0]
+            new = {k: fn(v) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
+                   for k, v in output.items()}
             # Keep the type: a ModelOutput is read by attribute (out.image_embeds), not only by key.
             return type(output)(**new) if hasattr(output, "to_tuple") else new
     if hasattr(output, "last_hidden_state"):  # an object that is not a dict
@@ -31,7 +37,7 @@ def _map_first_tensor(output, fn):
 @contextlib.contextmanager
 def replaced_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace ``module``'s (first tensor) output by ``fn(output)`` for the block."""
-    handle = module.register_forward_hook(lambda m, i, o: _map_first_tensor(o, fn))
+    handle = module.register_forward_hook(lambda m, i, o: _map_output(o, fn))
     try:
         yield
     finally:

@@ -42,10 +42,14 @@ def _state_unchanged(subject, checks):
     return report
 
 
-@pytest.mark.parametrize("name", ["show_attend_tell", "cnn_transformer"])
+@pytest.mark.parametrize("name", ["show_attend_tell", "cnn_transformer", "clip_decoder", "clipcap", "dual_transfer"])
 def test_every_check_leaves_every_reference_model_untouched(name):
     import importlib
 
+    if name in ("clip_decoder", "clipcap", "dual_transfer"):
+        pytest.importorskip("transformers")
+    if name == "dual_transfer":
+        pytest.importorskip("efficientnet_lite_pytorch")
     mod = importlib.import_module(f"capdiag.models.{name}")
     model = mod.build_model()
     hints = {**mod.CAPDIAG, **model.capdiag_hints}
@@ -57,6 +61,27 @@ def test_every_check_leaves_every_reference_model_untouched(name):
 @pytest.mark.parametrize("arch", zoo.ARCHS)
 def test_every_check_leaves_zoo_models_untouched(arch):
     _state_unchanged(capdiag.subject_for(zoo.make(arch), **zoo.HINTS), lean(ALL))
+
+
+def test_ablation_maps_every_per_sample_tensor_of_a_dict_output_and_keeps_its_type():
+    from collections import OrderedDict
+
+    from capdiag.hooks import _map_output
+
+    class Out(OrderedDict):  # the shape of a Hugging Face ModelOutput: keys and attributes
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.__dict__.update(kw)
+
+        def to_tuple(self):
+            return tuple(self.values())
+
+    feats, pooled, table = torch.ones(4, 3, 8), torch.ones(4, 8), torch.ones(3, 8)
+    out = _map_output(Out(last_hidden_state=feats, pooler_output=pooled, pos=table), torch.zeros_like)
+    assert isinstance(out, Out) and out.pooler_output.abs().sum() == 0 and out["last_hidden_state"].abs().sum() == 0
+    assert torch.equal(out.pos, table)  # no batch dimension: not the image, left alone
+    plain = _map_output({"a": feats, "b": pooled}, lambda t: t.roll(1, 0))
+    assert set(plain) == {"a", "b"}
 
 
 def test_state_restored_even_when_the_model_raises():
