@@ -143,7 +143,8 @@ def looks_like_backbone(module: nn.Module) -> Optional[str]:
 
 def load_reference(spec) -> dict:
     """A reference state_dict from a path (``.safetensors``, or a torch file read with
-    ``weights_only=True``: nothing is unpickled that could run code) or ``"torchvision:ResNet18_Weights.DEFAULT"`` when that file is already cached.
+    ``weights_only=True``: nothing is unpickled that could run code) or
+    ``"torchvision:ResNet18_Weights.DEFAULT"`` when that file is already cached.
 
     Raises:
         WeightsError: missing file, not a state_dict, or torchvision weights not cached.

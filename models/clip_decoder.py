@@ -110,8 +110,8 @@ class ClipDecoderCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search; ids (B, L) start with <|startoftext|>."""
-        return generate(self.memory(images), self.decode, bos=self.cfg.bos, eos=self.cfg.eos, pad=self.cfg.eos, max_len=max_len,
-                        beam_size=beam_size, alpha=alpha, min_len=min_len)
+        return generate(self.memory(images), self.decode, bos=self.cfg.bos, eos=self.cfg.eos, pad=self.cfg.eos,
+                        max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     def loss_fn(self, logits, captions):
         return caption_loss(logits, captions, self.cfg.eos, count_padding=self.bug == "loss_counts_padding")

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from capdiag.models.decoding import generate
-from capdiag.models.hf_parts import CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, GPT2_FULL, GPT2_SMALL, clip_vision, gpt2, weights_file
+from capdiag.models.hf_parts import (CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, GPT2_FULL, GPT2_SMALL, clip_vision, gpt2,
+                                     weights_file)
 from capdiag.models.recipe import bleu4, caption_loss, loss_ignoring_pad_id, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
@@ -97,8 +98,8 @@ class ClipCapCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search; ids (B, L) start with BOS (= EOS = pad)."""
-        return generate(self.prefix(images), self.decode, bos=self.special, eos=self.special, pad=self.special, max_len=max_len,
-                        beam_size=beam_size, alpha=alpha, min_len=min_len)
+        return generate(self.prefix(images), self.decode, bos=self.special, eos=self.special, pad=self.special,
+                        max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     def loss_fn(self, logits, captions):
         if self.bug == "loss_ignores_eos":

@@ -97,8 +97,8 @@ class CNNTransformerCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search with length normalisation; ids (B, L) start with BOS."""
-        return generate(self.memory(images), self.decode, bos=BOS, eos=EOS, pad=PAD, max_len=max_len,
-                        beam_size=beam_size, alpha=alpha, min_len=min_len)
+        return generate(self.memory(images), self.decode, bos=BOS, eos=EOS, pad=PAD,
+                        max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     # ---- the training recipe's own loss and metric (checked by capdiag's loss/metric checks) --
     def loss_fn(self, logits, captions):

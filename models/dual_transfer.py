@@ -81,8 +81,9 @@ class DualTransferCaptioner(nn.Module):
         d = self.lm.config.n_embd
         self.img_proj = nn.Linear(self.encoder.out_channels, d)
         self.merge = MergeMLP(d)
-        # New layers only; the bug twin reaches the pretrained encoder (and GPT-2's convs) too.
-        (self if bug == "xavier_init_clobbers_encoder" else nn.ModuleList([self.img_proj, self.merge])).apply(xavier_init)
+        # New layers only; the bug twin reaches the pretrained encoder (and GPT-2's tied lm_head) too.
+        new_layers = nn.ModuleList([self.img_proj, self.merge])
+        (self if bug == "xavier_init_clobbers_encoder" else new_layers).apply(xavier_init)
         nn.init.normal_(self.merge.fc3.weight, std=0.02)  # merge starts near the identity: loss ~ ln V
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
@@ -105,8 +106,8 @@ class DualTransferCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
         """Greedy (beam_size=1) or beam search; ids (B, L) start with BOS (= EOS = pad)."""
-        return generate(self.image_vector(images), self.decode, bos=self.special, eos=self.special, pad=self.special, max_len=max_len,
-                        beam_size=beam_size, alpha=alpha, min_len=min_len)
+        return generate(self.image_vector(images), self.decode, bos=self.special, eos=self.special, pad=self.special,
+                        max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len)
 
     def loss_fn(self, logits, captions):
         if self.bug == "loss_ignores_eos":
