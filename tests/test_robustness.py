@@ -28,7 +28,7 @@ def lean(names):
     the model comes back untouched, not the verdicts (tested elsewhere)."""
     from capdiag import get_check
 
-    knobs = {"overfit": dict(steps=60, sweep_steps=30), "attribution": dict(n_steps=4)}
+    knobs = {"overfit": dict(steps=25, sweep_steps=10), "attribution": dict(n_steps=4)}
     return [get_check(n, **knobs.get(n, {})) for n in names]
 
 
