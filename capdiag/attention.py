@@ -70,7 +70,12 @@ def captured_attention(model: nn.Module, names: Optional[list] = None) -> Iterat
     def additive_post(name):
         def hook(module, args, output):
             if isinstance(output, (tuple, list)):
-                cands = [t for t in output[1:] if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2]
+                # One weight per region for each sample at this step: (B, L), or (B, 1, L) / (B, L, 1).
+                # Per-head square maps (B, H, T, T) are a transformer's self-attention (a ViT's over
+                # patches, a GPT-2's over tokens with eager attention), not the decoder looking at
+                # the image.
+                cands = [t for t in output[1:] if isinstance(t, torch.Tensor) and t.is_floating_point()
+                         and (t.dim() == 2 or (t.dim() == 3 and 1 in t.shape[1:]))]
                 if cands and bool((cands[-1] >= 0).all()):
                     rec = records.setdefault(name, AttentionRecord(name, "additive"))
                     rec.weights.append(cands[-1].detach())

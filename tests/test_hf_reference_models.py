@@ -172,3 +172,17 @@ def test_image_not_fed_twins_fail_the_learning_checks(name):
     _needs_lite0(family)
     report = run_checks(_subject(family, "image_not_fed"), ["overfit", "image_ablation"])
     assert all(f.status is Status.FAIL for f in report.findings), [f.summary for f in report.findings]
+
+
+def test_eager_self_attention_is_not_taken_for_image_attention():
+    """A ViT's patch self-attention and GPT-2's token self-attention return (B, H, T, T) weights
+    with eager attention; attention_maps must not read them as attention over image regions."""
+    from capdiag.attention import captured_attention
+
+    model = clipcap.build_model().eval()
+    model.lm.config._attn_implementation = "eager"
+    model.clip.config._attn_implementation = "eager"
+    images, captions = torch.randn(2, 3, 64, 64), _captions(clipcap)
+    with torch.no_grad(), captured_attention(model) as records:
+        model(images, captions)
+    assert not any(r.weights for r in records.values())
