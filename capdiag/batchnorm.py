@@ -26,7 +26,8 @@ def tracking_batchnorms(model: nn.Module) -> list:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None]
 
 
-def _is_default(m) -> bool:
+def has_default_stats(m) -> bool:
+    """Running statistics still at their initial values (mean 0, var 1): never trained."""
     return bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())
 
 
@@ -35,7 +36,7 @@ def stats_mismatch(cap: Captioner, images: torch.Tensor, captions: torch.Tensor,
     """Median over BatchNorm layers (those with non-default statistics) of the median over
     channels of |log(batch variance / running variance)|; None when there are no such layers.
     The model's buffers and modes are restored."""
-    layers = [(n, m) for n, m in tracking_batchnorms(cap.model) if not _is_default(m)]
+    layers = [(n, m) for n, m in tracking_batchnorms(cap.model) if not has_default_stats(m)]
     if not layers:
         return None
     scores, handles = [], []

@@ -34,13 +34,9 @@ def tolerance_same_shape(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -
 def untrained_batchnorm(model) -> bool:
     """Whether some BatchNorm still has its initial running statistics (mean 0, var 1): in eval
     mode such a network is not normalized at all, and deep random CNNs blow up or vanish."""
-    from torch import nn
+    from .batchnorm import has_default_stats, tracking_batchnorms
 
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
-            if bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()):
-                return True
-    return False
+    return any(has_default_stats(m) for _, m in tracking_batchnorms(model))
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor, dim: Optional[tuple] = None) -> torch.Tensor:

@@ -29,6 +29,11 @@ class FitResult:
     def steps(self) -> int:
         return len(self.losses)
 
+    @property
+    def recent_loss(self) -> float:
+        """Best train-mode loss of the last 10 steps (inf before any step)."""
+        return min(self.losses[-10:]) if self.losses else float("inf")
+
 
 def copy_captioner(cap: Captioner) -> Captioner:
     return cap.with_model(copy.deepcopy(cap.model))

@@ -110,8 +110,7 @@ class Overfit(Check):
         """When train mode memorized the batch but eval mode did not, and BatchNorm statistics
         matched the weights at init, re-estimate the copy's statistics on the batch (its running
         statistics lagged our own hard training) and use that copy from here on."""
-        tail = min(fit.losses[-10:]) if fit.losses else float("inf")
-        if fit.diverged or self._low(final, floor) or not self._low(tail, floor):
+        if fit.diverged or self._low(final, floor) or not self._low(fit.recent_loss, floor):
             return {}, ""
         if not batchnorm.tracking_batchnorms(fit.captioner.model):
             return {}, ""
@@ -156,7 +155,7 @@ class Overfit(Check):
             return Status.FAIL, "the loss diverges to NaN/inf at every learning rate tried", (
                 "Look for log/division of values near zero, missing gradient clipping, or an unstable custom "
                 "layer; loss_at_init and gradient_reachability locate non-finite values."), curves
-        train_tail = min(fit.losses[-10:]) if fit.losses else float("inf")
+        train_tail = fit.recent_loss
         metrics["train_mode_loss"] = train_tail
         if train_tail < 0.5 * best and train_tail < floor:
             stale = metrics.get("bn_log_var_mismatch_at_init", 0.0)

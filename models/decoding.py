@@ -67,18 +67,16 @@ def generate(context: torch.Tensor, decode_fn: Callable, *, bos: int, eos: int, 
 
     ``context`` (B, ...) is what the decoder reads of each image (regions, prefix, image vector);
     ``decode_fn(context, captions)`` returns logits (N, t, V) scoring the next tokens."""
-    def step_for(ctx):
-        return lambda seq: decode_fn(ctx, seq)[:, -1]
-
     B, device = context.shape[0], context.device
     if beam_size == 1:
-        return greedy(step_for(context), B, bos=bos, eos=eos, pad=pad, max_len=max_len, min_len=min_len, device=device)
+        return greedy(lambda seq: decode_fn(context, seq)[:, -1], B, bos=bos, eos=eos, pad=pad, max_len=max_len,
+                      min_len=min_len, device=device)
     rows = []
     for i in range(B):
         one = context[i : i + 1]
 
         def step(seq, one=one):  # one row of context per live beam
-            return step_for(one.expand(seq.shape[0], *one.shape[1:]))(seq)
+            return decode_fn(one.expand(seq.shape[0], *one.shape[1:]), seq)[:, -1]
 
         rows.append(beam(step, bos=bos, eos=eos, max_len=max_len, k=beam_size, alpha=alpha, min_len=min_len,
                          device=device))

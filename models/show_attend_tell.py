@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capdiag.models.encoders import ImageEncoder, choose_encoder
-from capdiag.models.recipe import caption_loss, real_targets
+from capdiag.models.recipe import caption_loss, real_targets, xavier_init
 
 PAD, BOS, EOS = 0, 1, 2
 BUGS = ("xavier_init_clobbers_encoder", "image_not_fed", "att_softmax_wrong_dim", "loss_counts_padding")
@@ -95,18 +95,12 @@ class ShowAttendTell(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        def xavier(m):
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
         if self.bug == "xavier_init_clobbers_encoder":
-            self.apply(xavier)
+            self.apply(xavier_init)
         else:
             for name, child in self.named_children():
                 if name != "encoder":
-                    child.apply(xavier)
+                    child.apply(xavier_init)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
     def annotations(self, images):

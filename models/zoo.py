@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from capdiag.models.decoding import greedy
+
 VOCAB, PAD, BOS, EOS = 24, 0, 1, 2
 HINTS = dict(vocab_size=VOCAB, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=32, image_module="encoder")
 
@@ -187,16 +189,8 @@ class ZooCaptioner(nn.Module):
         """Greedy decoding, returns ids starting with BOS."""
         if self.bug == "generate_ignores_image":
             images = torch.zeros_like(images)
-        seq = torch.full((images.shape[0], 1), BOS, dtype=torch.long, device=images.device)
-        done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
-        for _ in range(max_len - 1):
-            nxt = self.forward(images, seq)[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            done |= nxt == EOS
-            if bool(done.all()):
-                break
-        return seq
+        return greedy(lambda seq: self.forward(images, seq)[:, -1], images.shape[0], bos=BOS, eos=EOS, pad=PAD,
+                      max_len=max_len, device=images.device)
 
     @torch.no_grad()
     def free_run(self, images, T):
