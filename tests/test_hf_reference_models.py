@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 import capdiag  # noqa: E402
 from capdiag.finding import Status  # noqa: E402
 from capdiag.models import clip_decoder, clipcap, dual_transfer, hf_parts  # noqa: E402
+from capdiag.models.encoders import TORCHVISION_ENCODERS  # noqa: E402
 from capdiag.runner import run_checks  # noqa: E402
 
 FAMILIES = {"clip_decoder": clip_decoder, "clipcap": clipcap, "dual_transfer": dual_transfer}
@@ -186,3 +187,22 @@ def test_eager_self_attention_is_not_taken_for_image_attention():
     with torch.no_grad(), captured_attention(model) as records:
         model(images, captions)
     assert not any(r.weights for r in records.values())
+
+
+HEAVY = {"vgg11", "wide_resnet101_2", "resnext101_32x8d", "resnet152", "densenet161", "wide_resnet50_2"}
+
+
+@pytest.mark.parametrize("encoder", [e for e in TORCHVISION_ENCODERS if e not in HEAVY])
+def test_dual_transfer_takes_any_torchvision_encoder(encoder):
+    """The merge model reads a pooled vector, so any trunk serves (the heavy ones share code with
+    their smaller siblings and are built for SAT in test_reference_models)."""
+    torch.manual_seed(0)
+    model = dual_transfer.build_model(encoder=encoder)
+    images, captions = torch.randn(2, 3, 64, 64), _captions(dual_transfer)
+    logits = model(images, captions)
+    assert logits.shape == (2, 6, 32) and torch.isfinite(logits).all()
+    model.loss_fn(logits, captions).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert model.capdiag_hints["pretrained"] == []  # torchvision trunks are random offline
+    ids = model.eval().generate(images, max_len=5)
+    assert (ids[:, 0] == dual_transfer.CAPDIAG["bos_id"]).all()
