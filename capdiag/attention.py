@@ -9,6 +9,7 @@ non-negative tensor of the output tuple is recorded, per call (per decoding step
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -102,3 +103,29 @@ def per_token_maps(rec: AttentionRecord) -> torch.Tensor:
         w = rec.weights[-1]  # (B, H, T, L)
         return w.float().mean(1) if w.dim() == 4 else w.float()
     return torch.stack([w.float().reshape(w.shape[0], -1) for w in rec.weights], 1)  # (B, T, L)
+
+
+def judged_rows(rec: AttentionRecord, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(N, L)`` attention rows to judge: one per (sample, real caption position).
+
+    With ``real`` (``(B, T)`` real positions) and calls that all cover the whole batch, the rows of
+    real positions. A decoder that attends only for the captions still running (the tutorial's
+    length-sorted ``batch_size_t`` loop) records fewer rows per step, in its sorted order: every row
+    it records is then a real position, and all of them are judged.
+    """
+    if rec.kind == "additive" and len({w.shape[0] for w in rec.weights}) > 1:
+        return torch.cat([w.float().reshape(w.shape[0], -1) for w in rec.weights])
+    maps = per_token_maps(rec)  # (B, T, L)
+    if real is None:
+        return maps.reshape(-1, maps.shape[-1])
+    T = min(maps.shape[1], real.shape[1])
+    return maps[:, :T][real[:, :T].to(maps.device)]
+
+
+def normalized_entropy(rows: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of attention weights over its L regions, divided by ln L (1 = uniform)."""
+    L = rows.shape[-1]
+    if L < 2:
+        return torch.zeros(rows.shape[0])
+    p = rows.clamp_min(0) / rows.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(L)

@@ -36,9 +36,11 @@ class CaptionSpec:
     pretrained: Any = None  # None: not declared; [] declares "nothing pretrained"
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
+    pixel_scale: float = 1.0  # the model's pixels span [0, pixel_scale] before mean/std (255: raw pixels)
     captions_keyword: Optional[str] = None  # call model(images, **{kw: captions}) when set
     attention_modules: Optional[list] = None  # dotted names; default: found by type and name
     assumptions: list = field(default_factory=list)
+    normalization_declared: bool = False  # image_mean/image_std came from hints, not assumed
 
     @property
     def special_ids(self) -> set:
@@ -101,7 +103,8 @@ class Captioner:
         """Normalized images ``(B, 3, H, W)`` back to ``(B, H, W, 3)`` numpy arrays in [0, 1], for plots."""
         m = torch.tensor(self.spec.image_mean).view(1, 3, 1, 1)
         sd = torch.tensor(self.spec.image_std).view(1, 3, 1, 1)
-        return (images.detach().float().cpu() * sd + m).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        px = (images.detach().float().cpu() * sd + m) / self.spec.pixel_scale
+        return px.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
     def to_inputs(self, images: torch.Tensor, captions: torch.Tensor):
         """Move a batch to the model's device (and float dtype) without touching the caller's tensors."""

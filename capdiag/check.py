@@ -27,6 +27,8 @@ class Subject:
         seed: base seed; checks derive their own seeds from it and never touch global RNG.
         out_dir: where checks write PNGs (None: write nothing).
         progress: whether long checks may draw progress bars.
+        batch_source: "user" (sample_batch() or a batch passed in) or "synthetic" (capdiag's own,
+            built from the hints): a check never blames the user for capdiag's own batch.
     """
 
     captioner: Captioner
@@ -36,6 +38,7 @@ class Subject:
     seed: int = 0
     out_dir: Optional[Path] = None
     progress: bool = False
+    batch_source: str = "synthetic"
     options: dict = field(default_factory=dict)
 
     @property

@@ -2,7 +2,7 @@
 
 Commands are plain functions over the library; only this module chooses exit codes:
 0 nothing failed, 1 a check failed, 2 bad usage or a model that cannot be loaded/called,
-130 interrupted.
+130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM (both print the partial result).
 """
 from __future__ import annotations
 
@@ -188,17 +188,22 @@ def main(argv: Optional[list] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from .errors import CapdiagError
+    from .interrupts import interruptible
 
-    try:
-        return COMMANDS[args.command](args)
-    except CapdiagError as e:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(f"capdiag: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ncapdiag: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with interruptible() as signals:
+        try:
+            code = COMMANDS[args.command](args)
+        except CapdiagError as e:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            print(f"capdiag: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("\ncapdiag: interrupted", file=sys.stderr)
+            return signals.exit_code()
+    # A command that caught the signal itself (overfit prints its partial result) says so with
+    # EXIT_INTERRUPTED; SIGTERM turns that into 143.
+    return signals.exit_code() if code == EXIT_INTERRUPTED else code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -82,21 +82,26 @@ class SyntheticCaptions:
     Args:
         vocab_size, pad_id, bos_id, eos_id: the model's vocabulary facts.
         image_size: side of the square images.
-        mean, std: per-channel normalization applied to [0, 1] images (the model's own).
+        mean, std: per-channel normalization applied to the scaled images (the model's own).
+        pixel_scale: [0, 1] pixels are multiplied by it first (255 for a model that divides by 255
+            itself); mean and std are in the same units.
     """
 
-    def __init__(self, vocab_size, pad_id=0, bos_id=1, eos_id=2, image_size=64, mean=None, std=None):
+    def __init__(self, vocab_size, pad_id=0, bos_id=1, eos_id=2, image_size=64, mean=None, std=None,
+                 pixel_scale=1.0):
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.image_size = int(image_size)
         self.word_to_id = _word_ids(vocab_size, {pad_id, bos_id, eos_id})
         self.id_to_word = {v: k for k, v in self.word_to_id.items()}
         self.mean = torch.tensor(mean if mean is not None else (0.0, 0.0, 0.0)).view(3, 1, 1)
         self.std = torch.tensor(std if std is not None else (1.0, 1.0, 1.0)).view(3, 1, 1)
+        self.pixel_scale = float(pixel_scale)
         self.blind_floor = BLIND_FLOOR
 
     @classmethod
     def for_spec(cls, spec) -> "SyntheticCaptions":
-        return cls(spec.vocab_size, spec.pad_id, spec.bos_id, spec.eos_id, spec.image_size, spec.image_mean, spec.image_std)
+        return cls(spec.vocab_size, spec.pad_id, spec.bos_id, spec.eos_id, spec.image_size, spec.image_mean, spec.image_std,
+                   spec.pixel_scale)
 
     # ---- sampling ---------------------------------------------------------------------
     def samples(self, n: int, seed: int = 0, balanced: bool = False) -> list:
@@ -137,7 +142,7 @@ class SyntheticCaptions:
         samples = self.samples(n, seed, balanced)
         rng = np.random.default_rng(seed + 1)
         imgs = torch.from_numpy(np.stack([self.render(s, rng) for s in samples])).permute(0, 3, 1, 2).float()
-        imgs = (imgs - self.mean) / self.std
+        imgs = (imgs * self.pixel_scale - self.mean) / self.std
         caps = torch.full((n, MAX_CAPTION_LEN), self.pad_id, dtype=torch.long)
         for i, s in enumerate(samples):
             ids = self.encode(s)
@@ -145,7 +150,7 @@ class SyntheticCaptions:
         return imgs, caps
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.detach().float().cpu() * self.std + self.mean).clamp(0, 1)
+        return ((images.detach().float().cpu() * self.std + self.mean) / self.pixel_scale).clamp(0, 1)
 
     def decode(self, ids) -> str:
         return " ".join(self.id_to_word.get(int(t), f"<{int(t)}>") for t in ids)

@@ -26,7 +26,7 @@ from .state import seeded, mode
 
 HINT_KEYS = {
     "vocab_size", "pad_id", "bos_id", "eos_id", "image_size", "max_len", "image_module",
-    "pretrained", "image_mean", "image_std", "captions_keyword", "attention_modules",
+    "pretrained", "image_mean", "image_std", "pixel_scale", "captions_keyword", "attention_modules",
 }
 PROBE_SIZES = (64, 224, 32, 128, 96, 256, 299, 384)
 IMAGE_MODULE_NAMES = ("encoder", "image_encoder", "cnn", "backbone", "visual", "vision", "vision_model", "image_model")
@@ -238,9 +238,10 @@ def make_subject(
             setattr(spec, key, int(h[key]))
         else:
             assumptions.append(f"{key} = {default} (not in CAPDIAG hints)")
-    for key in ("max_len", "captions_keyword", "image_mean", "image_std", "pretrained", "attention_modules"):
+    for key in ("max_len", "captions_keyword", "image_mean", "image_std", "pixel_scale", "pretrained", "attention_modules"):
         if key in h:
             setattr(spec, key, tuple(h[key]) if key in ("image_mean", "image_std") else h[key])
+    spec.normalization_declared = "image_mean" in h or "image_std" in h
     if "image_mean" not in h:
         assumptions.append("images normalized with ImageNet mean/std (no image_mean/image_std hints)")
     if "image_module" in h:
@@ -311,7 +312,8 @@ def make_subject(
         if "max_len" not in h:
             spec.max_len = captions.shape[1] + 4
     spec.assumptions = assumptions
-    return Subject(cap, images, captions, data=data, seed=seed, out_dir=out_dir, progress=progress)
+    return Subject(cap, images, captions, data=data, seed=seed, out_dir=out_dir, progress=progress,
+                   batch_source="user" if mf.sample_batch is not None else "synthetic")
 
 
 def _callable(model: nn.Module, name: str):

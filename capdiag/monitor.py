@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .attention import attention_modules, captured_attention, per_token_maps
+from .attention import attention_modules, captured_attention, judged_rows, normalized_entropy
 from .captioner import Captioner, CaptionSpec
 from .errors import CapdiagError, UsageError
 from .pretrained import DriftWatcher
@@ -251,11 +251,9 @@ class TrainingDiagnostics:
         ents = []
         for rec in records.get("attention", {}).values():
             if rec.weights:
-                maps = per_token_maps(rec)  # (B, T, L)
-                L = maps.shape[-1]
-                if L > 1:
-                    p = maps.clamp_min(0) / maps.sum(-1, keepdim=True).clamp_min(1e-12)
-                    ents.append(float((-(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(L)).mean()))
+                rows = judged_rows(rec)
+                if rows.shape[-1] > 1:
+                    ents.append(float(normalized_entropy(rows).mean()))
         if ents:
             out["attention_entropy"] = sum(ents) / len(ents)
         return out

@@ -69,6 +69,52 @@ def logits_in(cap: Captioner, images, captions, train: bool, seed: int, check_fi
     return out
 
 
+def judged_mask(cap: Captioner, *captions: torch.Tensor) -> torch.Tensor:
+    """``(B, T-1)`` True where the target is a real token (BOS..EOS) in every one of ``captions``.
+
+    Logits at positions whose target is padding mean nothing: tutorial decoders compute lengths
+    from padding and leave exact zeros there. When a perturbation moves where a caption ends,
+    only positions real in both the baseline and the perturbed captions may be compared.
+    """
+    mask = cap.target_mask(captions[0])
+    for c in captions[1:]:
+        mask = mask & cap.target_mask(c)
+    return mask
+
+
+def inner_positions(cap: Captioner, captions: torch.Tensor, after: int = 0) -> torch.Tensor:
+    """``(B, T)`` True at word positions strictly between BOS and each caption's EOS, after ``after``.
+
+    Replacing only these keeps every caption's length, EOS and padding: a perturbation that
+    moved the end would change what a length-sorting decoder computes for reasons that are not
+    the property under test."""
+    B, T = captions.shape
+    pos = torch.arange(T, device=captions.device)[None, :]
+    ends = cap.lengths(captions)[:, None] - 1  # index of EOS (or the last real token)
+    has_eos = (captions.gather(1, ends.clamp(max=T - 1)) == cap.spec.eos_id)
+    last_word = torch.where(has_eos, ends - 1, ends)
+    return (pos > max(after, 0)) & (pos <= last_word)
+
+
+def replace_tokens(cap: Captioner, captions: torch.Tensor, where: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A copy of ``captions`` with random non-special ids, each different from the old one, ``where`` True."""
+    out = captions.clone()
+    n = int(where.sum())
+    if n:
+        out[where] = random_tokens(cap, (n,), g, avoid=captions[where]).to(captions.device)
+    return out
+
+
+def train_mode_reproducible(cap: Captioner, images, captions, seed: int) -> bool:
+    """Whether two identical, identically seeded train-mode calls give bitwise-identical logits:
+    only then may a train-mode difference between two inputs be read as a dependence (a model that
+    reorders the batch or draws a different number of random numbers per input gets other dropout
+    masks per sample)."""
+    a = logits_in(cap, images, captions, True, seed)
+    b = logits_in(cap, images, captions, True, seed)
+    return bool(torch.equal(a, b))
+
+
 def random_tokens(cap: Captioner, shape, generator: torch.Generator, avoid: Optional[torch.Tensor] = None):
     """Random non-special token ids; where ``avoid`` is given, every id differs from it."""
     V = cap.spec.vocab_size
@@ -105,6 +151,29 @@ def traced_nonfinite(model: nn.Module) -> Iterator[list]:
     try:
         for name, m in model.named_modules():
             handles.append(m.register_forward_hook(hook(name)))
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def traced_no_grad(model: nn.Module) -> Iterator[set]:
+    """Record names of modules whose forward ran with autograd disabled (under ``torch.no_grad()``
+    or ``inference_mode``) while the block itself runs with grad enabled; hooks removed in finally."""
+    found: set = set()
+    handles = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if not torch.is_grad_enabled():
+                found.add(name)
+        return fn
+
+    try:
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(hook(name)))
         yield found
     finally:
         for h in handles:
@@ -155,29 +224,38 @@ def param_part(name: str) -> str:
     return "decoder"
 
 
-def _reentrant_refusal(e: RuntimeError) -> bool:
+def reentrant_refusal(e: RuntimeError) -> bool:
     return "checkpoint" in str(e).lower() or ".grad()" in str(e)
 
 
-def input_grad(cap: Captioner, loss_of: Callable[[Captioner, torch.Tensor], torch.Tensor], x: torch.Tensor):
+def input_grad(cap: Captioner, loss_of: Callable[[Captioner, torch.Tensor], torch.Tensor], x: torch.Tensor,
+               train: bool, seed: int):
     """Gradient of ``loss_of(cap, x)`` w.r.t. the input ``x`` (None when unused), leaving the
-    model's ``.grad`` alone: reentrant checkpointing refuses ``autograd.grad``, so then the
-    backward runs on a deep copy of the model."""
+    model's ``.grad`` alone.
+
+    Forward and backward run inside one ``mode(train)`` and ``seeded(seed)`` block: reentrant
+    activation checkpointing recomputes the forward during the backward, and a backward run after
+    the mode context has exited would recompute BatchNorm in train mode (mixing the batch) and
+    draw other dropout masks. Reentrant checkpointing also refuses ``autograd.grad``; then the
+    backward runs on a deep copy of the model.
+    """
     import copy
 
-    x = x.detach().clone().requires_grad_(True)
-    loss = loss_of(cap, x)
-    if not loss.requires_grad:
-        return None
-    try:
-        return torch.autograd.grad(loss, x, allow_unused=True)[0]
-    except RuntimeError as e:
-        if not _reentrant_refusal(e):
-            raise
+    with mode(cap.model, train), seeded(seed):
+        x1 = x.detach().clone().requires_grad_(True)
+        loss = loss_of(cap, x1)
+        if not loss.requires_grad:
+            return None
+        try:
+            return torch.autograd.grad(loss, x1, allow_unused=True)[0]
+        except RuntimeError as e:
+            if not reentrant_refusal(e):
+                raise
     twin = cap.with_model(copy.deepcopy(cap.model))
-    x = x.detach().clone().requires_grad_(True)
-    loss_of(twin, x).backward()
-    return x.grad
+    with mode(twin.model, train), seeded(seed):
+        x2 = x.detach().clone().requires_grad_(True)
+        loss_of(twin, x2).backward()
+    return x2.grad
 
 
 def trainable(model: nn.Module) -> list:
@@ -200,7 +278,7 @@ def grads_of(cap: Captioner, loss_of: Callable[[], torch.Tensor]) -> dict:
         gs = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         return {n: g for (n, _), g in zip(params, gs)}
     except RuntimeError as e:
-        if not _reentrant_refusal(e):
+        if not reentrant_refusal(e):
             raise
     twin = cap.with_model(copy.deepcopy(cap.model))
     twin.model.zero_grad(set_to_none=True)

@@ -5,7 +5,9 @@ import time
 import traceback
 from typing import Callable, Iterable, Optional
 
+from .blame import user_site
 from .check import Check, Subject
+from .errors import ModelCallError
 from .finding import Finding, Report, Status
 from .probe import NonFiniteOutput
 from .registry import get_check
@@ -13,7 +15,9 @@ from .state import preserved_state
 
 
 def run_check(subject: Subject, check: Check) -> Finding:
-    """Run one check inside ``preserved_state``; exceptions become an ``error`` finding."""
+    """Run one check inside ``preserved_state``. An exception raised in the user's code (or a broken
+    contract) becomes a ``fail`` naming the call and the user's line; one raised by capdiag itself an
+    ``error``."""
     start = time.perf_counter()
     try:
         with preserved_state(subject.model):
@@ -27,6 +31,15 @@ def run_check(subject: Subject, check: Check) -> Finding:
             "uninitialized weights); this check cannot judge a model whose outputs are NaN/inf.",
         )
     except Exception as e:  # noqa: BLE001 - a crashing check is itself a result
+        site = user_site(e)
+        if site is not None or isinstance(e, ModelCallError):  # the model raised or broke the contract: a finding
+            finding = Finding(
+                check.name, Status.FAIL, site.describe(e) if site else f"the model broke the contract: {e}", {},
+                {"traceback": traceback.format_exc()},
+                "Your model raised while capdiag called it the documented way (see the README's model-file "
+                "contract); fix the line above, or rerun with --debug for the traceback.",
+            )
+            return _timed(finding, start)
         where = traceback.extract_tb(e.__traceback__)[-1]
         finding = Finding(
             check.name,
@@ -36,6 +49,10 @@ def run_check(subject: Subject, check: Check) -> Finding:
             {"traceback": traceback.format_exc()},
             f"raised at {where.filename}:{where.lineno}; rerun with --debug for the traceback",
         )
+    return _timed(finding, start)
+
+
+def _timed(finding: Finding, start: float) -> Finding:
     metrics = dict(finding.metrics)
     metrics["seconds"] = time.perf_counter() - start
     return Finding(finding.check, finding.status, finding.summary, metrics, finding.artifacts, finding.hint)

@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     loss_sanity,
     metric_sanity,
     pretrained_guard,
+    frozen_drift,
     gradient_flow,
     overfit,
     image_ablation,

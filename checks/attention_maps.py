@@ -10,12 +10,11 @@ caption on its image, and per-head maps for transformer decoders.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from capdiag.attention import attention_modules, captured_attention, per_token_maps
+from capdiag.attention import attention_modules, captured_attention, judged_rows, normalized_entropy, per_token_maps
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.registry import register_check
@@ -23,15 +22,12 @@ from capdiag.state import mode, seeded
 from capdiag.training import learned
 
 
-def summarize(maps: torch.Tensor, real: torch.Tensor) -> dict:
-    """Stats of (B, T, L) maps over real positions (B, T)."""
-    T = min(maps.shape[1], real.shape[1])
-    maps, real = maps[:, :T], real[:, :T]
-    sel = maps[real]  # (N, L)
+def summarize(sel: torch.Tensor) -> dict:
+    """Stats of the (N, L) attention rows of real positions."""
     L = sel.shape[-1]
     sums = sel.sum(-1)
     p = sel.clamp_min(0) / sums.clamp_min(1e-12)[:, None]
-    ent = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(L) if L > 1 else torch.zeros(len(p))
+    ent = normalized_entropy(sel)
     flat = p.view(-1, L)
     idx = torch.linspace(0, len(flat) - 1, min(len(flat), 64)).long()
     sub = flat[idx]
@@ -63,7 +59,7 @@ class AttentionMaps(Check):
         if not recs:
             return self.skip("attention modules exist but returned no weights during forward")
         real = cap.real_mask(captions)
-        stats = {n: summarize(per_token_maps(r), real) for n, r in recs.items()}
+        stats = {n: summarize(judged_rows(r, real)) for n, r in recs.items()}
         metrics = {}
         for n, st in stats.items():
             for k in ("max_sum_error", "normalized_entropy", "max_pairwise_tv"):

@@ -5,25 +5,67 @@ attributed to the image pixels (Integrated Gradients from a zero image) and to t
 prefix (Layer Integrated Gradients on the token embedding, from padding tokens). The image
 share, sum|A_image| / (sum|A_image| + sum|A_prefix|), is reported per word and overall; a
 decoder that never uses the image scores ~0. Works for models without explicit attention.
+
+A pretrained encoder run under ``torch.no_grad()`` (a fixed feature extractor) gives pixels no
+gradient: then the image is attributed at the output of ``image_module``, and the finding says
+so. When no gradient path exists at all but zeroing the image still moves the words, the check
+skips (gradients cannot measure it; image_ablation does) instead of failing. The token embedding
+is the one a hook sees called with the caption ids, not merely one with vocabulary-sized rows.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.hooks import captured_outputs, replaced_output
+from capdiag.probe import reentrant_refusal, input_grad
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
 from capdiag.training import learned
 
 
-def token_embedding(model: nn.Module, vocab_size: int):
-    """The caption embedding: the nn.Embedding with one row per vocabulary entry."""
-    cands = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab_size]
-    return cands[0] if cands else (None, None)
+def _logp(cap, images, ids, t):
+    """Log-probability of word t+1 of ``ids`` (one caption, expanded over the images)."""
+    out = cap.logits(images, ids.expand(images.shape[0], -1) if ids.shape[0] == 1 else ids)
+    return torch.log_softmax(out[:, t].float(), -1).gather(1, ids[:, t + 1 : t + 2].expand(out.shape[0], 1)).squeeze(1)
+
+
+def _logp_with(cap, layer, value, images, ids, t):
+    """``_logp`` with ``layer``'s output replaced by ``value``."""
+    with replaced_output(layer, lambda o: value):
+        return _logp(cap, images, ids, t)
+
+
+def token_embedding(cap, images: torch.Tensor, ids: torch.Tensor):
+    """``(name, module)`` of the nn.Embedding the forward calls with the caption ids (or a slice
+    of them), found with hooks; ``(None, None)`` when no embedding is called that way."""
+    called = []
+    handles = []
+
+    def hook(name, m):
+        def fn(module, args):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dim() == 2 and x.shape[0] == ids.shape[0] \
+                    and 0 < x.shape[1] <= ids.shape[1] and bool(torch.equal(x, ids[:, : x.shape[1]])):
+                called.append((name, module))
+        return fn
+
+    try:
+        for name, m in cap.model.named_modules():
+            if isinstance(m, nn.Embedding) and m.num_embeddings >= cap.spec.vocab_size:
+                handles.append(m.register_forward_pre_hook(hook(name, m)))
+        with torch.no_grad():
+            cap.logits(images, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return called[0] if called else (None, None)
 
 
 def _unused_is_zero(attribute, like):
@@ -34,6 +76,30 @@ def _unused_is_zero(attribute, like):
         if "not have been used in the graph" not in str(e):
             raise
         return torch.zeros_like(like) if like is not None else None
+
+
+def ig_by_backward(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, baseline: torch.Tensor,
+                   n_steps: int) -> torch.Tensor:
+    """Integrated Gradients (midpoint Riemann sum) through ``.backward()``, for models with reentrant
+    activation checkpointing, which refuse the ``autograd.grad`` captum uses. ``score`` must run on
+    a deep copy: the backward accumulates that copy's parameter gradients."""
+    total = torch.zeros_like(x)
+    for k in range(n_steps):
+        xi = (baseline + (k + 0.5) / n_steps * (x - baseline)).detach().requires_grad_(True)
+        out = score(xi).sum()
+        if out.requires_grad:
+            out.backward()
+            if xi.grad is not None:
+                total += xi.grad
+    return (x - baseline) * total / n_steps
+
+
+def layer_output(cap, layer, images, ids) -> torch.Tensor:
+    """The (first tensor) output of ``layer`` in one eval-mode forward."""
+    with captured_outputs({"layer": layer}) as out, torch.no_grad():
+        cap.logits(images, ids)
+    o = out["layer"][0]
+    return o[0] if isinstance(o, (tuple, list)) else (o.last_hidden_state if hasattr(o, "last_hidden_state") else o)
 
 
 @register_check
@@ -47,11 +113,10 @@ class Attribution(Check):
 
     def run(self, s: Subject):
         try:
-            from captum.attr import IntegratedGradients, LayerIntegratedGradients
+            import captum.attr  # noqa: F401
         except ImportError:  # pragma: no cover - captum is a core dependency
             return self.skip("captum is not installed")
         cap, images, captions, source = learned(s)
-        emb_name, emb = token_embedding(cap.model, cap.spec.vocab_size)
         img = images[:1]
         with torch.no_grad(), seeded(s.seed), mode(cap.model, False):
             ids = cap.generate(img, max_len=cap.spec.max_len)
@@ -59,34 +124,37 @@ class Attribution(Check):
         n_words = min(n_words, ids.shape[1] - 1)
         if n_words < 1:
             return self.skip("the model generated an empty caption")
-
-        def logp(images_, ids_, t):
-            out = cap.logits(images_, ids_.expand(images_.shape[0], -1) if ids_.shape[0] == 1 else ids_)
-            return torch.log_softmax(out[:, t].float(), -1).gather(1, ids_[:, t + 1 : t + 2].expand(out.shape[0], 1)).squeeze(1)
-
-        img_shares, pixel_maps = [], []
         with seeded(s.seed), mode(cap.model, False):
-            for t in range(n_words):
-                ig = IntegratedGradients(lambda x: logp(x, ids, t))
-                a_img = _unused_is_zero(lambda: ig.attribute(img.clone(), baselines=torch.zeros_like(img), n_steps=self.n_steps), img)
-                img_mass = float(a_img.abs().sum())
-                txt_mass = 0.0
-                if emb is not None:
-                    lig = LayerIntegratedGradients(lambda i, x: logp(x.expand(i.shape[0], -1, -1, -1), i, t), emb)
-                    base = ids.clone()
-                    base[:, 1:] = cap.spec.pad_id
-                    a_txt = _unused_is_zero(lambda: lig.attribute(ids, baselines=base, additional_forward_args=(img,), n_steps=self.n_steps), None)
-                    # only the prefix the word may see counts
-                    txt_mass = 0.0 if a_txt is None else float(a_txt[:, : t + 1].abs().sum())
-                total = img_mass + txt_mass
-                img_shares.append(img_mass / total if total > 0 else 0.0)
-                pixel_maps.append(a_img[0].abs().sum(0).detach().cpu())
+            emb_name, emb = token_embedding(cap, img, ids)
+        image_layer = cap.image_module()
+        gx = input_grad(cap, lambda c, x: sum(_logp(c, x, ids, t) for t in range(n_words)), img, train=False, seed=s.seed)
+        at = "pixels"
+        if gx is None or not bool(gx.abs().sum() > 0):
+            if image_layer is None or image_layer is cap.model:
+                return self._no_gradient_path(s, cap, img, ids, "pixels get no gradient and no image_module is declared")
+            at = f"the output of {cap.spec.image_module!r} (pixels get no gradient)"
+        try:
+            with seeded(s.seed), mode(cap.model, False):
+                img_shares, pixel_maps = self._attribute(cap, img, ids, n_words, emb, image_layer, at, captum=True)
+        except RuntimeError as e:
+            if not reentrant_refusal(e):
+                raise
+            # Reentrant checkpointing refuses autograd.grad: the same sums through .backward() on a copy.
+            twin = cap.with_model(copy.deepcopy(cap.model))
+            names = dict((m, n) for n, m in cap.model.named_modules())
+            emb2 = twin.submodule(names[emb]) if emb is not None else None
+            layer2 = twin.submodule(cap.spec.image_module) if at != "pixels" else None
+            with seeded(s.seed), mode(twin.model, False):
+                img_shares, pixel_maps = self._attribute(twin, img, ids, n_words, emb2, layer2, at, captum=False)
+        if at != "pixels" and max(img_shares) == 0.0:
+            return self._no_gradient_path(s, cap, img, ids, f"neither the pixels nor the output of "
+                                                            f"{cap.spec.image_module!r} get a gradient")
         overall = sum(img_shares) / len(img_shares)
         metrics = {"image_share": overall, "image_share_min": min(img_shares), "image_share_max": max(img_shares)}
         words = [s.data.decode([w]) if s.data is not None else str(w) for w in cap.strip(ids)[0]] + ["<eos>"]
         artifacts = {"image_share_per_word": list(zip(words[:n_words], img_shares)), "source": source}
         path = s.output_path("attribution_pixels.png")
-        if path is not None:
+        if path is not None and pixel_maps:
             from capdiag.viz.plots import plot_word_maps, save
 
             pic = cap.pixels(img)[0]
@@ -94,7 +162,9 @@ class Attribution(Check):
             maps = [(p / p.max().clamp_min(1e-12)).numpy() for p in pixel_maps]
             save(plot_word_maps(pic, labels, maps, "Integrated Gradients |attribution| per generated word", cmap="inferno", alpha=0.6), path)
             artifacts["attribution_png"] = path
-        note = "" if emb is not None else " (no token embedding found: image attribution only)"
+        note = "" if emb is not None else " (no token embedding is called with the caption ids: image attribution only)"
+        if at != "pixels":
+            note += f"; attributed at {at}"
         if overall < self.min_image_share:
             return self.finding(
                 Status.FAIL,
@@ -107,3 +177,64 @@ class Attribution(Check):
             Status.PASS, f"image share of attribution {overall:.0%} (per word {min(img_shares):.0%}-{max(img_shares):.0%}){note}",
             metrics, artifacts=artifacts,
         )
+
+    def _attribute(self, cap, img, ids, n_words, emb, image_layer, at, captum: bool):
+        """Per word: the image's share of |attribution| (pixels or ``image_layer`` output) against
+        the caption prefix's (token embedding output), plus the pixel maps for the plot."""
+        from captum.attr import IntegratedGradients, LayerIntegratedGradients
+
+        base_ids = ids.clone()
+        base_ids[:, 1:] = cap.spec.pad_id
+        if not captum:  # layer outputs on the input and on its baseline, for ig_by_backward
+            emb_out = (layer_output(cap, emb, img, ids), layer_output(cap, emb, img, base_ids)) if emb is not None else None
+            if at != "pixels":
+                img_out = (layer_output(cap, image_layer, img, ids), layer_output(cap, image_layer, torch.zeros_like(img), ids))
+        shares, maps = [], []
+        for t in range(n_words):
+            if at == "pixels" and captum:
+                ig = IntegratedGradients(lambda x: _logp(cap, x, ids, t))
+                a_img = _unused_is_zero(lambda: ig.attribute(img.clone(), baselines=torch.zeros_like(img), n_steps=self.n_steps), img)
+            elif at == "pixels":
+                a_img = ig_by_backward(lambda x: _logp(cap, x, ids, t), img, torch.zeros_like(img), self.n_steps)
+            elif captum:
+                lig_img = LayerIntegratedGradients(lambda x: _logp(cap, x, ids, t), image_layer)
+                a_img = _unused_is_zero(lambda: lig_img.attribute(img.clone(), n_steps=self.n_steps), None)
+                a_img = a_img if a_img is not None else torch.zeros(1)
+            else:
+                a_img = ig_by_backward(lambda o: _logp_with(cap, image_layer, o, img, ids, t), img_out[0], img_out[1], self.n_steps)
+            txt_mass = 0.0
+            if emb is not None:
+                if captum:
+                    lig = LayerIntegratedGradients(lambda i, x: _logp(cap, x.expand(i.shape[0], -1, -1, -1), i, t), emb)
+                    a_txt = _unused_is_zero(lambda: lig.attribute(ids, baselines=base_ids, additional_forward_args=(img,),
+                                                                  n_steps=self.n_steps), None)
+                else:
+                    a_txt = ig_by_backward(lambda o: _logp_with(cap, emb, o, img, ids, t), emb_out[0], emb_out[1], self.n_steps)
+                # only the prefix the word may see counts
+                txt_mass = 0.0 if a_txt is None else float(a_txt[:, : t + 1].abs().sum())
+            img_mass = float(a_img.abs().sum())
+            total = img_mass + txt_mass
+            shares.append(img_mass / total if total > 0 else 0.0)
+            if at == "pixels":
+                maps.append(a_img[0].abs().sum(0).detach().cpu())
+        return shares, maps
+
+    def _no_gradient_path(self, s, cap, img, ids, why: str):
+        """No gradient reaches the image: fail only when the words really do not depend on it
+        (zeroing the image or swapping in another one leaves their log-probabilities unchanged)."""
+        from capdiag.probe import rel_diff, tolerance
+
+        others = torch.cat([torch.zeros_like(img), s.images[1:2]]) if s.images.shape[0] > 1 else torch.zeros_like(img)
+        with torch.no_grad(), seeded(s.seed), mode(cap.model, False):
+            base = cap.logits(img, ids).float()
+            moved = max(float(rel_diff(base, cap.logits(o[None], ids).float())) for o in others)
+        metrics = {"image_share": 0.0, "max_rel_change_other_image": moved}
+        if moved > tolerance(base, cap.dtype):
+            return self.finding(
+                Status.SKIP, f"{why}, yet the words change with the image (relative {moved:.2g}): gradient attribution "
+                "cannot measure this path; image_ablation judges it without gradients", metrics)
+        return self.finding(
+            Status.FAIL, f"generated words owe nothing to the image: {why}, and replacing the image leaves every "
+            f"word's score unchanged (relative {moved:.1g})", metrics,
+            "The image does not reach the decoder: features zeroed, detached into nothing, or the wrong variable "
+            "passed. See image_ablation, pretrained_guard and gradient_flow for where it is lost.")

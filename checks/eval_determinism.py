@@ -1,11 +1,15 @@
-"""eval_determinism: two eval-mode passes (and two generate calls) give identical outputs.
+"""eval_determinism: two eval-mode passes (and two generate calls) give identical outputs, and
+no call depends on the calls before it.
 
 Catches dropout left on at inference (``F.dropout(x, p)`` without ``training=self.training``,
-``nn.Dropout`` re-created in forward), sampling inside forward, and stateful modules that
-carry state from one call to the next.
+``nn.Dropout`` re-created in forward), sampling inside forward, and state carried from one call to
+the next: an encoder output cached on the module and reused whenever the batch size matches.
+That last probe runs on two deep copies (``call(A); call(B)`` on one, ``call(B)`` on a fresh one),
+so the caller's model never holds the state a probe leaves behind.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +42,17 @@ class EvalDeterminism(Check):
                 gen_same = g1.shape == g2.shape and bool(torch.equal(g1, g2))
                 metrics["generate_identical"] = float(gen_same)
         tol = 1e-6 if a.device.type == "cpu" and a.dtype == torch.float32 else tolerance(a, cap.dtype)
+        carried = self._carried_state(s)
+        metrics.update({f"max_rel_change_{k}_after_other_call": v for k, v in carried.items()})
         problems = []
         if d > tol:
             problems.append(f"two eval-mode forwards differ (relative {d:.2g})")
         if gen_same is False:
             problems.append("two generate() calls return different captions")
+        for what, v in carried.items():
+            if v > tol:
+                problems.append(f"{what} of batch B depends on the call made before it (a {what} of another batch of "
+                                f"the same size first changes it by {v:.2g}): state is carried between calls")
         if problems:
             return self.finding(
                 Status.FAIL, "; ".join(problems), metrics,
@@ -51,4 +61,26 @@ class EvalDeterminism(Check):
                 "state on self between calls.",
             )
         what = "forward and generate" if gen_same else "forward"
-        return self.finding(Status.PASS, f"eval-mode {what} deterministic", metrics)
+        return self.finding(Status.PASS, f"eval-mode {what} deterministic and independent of earlier calls", metrics)
+
+    def _carried_state(self, s: Subject) -> dict:
+        """Relative change of call(B) when call(A) ran first, vs call(B) on a fresh copy; A is B with
+        the images of the batch rolled by one and the captions reversed (same shapes)."""
+        cap = s.captioner
+        imgs_b, caps_b = s.images, s.captions
+        imgs_a, caps_a = s.images.roll(1, 0).flip(-1), s.captions.flip(0)
+        out = {}
+        calls = [("forward", lambda c, i, t: c.logits(i, t).float())]
+        if cap.has_generate:
+            calls.append(("generate", lambda c, i, t: c.generate(i).float()))
+        for what, call in calls:
+            used, fresh = cap.with_model(copy.deepcopy(cap.model)), cap.with_model(copy.deepcopy(cap.model))
+            with torch.no_grad(), mode(used.model, False), mode(fresh.model, False):
+                call(used, imgs_a, caps_a)
+                after = call(used, imgs_b, caps_b)
+                clean = call(fresh, imgs_b, caps_b)
+            if after.shape != clean.shape:
+                out[what] = float("inf")
+            else:
+                out[what] = float(rel_diff(clean, after)) if what == "forward" else float(not torch.equal(clean, after))
+        return out

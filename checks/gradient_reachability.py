@@ -13,7 +13,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import grads_of, param_part, trainable
+from capdiag.probe import grads_of, param_part, traced_no_grad, trainable
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
 
@@ -39,7 +39,7 @@ class GradientReachability(Check):
         params = trainable(cap.model)
         if not params:
             return self.skip("the model has no trainable parameters")
-        with mode(cap.model, True), seeded(s.seed):
+        with mode(cap.model, True), seeded(s.seed), traced_no_grad(cap.model) as no_grad_modules:
             grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
         none = [n for n, _ in params if grads.get(n) is None]
         nonfinite = [n for n, _ in params if grads.get(n) is not None and not bool(torch.isfinite(grads[n]).all())]
@@ -63,6 +63,21 @@ class GradientReachability(Check):
                 "Non-finite gradients usually come from log/sqrt/division of values near zero or overflow in "
                 "half precision; enable torch.autograd.detect_anomaly() once to find the op.",
                 {"nonfinite": nonfinite},
+            )
+        frozen_by_no_grad = [n for n in none if _module_of(n) in no_grad_modules or
+                             any(n.startswith(m + ".") for m in no_grad_modules)]
+        if none and len(frozen_by_no_grad) == len(none):
+            owners = sorted(m for m in no_grad_modules if any(n.startswith(m + ".") for n in none)
+                            and not any(m.startswith(o + ".") for o in no_grad_modules))
+            return self.finding(
+                Status.WARN,
+                f"{len(none)} trainable parameters get no gradient because {', '.join(owners[:3])} runs under "
+                f"torch.no_grad(): frozen in effect, though requires_grad=True",
+                metrics,
+                "Legal for a fixed feature extractor. If it is meant to stay frozen, say so with "
+                "requires_grad_(False) (optimizers and capdiag then know); if it is meant to fine-tune, remove the "
+                "torch.no_grad() around it.",
+                {"no_grad": none},
             )
         if none:
             return self.finding(

@@ -1,16 +1,25 @@
 """input_sanity: what reaches the network is what the network expects.
 
-Images are inspected where they enter the image module (after any preprocessing the model
-does itself): 0-255 values, unnormalized 0-1 values, or normalization applied twice
-(mean near -2, std near 4 for ImageNet statistics) all show in per-channel statistics.
-Captions must start with BOS, contain an EOS, hold only padding after it, and stay inside
-the vocabulary. A grid of the exact batch, de-normalized, with its decoded captions is saved.
+Pixel statistics are judged only on pixel tensors: the input of the first convolution (or
+patch embedding) that receives a ``(B, 3, H, W)`` tensor, i.e. what the network sees after any
+preprocessing the model does itself (``/ 255``, normalization inside ``forward``). The input of
+``image_module`` is not a pixel tensor in general (a projection after pooled features sees ReLU
+features). 0-255 values, unnormalized 0-1 values, or normalization applied twice (mean near -2,
+std near 4 for ImageNet statistics) all show in per-channel statistics there.
+
+capdiag never blames the user for its own batch: when the batch is capdiag's synthetic one, built
+from *assumed* (not declared) normalization hints, a mismatch is a warning that says which hint
+to declare; with declared hints it is a contradiction between the hints and the model, and fails.
+Captions must start with BOS, contain an EOS, hold only padding after it, and stay inside the
+vocabulary. A grid of the exact batch, de-normalized, with its decoded captions is saved.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
@@ -18,20 +27,33 @@ from capdiag.registry import register_check
 from capdiag.state import mode
 
 
-def image_entry_stats(s: Subject) -> dict:
-    """Per-channel stats of the tensor entering the image module (or the model)."""
+def pixel_entry(s: Subject) -> tuple[Optional[torch.Tensor], str]:
+    """The tensor entering the first convolution that takes a (B, 3, H, W) input, and its module
+    name; ``(None, "")`` when the forward runs no such convolution."""
     cap = s.captioner
-    seen = []
-    target = cap.image_module() or cap.model
-    handle = target.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()) if args else None)
+    seen: list = []
+    handles = []
+
+    def hook(name):
+        def fn(m, args):
+            if not seen and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and args[0].shape[1] == 3:
+                seen.append((args[0].detach().float().clone(), name))
+        return fn
+
     try:
+        for name, m in cap.model.named_modules():
+            if isinstance(m, nn.Conv2d) and m.in_channels == 3:
+                handles.append(m.register_forward_pre_hook(hook(name)))
         with torch.no_grad(), mode(cap.model, False):
             cap.logits(s.images, s.captions)
     finally:
-        handle.remove()
-    x = (seen[0] if seen else s.images).float()
-    dims = (0, 2, 3) if x.dim() == 4 else tuple(range(x.dim()))
-    return {"mean": x.mean(dims), "std": x.std(), "min": float(x.min()), "max": float(x.max()), "tensor": x}
+        for h in handles:
+            h.remove()
+    return seen[0] if seen else (None, "")
+
+
+def channel_stats(x: torch.Tensor) -> dict:
+    return {"mean": x.mean((0, 2, 3)), "std": x.std(), "min": float(x.min()), "max": float(x.max()), "tensor": x}
 
 
 def normalized_again(entry: torch.Tensor, given: torch.Tensor, spec) -> bool:
@@ -66,6 +88,22 @@ def caption_problems(cap, captions: torch.Tensor) -> list:
     return out
 
 
+def pixel_problems(st: dict, given: torch.Tensor, spec) -> list:
+    mean = st["mean"].abs().max().item()
+    std = float(st["std"])
+    if st["max"] > 20:
+        return [f"the network receives values up to {st['max']:.0f}: raw 0-255 pixels (divide by 255 and normalize)"]
+    if st["min"] >= 0 and st["max"] <= 1.0 and spec.image_mean != (0.0, 0.0, 0.0):
+        return [f"the network receives values in [{st['min']:.2f}, {st['max']:.2f}]: not normalized with the encoder's "
+                f"mean/std"]
+    if normalized_again(st["tensor"], given, spec):
+        return [f"the network receives the batch normalized a second time (std {std:.2f}, range "
+                f"[{st['min']:.1f}, {st['max']:.1f}]): normalization applied twice"]
+    if std > 3 or mean > 2:
+        return [f"image std {std:.1f} and channel mean up to {mean:.1f} at the network's input: far from normalized"]
+    return []
+
+
 @register_check
 @dataclass
 class InputSanity(Check):
@@ -74,21 +112,30 @@ class InputSanity(Check):
 
     def run(self, s: Subject):
         cap = s.captioner
-        st = image_entry_stats(s)
-        mean = st["mean"].abs().max().item() if st["mean"].dim() else abs(float(st["mean"]))
-        std = float(st["std"])
-        metrics = {"image_min": st["min"], "image_max": st["max"], "image_std": std, "image_abs_mean_max": mean}
-        problems = []
-        if st["max"] > 20:
-            problems.append(f"images reach {st['max']:.0f}: raw 0-255 pixels (divide by 255 and normalize)")
-        elif st["min"] >= 0 and st["max"] <= 1.0 and cap.spec.image_mean != (0.0, 0.0, 0.0):
-            problems.append(f"images lie in [{st['min']:.2f}, {st['max']:.2f}]: not normalized with the encoder's mean/std")
-        elif normalized_again(st["tensor"], s.images, cap.spec):
-            problems.append(f"the encoder receives the batch normalized a second time (std {std:.2f}, range "
-                            f"[{st['min']:.1f}, {st['max']:.1f}]): normalization applied twice")
-        elif std > 3 or mean > 2:
-            problems.append(f"image std {std:.1f} and channel mean up to {mean:.1f}: far from normalized inputs")
-        problems += caption_problems(cap, s.captions)
+        entry, where = pixel_entry(s)
+        synthetic = s.batch_source == "synthetic"
+        if entry is None and not synthetic:
+            entry, where = s.images.detach().float(), "the images passed to the model"
+        metrics, problems, notes = {}, [], []
+        if entry is not None:
+            st = channel_stats(entry)
+            metrics = {"image_min": st["min"], "image_max": st["max"], "image_std": float(st["std"]),
+                       "image_abs_mean_max": st["mean"].abs().max().item()}
+            found = pixel_problems(st, s.images, cap.spec)
+            if found and synthetic and not cap.spec.normalization_declared:
+                return self.finding(
+                    Status.WARN,
+                    f"with capdiag's synthetic batch (normalized with ImageNet mean/std, assumed: no image_mean/image_std "
+                    f"hints), at {where}: {found[0]}", metrics,
+                    "capdiag built this batch, so this says nothing about your data yet: declare how your model wants "
+                    "its images (CAPDIAG image_mean/image_std; (0, 0, 0)/(1, 1, 1) when forward normalizes itself, "
+                    "pixel_scale=255 when it divides by 255) or give sample_batch().",
+                )
+            problems += [f"{p} (at {where})" for p in found]
+        else:
+            notes.append(" (no convolution takes a (B, 3, H, W) input: capdiag's own synthetic images are not judged)")
+        if not synthetic:  # capdiag's own captions are well formed by construction
+            problems += caption_problems(cap, s.captions)
         artifacts = {}
         path = s.output_path("input_batch.png")
         if path is not None:
@@ -99,8 +146,11 @@ class InputSanity(Check):
                 "Feed the network what it was built for: float images normalized once with the encoder's "
                 "mean/std (ImageNet for torchvision weights), captions as BOS ... EOS pad pad.", artifacts,
             )
+        if entry is None:
+            return self.finding(Status.PASS, "captions well formed" + notes[0], metrics, artifacts=artifacts)
         return self.finding(
-            Status.PASS, f"images at the encoder: std {std:.2f}, range [{st['min']:.2f}, {st['max']:.2f}]; captions well formed",
+            Status.PASS, f"images at {where}: std {metrics['image_std']:.2f}, range [{metrics['image_min']:.2f}, "
+                         f"{metrics['image_max']:.2f}]; captions well formed",
             metrics, artifacts=artifacts,
         )
 

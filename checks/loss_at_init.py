@@ -16,6 +16,12 @@ from capdiag.probe import first_nonfinite_module, logits_in, untrained_batchnorm
 from capdiag.registry import register_check
 
 
+def tied_embeddings(model: torch.nn.Module) -> bool:
+    """Whether some nn.Linear shares its weight with an nn.Embedding (input/output weight tying)."""
+    embs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return any(isinstance(m, torch.nn.Linear) and id(m.weight) in embs for m in model.modules())
+
+
 @register_check
 @dataclass
 class LossAtInit(Check):
@@ -44,6 +50,9 @@ class LossAtInit(Check):
             mask = cap.target_mask(s.captions)
             maxp = torch.softmax(logits, -1).amax(-1)[mask].mean()
             metrics[f"mean_max_prob_{tag}"] = float(maxp)
+            # Tied input/output embeddings score each position's own input token highest at init.
+            copies = logits.argmax(-1) == s.captions[:, :-1]
+            metrics[f"fraction_predicting_input_token_{tag}"] = float(copies[mask].float().mean())
         # Untrained BatchNorm statistics leave eval mode unnormalized (a random ResNet101 reaches
         # losses of 1e4 there); judge such a model in train mode, as it will be trained.
         bn_untrained = untrained_batchnorm(cap.model)
@@ -51,6 +60,18 @@ class LossAtInit(Check):
         loss = metrics["loss_train"] if bn_untrained else max(metrics["loss_eval"], metrics["loss_train"])
         excess = loss - ln_v
         metrics["excess_over_ln_vocab"] = excess
+        tag = "train" if bn_untrained or metrics["loss_train"] >= metrics["loss_eval"] else "eval"
+        if excess > max(self.fail_excess, 0.3 * ln_v) and tied_embeddings(cap.model) \
+                and metrics[f"fraction_predicting_input_token_{tag}"] > 0.5:
+            return self.finding(
+                Status.WARN,
+                f"loss at init {loss:.2f} is {excess:.1f} nats above ln(V)={ln_v:.2f} because the tied output layer "
+                f"scores each input token itself ({metrics[f'fraction_predicting_input_token_{tag}']:.0%} of positions "
+                "predict their own input token)", metrics,
+                "Expected at init for tied input/output embeddings (the residual stream still holds the input "
+                "embedding); training breaks the copy in a few steps. A smaller embedding init (std 0.02) or no "
+                "sqrt(d) input scaling starts nearer ln V.",
+            )
         if excess > max(self.fail_excess, 0.3 * ln_v):
             return self.finding(
                 Status.FAIL,

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from capdiag.models.decoding import greedy
 
 VOCAB, PAD, BOS, EOS = 24, 0, 1, 2
-HINTS = dict(vocab_size=VOCAB, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=32, image_module="encoder")
+HINTS = dict(vocab_size=VOCAB, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=32, image_module="encoder",
+             image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))  # ImageNet-normalized inputs
 
 # bug -> (architectures it applies to, check that must fail)
 BUGS = {

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from bad_inputs import CASES, EVIL_WEIGHTS, FORWARD_RAISES, GOOD
 from capdiag.cli import main
+import procs
 
 TESTS = Path(__file__).parent
 def write(tmp_path: Path, body: str, name: str = "model.py") -> str:
@@ -94,10 +94,10 @@ def test_cuda_on_cpu_machine_is_usage_error(tmp_path, capsys):
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     path = write(tmp_path, "def build_model(:\n    pass\n")
-    r = subprocess.run([sys.executable, "-m", "capdiag", "check", path], capture_output=True, text=True)
+    r = procs.run([sys.executable, "-m", "capdiag", "check", path])
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "syntax error" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "capdiag", "check", path, "--debug"], capture_output=True, text=True)
+    r = procs.run([sys.executable, "-m", "capdiag", "check", path, "--debug"])
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from capdiag.captioner import Captioner, CaptionSpec
 from capdiag.data import BLIND_FLOOR, SyntheticCaptions, empirical_blind_floor
+import procs
 
 
 def test_blind_floor_matches_large_sample():
@@ -86,5 +86,5 @@ def test_importing_capdiag_stays_light():
         "heavy = [m for m in ('matplotlib', 'tensorboard', 'lightning', 'transformers', 'captum', 'torch') if m in sys.modules]; "
         "print(heavy)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = procs.run([sys.executable, "-c", code], timeout=120, check=True).stdout.strip()
     assert out == "[]"

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_two_rank_gloo_job(tmp_path, bug):
            str(ROOT / "examples/ddp/train_ddp.py"), "--out", str(tmp_path), "--steps", "160"]
     if bug:
         cmd += ["--bug", bug]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    r = procs.run(cmd, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     # Probe metrics are reduced over ranks, gradient statistics come from synchronized grads.

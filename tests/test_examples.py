@@ -1,11 +1,11 @@
 """The examples run, small, and tell the story they claim."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ def test_lightning_example(tmp_path):
 
 
 def test_pytest_example_passes():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "examples/pytest")],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = procs.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "examples/pytest")],
+                  cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "3 passed" in r.stdout
 

@@ -1,10 +1,10 @@
 """The pytest plugin, driven with pytest's own pytester."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
+import procs
 
 MODEL = """
 from capdiag.models import zoo
@@ -74,7 +74,7 @@ def test_fixtures_and_check_functions(pytester):
 def test_plugin_costs_nothing_when_unused():
     code = ("import sys, capdiag.pytest_plugin; "
             "print([m for m in ('torch', 'matplotlib', 'captum', 'tensorboard') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = procs.run([sys.executable, "-c", code], timeout=120, check=True).stdout.strip()
     assert out == "[]"
 
 

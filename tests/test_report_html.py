@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from capdiag.cli import main
+import procs
 
 MODEL = """
 from capdiag.models import zoo
@@ -49,7 +49,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1200,2600",
            f"--screenshot={shot}", report.as_uri()]
-    subprocess.run(cmd, capture_output=True, timeout=120)
+    procs.run(cmd, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 50_000
     import matplotlib.image as mpimg
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
@@ -18,6 +17,7 @@ from capdiag import ModelSnapshot, run_checks
 from capdiag.finding import Status
 from capdiag.models import zoo
 from capdiag.registry import list_checks
+import procs
 
 ALL = [c.name for c in list_checks()]
 QUICK = [c.name for c in list_checks() if c.cheap]
@@ -102,7 +102,11 @@ def test_state_restored_even_when_the_model_raises():
     m.train()
     before = ModelSnapshot.take(m)
     report = run_checks(s, QUICK)
-    assert any(f.status is Status.ERROR for f in report.findings)
+    # The model raised: a failing finding that names the call and the user's line, not a capdiag error.
+    raised = [f for f in report.findings if "flaky forward" in f.summary]
+    assert raised and all(f.status is Status.FAIL for f in raised)
+    assert "forward() raised RuntimeError" in raised[0].summary and "test_robustness.py" in raised[0].summary
+    assert not [f for f in report.findings if f.status is Status.ERROR]
     assert before.differences(ModelSnapshot.take(m)) == []
 
 
@@ -208,29 +212,31 @@ def test_model_already_on_cuda():
     assert not [f for f in report.findings if f.status.failed]
 
 
-# ---- Ctrl-C ----------------------------------------------------------------------------------------
-def test_ctrl_c_during_overfit_prints_partial_result(tmp_path):
-    import threading
+# ---- Ctrl-C and SIGTERM -----------------------------------------------------------------------------
+OVERFIT_FOREVER = [sys.executable, "-m", "capdiag", "overfit", "capdiag.models.show_attend_tell", "--steps", "100000", "--lr", "1e-6"]
 
-    p = subprocess.Popen([sys.executable, "-m", "capdiag", "overfit", "capdiag.models.show_attend_tell", "--steps", "100000",
-                          "--lr", "1e-6"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err_chunks, started = [], threading.Event()
 
-    def read_err():
-        for chunk in iter(lambda: p.stderr.read(64), ""):
-            err_chunks.append(chunk)
-            if "overfit:" in chunk and "step" in "".join(err_chunks[-4:]):
-                started.set()
+def _ignore_sigint():  # what a background job of a non-interactive shell hands its children
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    reader = threading.Thread(target=read_err, daemon=True)
-    reader.start()
-    assert started.wait(120), "overfit never started: " + "".join(err_chunks)[-2000:]
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    out = p.stdout.read()
-    p.wait(timeout=120)
-    reader.join(timeout=10)
-    err = "".join(err_chunks)
-    assert p.returncode == 130, (out, err[-2000:])
-    assert "interrupted after" in out and "partial" in err
-    assert "Traceback" not in err
+
+@pytest.mark.parametrize("sig, code, inherited", [
+    (signal.SIGINT, 130, procs._default_signals),
+    (signal.SIGTERM, 143, procs._default_signals),
+    (signal.SIGINT, 130, _ignore_sigint),  # capdiag reinstalls its own handler
+], ids=["sigint", "sigterm", "sigint-inherited-ignored"])
+def test_signal_during_overfit_prints_partial_result(tmp_path, sig, code, inherited):
+    r = procs.signal_when_ready(OVERFIT_FOREVER, "step", sig, cwd=tmp_path, preexec_fn=inherited)
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "interrupted after" in r.stdout and "partial" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_signal_helper_fails_instead_of_hanging_on_a_child_that_ignores_sigint(tmp_path):
+    # The old Ctrl-C test blocked forever here; the helper must give up within its bounds.
+    child = [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "print('step', file=sys.stderr, flush=True); time.sleep(600)"]
+    start = time.perf_counter()
+    r = procs.signal_when_ready(child, "step", signal.SIGINT, start_timeout=30, stop_timeout=2)
+    assert r.returncode is None
+    assert time.perf_counter() - start < 30

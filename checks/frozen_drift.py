@@ -1,0 +1,94 @@
+"""frozen_drift: a module meant to stay frozen must come out of a training step unchanged.
+
+Catches the frozen pretrained encoder whose parameters all have ``requires_grad=False`` but that
+nothing keeps in eval mode: every train-mode forward overwrites its BatchNorm running statistics
+with those of the current batch, so the "frozen" features drift away from what the weights were
+trained with (and eval mode, which uses the statistics, degrades). Also any parameter of such a
+module that a step changes (an optimizer over all parameters with weight decay, in-place edits).
+
+One training step (``model.train()``, forward, backward, Adam over the trainable parameters) on a
+deep copy, then the same comparison the training monitor makes (``capdiag.pretrained.DriftWatcher``)
+over the modules that are frozen or declared pretrained and frozen. A pretrained module that
+trains (``requires_grad=True``) is being fine-tuned: its changes are the point, not drift.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from capdiag.check import Check, Subject
+from capdiag.finding import Status
+from capdiag.pretrained import DriftWatcher
+from capdiag.registry import register_check
+from capdiag.state import seeded
+
+
+def frozen_modules(model: torch.nn.Module) -> list:
+    """Dotted names of the largest submodules whose parameters (at least one) all have requires_grad=False."""
+    out = []
+    for name, m in model.named_modules():
+        params = list(m.parameters())
+        if not name or not params or any(p.requires_grad for p in params):
+            continue
+        if any(name.startswith(f + ".") for f in out):
+            continue  # inside a frozen module already listed
+        out.append(name)
+    return out
+
+
+def _is_stat(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var"))
+
+
+@register_check
+@dataclass
+class FrozenDrift(Check):
+    name = "frozen_drift"
+    catches = "frozen (requires_grad=False) modules that still change in training: BatchNorm statistics of an encoder not kept in eval()"
+    lr: float = 1e-3
+
+    def run(self, s: Subject):
+        cap = s.captioner
+        if not any(p.requires_grad for p in cap.model.parameters()):
+            return self.skip("the model has no trainable parameters: nothing trains, nothing can drift")
+        names = frozen_modules(cap.model)
+        if not names:
+            return self.skip("no frozen modules (every module has trainable parameters)")
+        twin = cap.with_model(copy.deepcopy(cap.model))
+        watchers = [DriftWatcher(twin.submodule(n), n) for n in names]
+        params = [p for p in twin.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.lr)
+        twin.model.train()  # what a training loop does: model.train() on the whole model
+        with seeded(s.seed):
+            loss = twin.loss(s.images, s.captions)
+            loss.backward()
+            opt.step()
+        moved = {}
+        for w in watchers:
+            moved.update(w.drift())
+        stats = [k for k in moved if _is_stat(k)]
+        weights = [k for k in moved if not _is_stat(k)]
+        metrics = {"n_frozen_modules": len(names), "n_tensors_moved": len(moved),
+                   "max_rel_change": max(moved.values()) if moved else 0.0}
+        if not moved:
+            return self.finding(Status.PASS, f"frozen modules unchanged by a training step ({', '.join(names[:4])})",
+                                metrics)
+        worst = max(moved, key=moved.get)
+        parts = []
+        if stats:
+            parts.append(f"{len(stats)} BatchNorm running statistics moved")
+        if weights:
+            parts.append(f"{len(weights)} frozen weights changed")
+        owners = sorted({n for n in names if any(k.startswith(n + ".") for k in moved)})
+        return self.finding(
+            Status.FAIL,
+            f"frozen module {', '.join(repr(o) for o in owners[:3])} changed in one training step: {' and '.join(parts)} "
+            f"(largest: {worst}, relative {moved[worst]:.2g})",
+            metrics,
+            "requires_grad=False does not stop BatchNorm from updating its running statistics in train mode. Keep "
+            "the frozen module in eval mode (override train(): super().train(mode); self.encoder.eval(); return "
+            "self) or use torchvision.ops.FrozenBatchNorm2d; keep frozen parameters out of the optimizer.",
+            {"moved": moved},
+        )
