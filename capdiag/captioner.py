@@ -8,6 +8,7 @@ target tokens (BOS excluded, EOS included, padding excluded).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -74,8 +75,12 @@ class Captioner:
     """
 
     def __init__(self, model: nn.Module, spec: CaptionSpec, loss_fn: Optional[Callable] = None, name: str = "model",
-                 bleu_fn: Optional[Callable] = None):
+                 bleu_fn: Optional[Callable] = None, stateless: bool = True):
         self.model = model
+        # Every call leaves the model's plain attributes as it found them, so state a model carries
+        # between calls (a cached encoder output) can neither leak from one probe into the next
+        # nor stay in the user's model; eval_determinism turns this off on copies to detect it.
+        self.stateless = stateless
         self.spec = spec
         self.loss_fn = loss_fn
         self.bleu_fn = bleu_fn
@@ -116,9 +121,15 @@ class Captioner:
         cannot corrupt the batch other checks share (``input_mutation`` calls with protect=False)."""
         if protect:
             images, captions = images.clone(), captions.clone()
-        if self.spec.captions_keyword:
-            return self.model(images, **{self.spec.captions_keyword: captions})
-        return self.model(images, captions)
+        with self._fresh():
+            if self.spec.captions_keyword:
+                return self.model(images, **{self.spec.captions_keyword: captions})
+            return self.model(images, captions)
+
+    def _fresh(self):
+        from .state import preserved_attributes
+
+        return preserved_attributes(self.model) if self.stateless else contextlib.nullcontext()
 
     def logits(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """Aligned logits ``(B, T-1, V)``: ``[:, t]`` scores ``captions[:, t+1]``."""
@@ -180,7 +191,8 @@ class Captioner:
         """Token ids ``(B, L)`` starting with BOS: the model's ``generate`` or capdiag's greedy loop."""
         max_len = max_len or self.spec.max_len
         if self.has_generate:
-            out = self.model.generate(images.clone(), max_len=max_len)
+            with self._fresh():
+                out = self.model.generate(images.clone(), max_len=max_len)
             out = out[0] if isinstance(out, (tuple, list)) else out
             out = torch.as_tensor(out, device=images.device).long()
             if out.dim() != 2:

@@ -22,7 +22,7 @@ from .captioner import Captioner, CaptionSpec, extract_logits, align_logits, res
 from .check import Subject
 from .data import SyntheticCaptions
 from .errors import CapdiagError, ModelCallError, ModelFileError, UsageError
-from .state import seeded, mode
+from .state import mode, preserved_attributes, seeded
 
 HINT_KEYS = {
     "vocab_size", "pad_id", "bos_id", "eos_id", "image_size", "max_len", "image_module",
@@ -179,9 +179,10 @@ def resolve_device(device: Optional[str]) -> torch.device:
 
 
 def call_forward(captioner: Captioner, images, captions, user_file: Optional[str] = None) -> torch.Tensor:
-    """Forward once in eval mode with a clear error on failure; returns aligned logits."""
+    """Forward once in eval mode with a clear error on failure; returns aligned logits. The model
+    keeps no attribute this call sets (a cache of the probe batch)."""
     try:
-        with torch.no_grad(), mode(captioner.model, False):
+        with torch.no_grad(), mode(captioner.model, False), preserved_attributes(captioner.model):
             out = captioner.call(images, captions)
     except Exception as e:  # noqa: BLE001
         raise ModelCallError(

@@ -115,6 +115,19 @@ def train_mode_reproducible(cap: Captioner, images, captions, seed: int) -> bool
     return bool(torch.equal(a, b))
 
 
+def eval_is_random(cap: Captioner, images, captions, seed: int) -> bool:
+    """Whether eval-mode logits change with the RNG seed (dropout or sampling left on at inference).
+    Then any comparison of two different inputs mixes in other random draws: structural probes
+    skip and leave the finding to eval_determinism."""
+    a = logits_in(cap, images, captions, False, seed)
+    b = logits_in(cap, images, captions, False, seed + 1)
+    return float(rel_diff(a, b)) > tolerance_same_shape(a, cap.dtype)
+
+
+RANDOM_EVAL = "eval-mode logits change with the random seed (dropout or sampling active at inference; " \
+              "eval_determinism reports it): comparisons of different inputs would measure the noise"
+
+
 def random_tokens(cap: Captioner, shape, generator: torch.Generator, avoid: Optional[torch.Tensor] = None):
     """Random non-special token ids; where ``avoid`` is given, every id differs from it."""
     V = cap.spec.vocab_size

@@ -6,6 +6,7 @@ through here, and is undone in ``finally`` so that it is undone when the model r
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -83,10 +84,48 @@ def mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
         yield model
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # parameters, buffers, submodules, hooks, training
+
+
+def _attributes(m: nn.Module) -> dict:
+    """A module's own plain attributes (a cache, a step counter): not parameters, buffers, submodules."""
+    return {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+
+
+def _contents(v):
+    return copy.copy(v) if isinstance(v, (dict, list, set)) else None
+
+
+@contextlib.contextmanager
+def preserved_attributes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's plain attributes (the same objects, containers with their old
+    contents): a forward that caches something on ``self`` (the encoder output, a mask) must not
+    keep what capdiag's probes fed it, or one check's calls would change what the next one
+    measures, and the user's model would come back changed."""
+    saved = [(m, {k: (v, _contents(v)) for k, v in _attributes(m).items()}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for k in [k for k in _attributes(m) if k not in attrs]:
+                del m.__dict__[k]
+            for k, (v, contents) in attrs.items():
+                if isinstance(v, dict):
+                    v.clear()
+                    v.update(contents)
+                elif isinstance(v, list):
+                    v[:] = contents
+                elif isinstance(v, set):
+                    v.clear()
+                    v.update(contents)
+                m.__dict__[k] = v
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Modes, requires_grad and RNG restored after the block (what the runner wraps every check in)."""
-    with preserved_modes(model), preserved_buffers(model), preserved_rng():
+    """Modes, requires_grad, buffers, plain attributes and RNG restored after the block (what the
+    runner wraps every check in)."""
+    with preserved_modes(model), preserved_buffers(model), preserved_attributes(model), preserved_rng():
         yield
 
 
@@ -110,6 +149,7 @@ class ModelSnapshot:
     hooks: list
     grads: list
     rng: tuple
+    attributes: list
 
     @classmethod
     def take(cls, model: nn.Module) -> "ModelSnapshot":
@@ -125,7 +165,8 @@ class ModelSnapshot:
             random.getstate(),
             np.random.get_state()[1].copy() if np is not None else None,
         )
-        return cls(tensors, modes, flags, hooks, grads, rng)
+        attributes = [(n, sorted((k, id(v)) for k, v in _attributes(m).items())) for n, m in model.named_modules()]
+        return cls(tensors, modes, flags, hooks, grads, rng, attributes)
 
     def differences(self, other: "ModelSnapshot") -> list[str]:
         """Human-readable list of everything that differs (empty when identical)."""
@@ -148,4 +189,8 @@ class ModelSnapshot:
             diffs.append("python random state changed")
         if self.rng[3] is not None and not (self.rng[3] == other.rng[3]).all():
             diffs.append("numpy RNG state changed")
+        for (n, a), (_, b) in zip(self.attributes, other.attributes):
+            if a != b:
+                changed = sorted({k for k, _ in set(a) ^ set(b)})
+                diffs.append(f"attributes {changed} of {n!r} added, removed or reassigned")
         return diffs

@@ -17,7 +17,8 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import input_grad, inner_positions, judged_mask, logits_in, rel_diff, replace_tokens, tolerance
+from capdiag.probe import (RANDOM_EVAL, eval_is_random, input_grad, inner_positions, judged_mask,
+                           logits_in, rel_diff, replace_tokens, tolerance)
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
 
@@ -38,6 +39,8 @@ class BatchIndependence(Check):
         images, captions = s.images, s.captions
         if images.shape[0] < 2:
             images, captions = torch.cat([images, images.flip(-1)]), torch.cat([captions, captions])
+        if eval_is_random(cap, s.images, s.captions, s.seed):
+            return self.skip(RANDOM_EVAL)
         B = images.shape[0]
         base = logits_in(cap, images, captions, False, s.seed)
         tol = tolerance(base, cap.dtype)

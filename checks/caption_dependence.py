@@ -13,7 +13,8 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import logits_in, rel_diff, replace_tokens, tolerance_same_shape, train_mode_reproducible
+from capdiag.probe import (RANDOM_EVAL, eval_is_random, logits_in, rel_diff, replace_tokens,
+                           tolerance_same_shape, train_mode_reproducible)
 from capdiag.registry import register_check
 
 
@@ -30,6 +31,8 @@ class CaptionDependence(Check):
         last = int(lengths.min()) - 2  # positions whose token and next target are real for all samples
         if last < 1:
             return self.skip("captions too short to perturb a token inside every caption")
+        if eval_is_random(cap, s.images, s.captions, s.seed):
+            return self.skip(RANDOM_EVAL)
         positions = sorted({1, (1 + last) // 2, last})
         g = torch.Generator().manual_seed(s.seed + 1)
         metrics, verdicts = {}, {}

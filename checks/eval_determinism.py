@@ -75,6 +75,7 @@ class EvalDeterminism(Check):
             calls.append(("generate", lambda c, i, t: c.generate(i).float()))
         for what, call in calls:
             used, fresh = cap.with_model(copy.deepcopy(cap.model)), cap.with_model(copy.deepcopy(cap.model))
+            used.stateless = fresh.stateless = False  # let state carry between these calls
             with torch.no_grad(), mode(used.model, False), mode(fresh.model, False):
                 call(used, imgs_a, caps_a)
                 after = call(used, imgs_b, caps_b)

@@ -33,8 +33,9 @@ from capdiag.models.hf_parts import CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, 
 from capdiag.models.recipe import bleu4, caption_loss, xavier_init
 from capdiag.models.transformer_decoder import CaptionDecoder
 
-BUGS = ("no_causal_mask", "image_not_fed", "loss_counts_padding", "bleu_counts_padding",
-        "xavier_init_clobbers_encoder")
+# bug -> the check that must fail on it (the xavier twin: against a local CLIP checkpoint)
+BUGS = {"no_causal_mask": "causal_leak", "image_not_fed": "gradient_reachability", "loss_counts_padding": "loss_sanity",
+        "bleu_counts_padding": "metric_sanity", "xavier_init_clobbers_encoder": "pretrained_guard"}
 
 
 @dataclass

@@ -36,7 +36,9 @@ from capdiag.models.hf_parts import (CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD,
 from capdiag.models.recipe import bleu4, caption_loss, loss_ignoring_pad_id, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
-BUGS = ("image_not_fed", "prefix_off_by_one", "loss_ignores_eos", "bleu_counts_padding", "xavier_init_clobbers_encoder")
+# bug -> the check that must fail on it (the xavier twin: against a local CLIP checkpoint)
+BUGS = {"image_not_fed": "gradient_reachability", "prefix_off_by_one": "caption_dependence", "loss_ignores_eos": "loss_sanity",
+        "bleu_counts_padding": "metric_sanity", "xavier_init_clobbers_encoder": "pretrained_guard"}
 
 
 @dataclass

@@ -30,7 +30,9 @@ from capdiag.models.recipe import bleu4, caption_loss, xavier_init
 from capdiag.models.transformer_decoder import CaptionDecoder
 
 PAD, BOS, EOS = 0, 1, 2
-BUGS = ("xavier_init_clobbers_encoder", "no_causal_mask", "image_not_fed", "loss_counts_padding", "bleu_counts_padding")
+# bug -> the check that must fail on it
+BUGS = {"xavier_init_clobbers_encoder": "pretrained_guard", "no_causal_mask": "causal_leak",
+        "image_not_fed": "gradient_reachability", "loss_counts_padding": "loss_sanity", "bleu_counts_padding": "metric_sanity"}
 
 
 @dataclass

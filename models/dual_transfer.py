@@ -37,8 +37,9 @@ from capdiag.models.hf_parts import GPT2_FULL, GPT2_SMALL, gpt2
 from capdiag.models.recipe import bleu4, caption_loss, loss_ignoring_pad_id, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
-BUGS = ("xavier_init_clobbers_encoder", "image_not_fed", "batch_mean_image", "loss_ignores_eos",
-        "bleu_counts_padding")
+# bug -> the check that must fail on it
+BUGS = {"xavier_init_clobbers_encoder": "pretrained_guard", "image_not_fed": "gradient_reachability",
+        "batch_mean_image": "batch_independence", "loss_ignores_eos": "loss_sanity", "bleu_counts_padding": "metric_sanity"}
 
 
 @dataclass

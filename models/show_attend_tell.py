@@ -30,7 +30,9 @@ from capdiag.models.encoders import ImageEncoder, choose_encoder
 from capdiag.models.recipe import caption_loss, real_targets, xavier_init
 
 PAD, BOS, EOS = 0, 1, 2
-BUGS = ("xavier_init_clobbers_encoder", "image_not_fed", "att_softmax_wrong_dim", "loss_counts_padding")
+# bug -> the check that must fail on it
+BUGS = {"xavier_init_clobbers_encoder": "pretrained_guard", "image_not_fed": "gradient_reachability",
+        "att_softmax_wrong_dim": "attention_maps", "loss_counts_padding": "loss_sanity"}
 
 
 @dataclass

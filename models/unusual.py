@@ -213,6 +213,36 @@ class PrefixLM(nn.Module):
                              self.pad, max_len, images.device)
 
 
+class GPT2Prefix(nn.Module):
+    """A ClipCap-style prefix model over a tiny GPT-2 (transformers, random weights from a config):
+    pooled CNN regions -> MLP -> K prefix embeddings, the caption embedded by calling GPT-2's token
+    embedding directly, both concatenated and passed as ``inputs_embeds``. GPT-2 ids (pad == bos == eos)."""
+
+    def __init__(self, vocab=24, special=23, d=64, K=4):
+        super().__init__()
+        import transformers as tf
+
+        self.vocab, self.pad, self.bos, self.eos, self.K = vocab, special, special, special, K
+        self.cnn = SmallCNN(32)
+        self.clip_project = nn.Sequential(nn.Linear(32 * 4, d * K // 2), nn.Tanh(), nn.Linear(d * K // 2, d * K))
+        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=d, n_layer=2, n_head=4, bos_token_id=special,
+                            eos_token_id=special, pad_token_id=special, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+        self.gpt = tf.GPT2LMHeadModel(cfg)
+
+    def forward(self, images, captions):
+        B, T = captions.shape
+        fmap = F.adaptive_avg_pool2d(self.cnn(images), 2).flatten(1)  # (B, 128)
+        prefix = self.clip_project(fmap).view(B, self.K, -1)  # (B, K, d)
+        tokens = self.gpt.transformer.wte(captions)  # (B, T, d)
+        out = self.gpt(inputs_embeds=torch.cat([prefix, tokens], 1))
+        return {"logits": out.logits[:, self.K :]}  # (B, T, V): drop the prefix positions
+
+    @torch.no_grad()
+    def generate(self, images, max_len=16):
+        return greedy_decode(lambda seq: self.forward(images, seq)["logits"][:, -1], images.shape[0], self.bos,
+                             self.eos, self.pad, max_len, images.device)
+
+
 # ---- LSTM decoders ------------------------------------------------------------------------------
 class Attention(nn.Module):
     """Soft attention of Show, Attend and Tell."""
@@ -501,6 +531,9 @@ PATTERNS = {
                         {**_std(image_module="cnn", attention_modules=[]), **GPT2_IDS}, "pad == bos == eos"),
     "clip_ids": Pattern("gru", lambda bug=None: GRUCaptioner(**_pbe(CLIP_IDS)),
                         {**_std(image_module="encoder", attention_modules=[]), **CLIP_IDS}, "eos == pad, bos separate"),
+    "gpt2_prefix_inputs_embeds": Pattern("transformer", lambda bug=None: GPT2Prefix(),
+                                         {**_std(image_module="clip_project", attention_modules=[]), **GPT2_IDS},
+                                         "ClipCap-style: GPT-2 token embedding called directly, inputs_embeds"),
     "prefix_lm": Pattern("transformer", lambda bug=None: PrefixLM(),
                          {**_std(image_module="to_prefix", attention_modules=[]), **GPT2_IDS},
                          "prefix LM: bidirectional image prefix, causal caption"),

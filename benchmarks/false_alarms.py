@@ -1,0 +1,157 @@
+"""False alarms on clean captioners and recall on planted bugs, per check, measured in one run.
+
+Clean: every pattern of ``capdiag.models.unusual`` (written the way people write captioners, not
+the way capdiag's references are) x ``--seeds`` seeds, and the five reference families, each
+through the full suite. A false alarm is a ``fail`` or ``error`` on a clean model; warnings are
+counted apart. Planted: every bug twin in the repository (the zoo's structural and learned bugs,
+the references' twins, the unusual family's twins), each judged by the check that names it
+(``caught`` = that check fails); the other checks that also fail are listed as collateral.
+
+    python benchmarks/false_alarms.py               # everything (~30 min on 2 CPU cores)
+    python benchmarks/false_alarms.py --seeds 1 --no-references --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+import warnings
+
+import torch
+
+import capdiag
+from capdiag.finding import Status
+from capdiag.models import unusual, zoo
+from capdiag.registry import get_check, list_checks
+
+ALL = [c.name for c in list_checks()]
+QUICK = [c.name for c in list_checks() if c.cheap]
+REFERENCES = ("cnn_transformer", "show_attend_tell", "clip_decoder", "clipcap", "dual_transfer")
+
+
+def run(subject, checks):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capdiag.run_checks(subject, checks)
+
+
+def reference_subject(name, bug=None, seed=0, clip_folder=None):
+    import importlib
+
+    family = importlib.import_module(f"capdiag.models.{name}")
+    kw = {"clip_weights": clip_folder} if bug == "xavier_init_clobbers_encoder" and name in ("clip_decoder", "clipcap") else {}
+    torch.manual_seed(seed)
+    model = family.build_model(bug=bug, **kw)
+    hints = {**family.CAPDIAG, **model.capdiag_hints}
+    return capdiag.subject_for(model, seed=seed, loss_fn=model.loss_fn, bleu_fn=getattr(model, "bleu_fn", None), **hints)
+
+
+def unusual_subject(name, bug=None, seed=0):
+    m = unusual.build(name, bug, seed=seed)
+    return capdiag.subject_for(m, seed=seed, **m.capdiag_hints)
+
+
+def clean_cases(seeds, references):
+    for name in unusual.PATTERNS:
+        for seed in range(seeds):
+            yield f"unusual/{name}/seed{seed}", lambda n=name, s=seed: unusual_subject(n, seed=s)
+    for name in (REFERENCES if references else ()):
+        yield f"reference/{name}", lambda name=name: reference_subject(name)
+
+
+def planted_cases(references, clip_folder):
+    """(label, subject factory, checks that must fail)."""
+    for bug, (archs, check) in zoo.BUGS.items():
+        for arch in archs:
+            yield f"zoo/{arch}/{bug}", lambda a=arch, b=bug: capdiag.subject_for(zoo.make(a, b), **zoo.HINTS), (check,)
+    for bug, (archs, checks) in zoo.LEARNED_BUGS.items():
+        for arch in archs:
+            yield f"zoo/{arch}/{bug}", lambda a=arch, b=bug: capdiag.subject_for(zoo.make(a, b), **zoo.HINTS), checks
+    for bug, (pattern, check) in unusual.BUGS.items():
+        yield f"unusual/{pattern}/{bug}", lambda p=pattern, b=bug: unusual_subject(p, b), (check,)
+    if references:
+        import importlib
+
+        for name in REFERENCES:
+            for bug, check in importlib.import_module(f"capdiag.models.{name}").BUGS.items():
+                yield f"reference/{name}/{bug}", lambda n=name, b=bug: reference_subject(n, b, clip_folder=clip_folder), (check,)
+
+
+def local_clip_folder() -> str:
+    """A CLIP tower saved with save_pretrained(), standing in for real weights on disk (as in the tests)."""
+    from capdiag.models import hf_parts
+
+    folder = tempfile.mkdtemp(prefix="capdiag-clip-")
+    torch.manual_seed(1)
+    hf_parts.clip_vision(hf_parts.CLIP_SMALL).save_pretrained(folder)
+    return folder
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--no-references", action="store_true", help="skip the five reference families")
+    ap.add_argument("--only", choices=("clean", "planted"), help="run one half")
+    ap.add_argument("--json", help="write every finding's status here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    refs = not args.no_references
+    out = {"clean": {}, "planted": {}}
+    false_alarms, warns, clean_runs = collections.Counter(), collections.Counter(), collections.Counter()
+    start = time.perf_counter()
+    if args.only != "planted":
+        for label, make in clean_cases(args.seeds, refs):
+            t = time.perf_counter()
+            report = run(make(), ALL)
+            statuses = {f.check: f.status.value for f in report.findings}
+            out["clean"][label] = statuses
+            bad = []
+            for f in report.findings:
+                clean_runs[f.check] += f.status is not Status.SKIP
+                if f.status.failed:
+                    false_alarms[f.check] += 1
+                    bad.append(f"{f.check}: {f.summary[:160]}")
+                elif f.status is Status.WARN:
+                    warns[f.check] += 1
+            print(f"clean   {label:52s} {time.perf_counter() - t:6.1f}s  {'OK' if not bad else 'FALSE ALARM ' + ' | '.join(bad)}",
+                  flush=True)
+    caught, total, collateral = collections.Counter(), collections.Counter(), collections.defaultdict(list)
+    if args.only != "clean":
+        clip_folder = local_clip_folder() if refs else None
+        for label, make, checks in planted_cases(refs, clip_folder):
+            t = time.perf_counter()
+            learned = any(not get_check(c).cheap for c in checks)
+            report = run(make(), ALL if learned else QUICK)
+            statuses = {f.check: f.status for f in report.findings}
+            out["planted"][label] = {"expected": list(checks), "statuses": {k: v.value for k, v in statuses.items()}}
+            hit = [c for c in checks if statuses[c] is Status.FAIL]
+            for c in checks:
+                total[c] += 1
+                caught[c] += c in hit
+            others = sorted(c for c, st in statuses.items() if st.failed and c not in checks)
+            if others:
+                collateral[label] = others
+            ok = len(hit) == len(checks)
+            print(f"planted {label:52s} {time.perf_counter() - t:6.1f}s  {'caught by ' + ', '.join(checks) if ok else 'MISSED by ' + ', '.join(c for c in checks if c not in hit)}"
+                  f"{'  (also: ' + ', '.join(others) + ')' if others else ''}", flush=True)
+    print(f"\n| check | clean runs judged | false alarms | warnings | planted bugs caught / named |")
+    print("|---|---|---|---|---|")
+    for c in ALL:
+        planted = f"{caught[c]} / {total[c]}" if total[c] else "-"
+        print(f"| `{c}` | {clean_runs[c]} | {false_alarms[c]} | {warns[c]} | {planted} |")
+    n_clean = len(out["clean"])
+    print(f"| **total** | {n_clean} models | **{sum(false_alarms.values())}** | {sum(warns.values())} | "
+          f"**{sum(caught.values())} / {sum(total.values())}** |")
+    print(f"\n{n_clean} clean models, {len(out['planted'])} planted bugs, {time.perf_counter() - start:.0f} s")
+    if collateral:
+        print("collateral (other checks failing on a planted bug):", dict(collateral))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0 if not sum(false_alarms.values()) and sum(caught.values()) == sum(total.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
