@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 
@@ -44,6 +44,16 @@ class Subject:
     @property
     def model(self) -> torch.nn.Module:
         return self.captioner.model
+
+    def measured(self, key: str, compute: Callable[[], Any]) -> Any:
+        """A measurement of this subject's model and batch that several checks need, computed once.
+
+        Only for pure functions of (model, batch, seed): the value is the same whichever check asks
+        first, so caching it cannot make a verdict depend on the order checks run in."""
+        memo = self.options.setdefault("_measured", {})
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     def output_path(self, filename: str) -> Optional[Path]:
         if self.out_dir is None:

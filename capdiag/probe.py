@@ -124,6 +124,17 @@ def eval_is_random(cap: Captioner, images, captions, seed: int) -> bool:
     return float(rel_diff(a, b)) > tolerance_same_shape(a, cap.dtype)
 
 
+def subject_eval_is_random(s) -> bool:
+    """``eval_is_random`` on a subject's batch, measured once per subject."""
+    return s.measured("eval_is_random", lambda: eval_is_random(s.captioner, s.images, s.captions, s.seed))
+
+
+def subject_train_reproducible(s) -> bool:
+    """``train_mode_reproducible`` on a subject's batch, measured once per subject."""
+    return s.measured("train_mode_reproducible",
+                      lambda: train_mode_reproducible(s.captioner, s.images, s.captions, s.seed))
+
+
 RANDOM_EVAL = "eval-mode logits change with the random seed (dropout or sampling active at inference; " \
               "eval_determinism reports it): comparisons of different inputs would measure the noise"
 

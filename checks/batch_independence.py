@@ -17,7 +17,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, eval_is_random, input_grad, inner_positions, judged_mask,
+from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, input_grad, inner_positions, judged_mask,
                            logits_in, rel_diff, replace_tokens, tolerance)
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
@@ -39,7 +39,7 @@ class BatchIndependence(Check):
         images, captions = s.images, s.captions
         if images.shape[0] < 2:
             images, captions = torch.cat([images, images.flip(-1)]), torch.cat([captions, captions])
-        if eval_is_random(cap, s.images, s.captions, s.seed):
+        if subject_eval_is_random(s):
             return self.skip(RANDOM_EVAL)
         B = images.shape[0]
         base = logits_in(cap, images, captions, False, s.seed)

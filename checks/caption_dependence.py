@@ -13,8 +13,8 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, eval_is_random, logits_in, rel_diff, replace_tokens,
-                           tolerance_same_shape, train_mode_reproducible)
+from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, logits_in, rel_diff, replace_tokens,
+                           tolerance_same_shape, subject_train_reproducible)
 from capdiag.registry import register_check
 
 
@@ -31,14 +31,14 @@ class CaptionDependence(Check):
         last = int(lengths.min()) - 2  # positions whose token and next target are real for all samples
         if last < 1:
             return self.skip("captions too short to perturb a token inside every caption")
-        if eval_is_random(cap, s.images, s.captions, s.seed):
+        if subject_eval_is_random(s):
             return self.skip(RANDOM_EVAL)
         positions = sorted({1, (1 + last) // 2, last})
         g = torch.Generator().manual_seed(s.seed + 1)
         metrics, verdicts = {}, {}
         # A train-mode reaction only counts where an identical call reproduces itself (otherwise
         # other dropout masks make every position "react").
-        modes = (False, True) if train_mode_reproducible(cap, s.images, s.captions, s.seed) else (False,)
+        modes = (False, True) if subject_train_reproducible(s) else (False,)
         for train in modes:
             tag = "train" if train else "eval"
             base = logits_in(cap, s.images, s.captions, train, s.seed)

@@ -13,8 +13,8 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, eval_is_random, inner_positions, judged_mask, logits_in,
-                           rel_diff, replace_tokens, tolerance, train_mode_reproducible)
+from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, inner_positions, judged_mask, logits_in,
+                           rel_diff, replace_tokens, tolerance, subject_train_reproducible)
 from capdiag.registry import register_check
 
 
@@ -37,13 +37,13 @@ class CausalLeak(Check):
         T = s.captions.shape[1]
         if T < 3:
             return self.skip("captions shorter than 3 tokens")
-        if eval_is_random(cap, s.images, s.captions, s.seed):
+        if subject_eval_is_random(s):
             return self.skip(RANDOM_EVAL)
         g = torch.Generator().manual_seed(s.seed)
         cuts = sorted({1, T // 2, T - 2})
         # Structural questions are decided in eval mode; train mode only where an identical call
         # reproduces itself exactly (same dropout masks for the same sample).
-        modes = [False] + ([True] if train_mode_reproducible(cap, s.images, s.captions, s.seed) else [])
+        modes = [False] + ([True] if subject_train_reproducible(s) else [])
         worst, first_leak, metrics = 0.0, None, {}
         leaked_modes = set()
         for train in modes:

@@ -13,7 +13,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, eval_is_random, logits_in, random_tokens, rel_diff, tolerance)
+from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, logits_in, random_tokens, rel_diff, tolerance)
 from capdiag.registry import register_check
 
 
@@ -28,7 +28,7 @@ class PaddingInvariance(Check):
         cap = s.captioner
         caps = s.captions
         T = caps.shape[1]
-        if eval_is_random(cap, s.images, s.captions, s.seed):
+        if subject_eval_is_random(s):
             return self.skip(RANDOM_EVAL)
         mask = cap.target_mask(caps)[..., None]  # (B, T-1, 1)
         base = logits_in(cap, s.images, caps, False, s.seed)

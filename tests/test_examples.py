@@ -19,6 +19,7 @@ def _run_main(path: Path, argv):
     return mod.main(argv)
 
 
+@pytest.mark.slow  # ~60 s; the flag itself is covered by test_monitor, the forum model by the next test
 def test_forum_case_is_flagged_during_training_and_fixed_version_is_not(capsys):
     pytest.importorskip("efficientnet_lite_pytorch")
     flags = _run_main(ROOT / "examples/forum_case/train.py", ["--steps", "200"])
@@ -52,6 +53,7 @@ def test_pytest_example_passes():
     assert "3 passed" in r.stdout
 
 
+@pytest.mark.slow  # ~50 s; the script itself runs in the default set through the COCO-folder test below
 def test_train_reference_reads_the_image_and_blind_twin_stays_at_floor(capsys):
     from capdiag.data import BLIND_FLOOR
 
