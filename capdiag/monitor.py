@@ -31,6 +31,7 @@ from .attention import attention_modules, captured_attention, judged_rows, norma
 from .captioner import Captioner, CaptionSpec
 from .errors import CapdiagError, UsageError
 from .pretrained import DriftWatcher
+from .distributed import clean_name, comm_device, dist_or_none as _dist, is_sharded, local_shard
 from .probe import param_part
 from .state import mode, preserved_rng
 
@@ -52,11 +53,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _dist():
-    d = torch.distributed
-    return d if d.is_available() and d.is_initialized() else None
 
 
 class TrainingDiagnostics:
@@ -154,6 +150,7 @@ class TrainingDiagnostics:
         self._last_loss: Optional[float] = None
         self._closed = False
         self._params = None
+        self._sharded = False
         self._seg = None
 
     # ---- after backward: gradients already in .grad ---------------------------------------------
@@ -163,21 +160,31 @@ class TrainingDiagnostics:
             return {}
         if self._params is None:  # names and parts resolved once: this runs on the hot path
             self._params = [(n, p) for n, p in self.captioner.model.named_parameters() if p.requires_grad]
+            self._sharded = is_sharded(self.model)
             self._part_names = sorted({self._part(n) for n, _ in self._params})
             self._part_index = [self._part_names.index(self._part(n)) for n, _ in self._params]
-        present = [(i, p.grad) for i, (_, p) in enumerate(self._params) if p.grad is not None]
-        if not present:
+        # Sharded gradients (FSDP2 DTensors, FSDP1 flat shards): each rank holds a piece of each
+        # gradient, so per-part sums of squares are computed from the local pieces and summed over
+        # ranks in one collective; nothing is gathered.
+        present = [(i, local_shard(p.grad)) for i, (_, p) in enumerate(self._params) if p.grad is not None]
+        present = [(i, g) for i, g in present if g.numel()]
+        if not present and not self._sharded:
             return {}
         idx = [i for i, _ in present]
         grads = [g.detach() for _, g in present]
-        norms = torch.stack(torch._foreach_norm(grads)).float()  # one fused pass over all gradients
-        key = (tuple(idx), norms.device)
+        device = grads[0].device if grads else self._comm_device()
+        norms = torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0, device=device)
+        key = (tuple(idx), device)
         if self._seg is None or self._seg[0] != key:  # usually the same parameters have grads every step
-            self._seg = (key, torch.tensor([self._part_index[i] for i in idx], device=norms.device))
+            self._seg = (key, torch.tensor([self._part_index[i] for i in idx], dtype=torch.long, device=device))
         seg = self._seg[1]
-        sq = torch.zeros(len(self._part_names), device=norms.device).index_add_(0, seg, norms * norms)
-        finite = torch.isfinite(norms).all()
-        sq, finite = sq.tolist(), bool(finite)  # one device sync per call
+        sq = torch.zeros(len(self._part_names) + 1, device=device).index_add_(0, seg, norms * norms)
+        sq[-1] = (~torch.isfinite(norms)).sum()  # non-finite pieces, reduced with the sums
+        if self._sharded:
+            sq = sq.to(self._comm_device())
+            _dist().all_reduce(sq)
+        sq = sq.tolist()  # one device sync per call
+        finite = sq.pop() == 0 and all(math.isfinite(v) for v in sq)
         parts = dict(zip(self._part_names, sq))
         out = {f"grad_norm/{k}": math.sqrt(v) for k, v in parts.items()}
         img = parts.get("encoder", 0.0) + parts.get("projection", 0.0)
@@ -192,7 +199,8 @@ class TrainingDiagnostics:
                                  "the encoder has stopped learning")
         if not finite:
             bad = [self._params[i][0] for i, v in zip(idx, norms.tolist()) if not math.isfinite(v)]
-            self._flag(step, f"non-finite gradients in {len(bad)} parameters, first {bad[0]}", kind="nonfinite")
+            where = f"{len(bad)} parameters, first {bad[0]}" if bad else "another rank's shards"
+            self._flag(step, f"non-finite gradients in {where}", kind="nonfinite")
         self._log(step, out)
         if self.writer is not None and self.histograms:
             for i, g in zip(idx, grads):
@@ -200,6 +208,7 @@ class TrainingDiagnostics:
         return out
 
     def _part(self, name: str) -> str:
+        name = clean_name(name)
         im = self.captioner.spec.image_module
         if im and (name == im or name.startswith(im + ".")):
             return "encoder"
@@ -219,13 +228,15 @@ class TrainingDiagnostics:
             out = self._reduce(out)
             if self._last_loss is not None:
                 out["train_loss"] = self._last_loss
-            for w in self.watchers:
-                moved = w.drift()
-                out[f"drift/{w.name}"] = max(moved.values()) if moved else 0.0
-                if moved:
-                    self._flag(step, f"frozen module {w.name!r} changed: {len(moved)} tensors moved "
-                                     f"(e.g. {next(iter(moved))}); BatchNorm running stats update in train mode "
-                                     "unless the module is kept in eval()", kind="drift", once=True)
+            moved = [w.drift() for w in self.watchers]  # this rank's shards
+            worst = self._reduce([max(m.values()) if m else 0.0 for m in moved], op="max")
+            for w, m, v in zip(self.watchers, moved, worst):
+                out[f"drift/{w.name}"] = v
+                if v > 0:
+                    example = f" (e.g. {next(iter(m))})" if m else ""
+                    self._flag(step, f"frozen module {w.name!r} changed by up to {v:.2g} (relative){example}; "
+                                     "BatchNorm running stats update in train mode unless the module is kept in eval()",
+                               kind="drift", once=True)
             self._judge(step, out)
             self._log(step, out)
         self._sync_stop()
@@ -289,16 +300,18 @@ class TrainingDiagnostics:
             warnings.warn(f"capdiag (step {step}): {message}", CapdiagWarning, stacklevel=3)
 
     # ---- distributed -----------------------------------------------------------------------------
-    def _reduce(self, metrics: dict) -> dict:
-        """Average probe metrics over ranks (each rank probed its own batch slice or replica)."""
+    def _reduce(self, metrics, op: str = "mean"):
+        """Average (or take the max of) metrics over ranks, in one collective: a dict of probe metrics
+        (each rank probed its own batch or replica) or a list of values (drift of local shards)."""
         d = _dist()
         if d is None or not metrics:
             return metrics
-        keys = sorted(metrics)
+        keys = sorted(metrics) if isinstance(metrics, dict) else range(len(metrics))
         t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self._comm_device())
-        d.all_reduce(t)
-        t /= d.get_world_size()
-        return dict(zip(keys, t.tolist()))
+        d.all_reduce(t, op=d.ReduceOp.MAX if op == "max" else d.ReduceOp.SUM)
+        if op == "mean":
+            t /= d.get_world_size()
+        return dict(zip(keys, t.tolist())) if isinstance(metrics, dict) else t.tolist()
 
     def _sync_stop(self) -> None:
         d = _dist()
@@ -310,8 +323,7 @@ class TrainingDiagnostics:
         self.should_stop = bool(t.item() > 0)
 
     def _comm_device(self):
-        d = _dist()
-        return torch.device("cuda", torch.cuda.current_device()) if d and d.get_backend() == "nccl" else torch.device("cpu")
+        return comm_device()
 
     # ---- output ----------------------------------------------------------------------------------
     def _log(self, step: int, metrics: dict) -> None:

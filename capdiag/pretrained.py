@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .distributed import local_shard
 from .errors import ClobberedWeightsError, WeightsError
 
 MIN_NUMEL = 64
@@ -280,13 +281,15 @@ class DriftWatcher:
 
     def __init__(self, module: nn.Module, name: str = ""):
         self.module, self.name = module, name
-        self.reference = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+        # Local shards under FSDP (each rank watches its own piece; the monitor reduces the result).
+        self.reference = {k: local_shard(v).detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
     def drift(self) -> dict:
+        """``{tensor name: max relative change}`` of the tensors (this rank's shards) that moved."""
         out = {}
         state = self.module.state_dict()
         for k, ref in self.reference.items():
-            cur = state[k].detach()
+            cur = local_shard(state[k]).detach()
             if not torch.equal(cur, ref):
                 out[f"{self.name}.{k}" if self.name else k] = float(
                     (cur.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)

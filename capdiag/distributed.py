@@ -1,0 +1,59 @@
+"""What the training monitor needs to know about distributed and sharded training.
+
+DDP replicates parameters and synchronizes gradients: every rank sees whole tensors. FSDP2
+(``fully_shard``) keeps parameters and gradients as sharded ``DTensor``s, FSDP1
+(``FullyShardedDataParallel``, ``use_orig_params=True``) as views into this rank's flat shard:
+statistics are then computed from the local pieces and summed over ranks, never gathered.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def dist_or_none():
+    """``torch.distributed`` when a process group is initialized, else None."""
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+
+def comm_device() -> torch.device:
+    """Where collectives of small metric tensors run: the current CUDA device for nccl, else CPU."""
+    d = dist_or_none()
+    return torch.device("cuda", torch.cuda.current_device()) if d and d.get_backend() == "nccl" else torch.device("cpu")
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a sharded tensor (an FSDP2 DTensor), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    """Whether FSDP1 (FullyShardedDataParallel) wraps the model or a part of it."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDP) for m in model.modules())
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether gradients of ``model`` are sharded across ranks (FSDP1 or FSDP2)."""
+    return dist_or_none() is not None and (is_fsdp1(model) or any(is_dtensor(p) for p in model.parameters()))
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without the wrappers' prefixes (FSDP1, checkpoint, compile)."""
+    for p in _WRAPPER_PREFIXES:
+        name = name.replace(p, "")
+    return name

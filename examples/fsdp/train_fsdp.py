@@ -1,0 +1,114 @@
+"""capdiag's training hook under fully sharded data parallelism (FSDP2 ``fully_shard``, or FSDP1),
+gloo on CPU and nccl on GPUs, on the CLIP-conditioned reference captioner.
+
+    torchrun --standalone --nproc_per_node 2 examples/fsdp/train_fsdp.py --out runs/fsdp
+    torchrun --standalone --nproc_per_node 2 examples/fsdp/train_fsdp.py --out runs/fsdp1 --fsdp 1
+    python examples/fsdp/train_fsdp.py --out runs/single      # the same training in one process
+
+Every decoder layer, the CLIP tower and the root are sharded with ``fully_shard``. Each step draws
+one global batch; rank r trains on its contiguous share, and the single-process run averages the
+per-share losses, so both compute the same gradients (dropout is off and the model has no
+BatchNorm, so nothing else differs). Every rank probes the same probe batch. Each rank writes a
+JSON summary (the monitor's history and flags) and its local parameter shards, so tests can
+compare ranks, processes, and runs with and without the monitor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import capdiag
+from capdiag.captioner import Captioner, CaptionSpec
+from capdiag.data import SyntheticCaptions
+from capdiag.distributed import local_shard
+from capdiag.models import clip_decoder
+
+
+def shard(model, fsdp: int):
+    if fsdp == 2:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.text.decoder.layers:
+            fully_shard(layer)
+        fully_shard(model.clip)
+        fully_shard(model)
+        return model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FSDP(model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({torch.nn.TransformerDecoderLayer}))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--bug", default=None)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--fsdp", type=int, choices=(1, 2), default=2)
+    ap.add_argument("--no-monitor", action="store_true", help="train without capdiag (bitwise comparison)")
+    args = ap.parse_args(argv)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(0)  # the same initial weights everywhere
+    model = clip_decoder.build_model(bug=args.bug, dropout=0.0).to(device)
+    hints = {**clip_decoder.CAPDIAG, "image_module": "clip"}
+    if distributed:
+        model = shard(model, args.fsdp)
+    data = SyntheticCaptions(hints["vocab_size"], hints["pad_id"], hints["bos_id"], hints["eos_id"], hints["image_size"],
+                             hints["image_mean"], hints["image_std"])
+    probe = [t.to(device) for t in data.batch(16, seed=10_000)]  # the same probe batch on every rank
+    diag = None
+    if not args.no_monitor:
+        diag = capdiag.TrainingDiagnostics(model, probe, every=args.every, warmup=40, action="warn",
+                                           log_dir=str(Path(args.out) / "tb"), figures=False,
+                                           **{k: v for k, v in hints.items() if k not in ("image_size",)})
+    cap = Captioner(model, CaptionSpec(hints["vocab_size"], hints["pad_id"], hints["bos_id"], hints["eos_id"]))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    share = args.batch // 2  # two shares: the two ranks, or the two halves of the single-process loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(args.steps):
+            images, captions = (t.to(device) for t in data.batch(args.batch, seed=step))
+            if distributed:
+                part = slice(rank * share, (rank + 1) * share)
+                loss = cap.loss(images[part], captions[part])
+                global_loss = loss.detach().clone()
+                dist.all_reduce(global_loss)
+                global_loss /= world
+            else:
+                loss = sum(cap.loss(images[i * share:(i + 1) * share], captions[i * share:(i + 1) * share])
+                           for i in range(2)) / 2
+                global_loss = loss.detach()
+            opt.zero_grad()
+            loss.backward()
+            if diag:
+                diag.after_backward(step)
+            opt.step()
+            if diag:
+                diag.after_step(step, global_loss)
+    summary = {"rank": rank, "world": world, "flags": [], "history": {}}
+    if diag:
+        diag.close()
+        summary.update(flags=[(s, k) for s, k, _ in diag.flags], wrote=diag.writer is not None,
+                       history={k: list(v) for k, v in diag.history.items()})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(summary))
+    torch.save({n: local_shard(p.detach()).cpu().clone() for n, p in model.named_parameters()}, out / f"params{rank}.pt")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
