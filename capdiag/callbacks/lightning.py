@@ -31,8 +31,10 @@ class CapdiagCallback(pl.Callback):
             return getattr(pl_module, self.model_attr)
         return getattr(pl_module, "model", pl_module)
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and self.diag is None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # After configure_model and the strategy's setup: under FSDP (ModelParallelStrategy) the
+        # parameters are sharded by now, so drift references and gradients are the local shards.
+        if self.diag is None:
             kwargs = dict(self.kwargs)
             if "log_dir" not in kwargs and trainer.log_dir is not None:
                 kwargs["log_dir"] = f"{trainer.log_dir}/capdiag"
