@@ -14,6 +14,11 @@ capdiag configurations the time spent inside the hook calls is also reported as 
 the remaining step time of the same run, which is the precise overhead.
 
     python benchmarks/hook_overhead.py --steps 40 --rounds 5 [--device cuda] [--amp]
+    python benchmarks/hook_overhead.py --fsdp2 --steps 100 --rounds 3   # 2 gloo processes, FSDP2
+
+``--fsdp2`` relaunches itself under torchrun: the CLIP-conditioned reference sharded with
+``fully_shard`` (per decoder layer and the root), plain vs the default cadence, interleaved; rank 0
+prints the ratio and the share of step time spent inside the hooks (max over ranks).
 """
 from __future__ import annotations
 
@@ -106,8 +111,80 @@ def run(config, build, image_size, vocab, steps, device, amp, batches, probe, tm
     return times[3:], hook_times[3:]  # drop warm-up steps
 
 
+def fsdp2_worker(steps, rounds, every):
+    """One rank of the FSDP2 measurement (started by torchrun)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from capdiag.models import clip_decoder
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    h = clip_decoder.CAPDIAG
+    data = SyntheticCaptions(h["vocab_size"], h["pad_id"], h["bos_id"], h["eos_id"], h["image_size"], h["image_mean"], h["image_std"])
+    batches = [data.batch(8, seed=s * world + rank) for s in range(8)]
+    probe = data.batch(16, seed=999)
+    per, share = {"plain": [], "default cadence": []}, [0.0, 0.0]
+    for _ in range(rounds):
+        for config in per:
+            torch.manual_seed(0)
+            model = clip_decoder.build_model()
+            for layer in model.text.decoder.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            cap = Captioner(model, CaptionSpec(h["vocab_size"], h["pad_id"], h["bos_id"], h["eos_id"]))
+            opt = torch.optim.AdamW(model.parameters(), 1e-3)
+            diag = None
+            if config != "plain":
+                diag = capdiag.TrainingDiagnostics(model, probe, every=every, warmup=10**9, figures=False,
+                                                   **{k: v for k, v in h.items() if k != "image_size"})
+            for step in range(steps):
+                images, captions = batches[step % len(batches)]
+                dist.barrier()
+                t = time.perf_counter()
+                loss = cap.loss(images, captions)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                hook = 0.0
+                if diag:
+                    t_h = time.perf_counter()
+                    diag.after_backward(step + 1)
+                    hook += time.perf_counter() - t_h
+                opt.step()
+                if diag:
+                    t_h = time.perf_counter()
+                    diag.after_step(step + 1, loss.detach())
+                    hook += time.perf_counter() - t_h
+                dt = time.perf_counter() - t
+                if step >= 3:
+                    per[config].append(dt)
+                    if diag:
+                        share[0] += hook
+                        share[1] += dt - hook
+            if diag:
+                diag.close()
+    t = torch.tensor([statistics.mean(per["plain"]), statistics.mean(per["default cadence"]), share[0] / share[1]],
+                     dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        print(f"FSDP2, {world} gloo processes, CLIP-conditioned reference, batch 8 per rank, {steps} steps x {rounds} rounds")
+        print("| model | step (ms) | default cadence (every %d) |" % every)
+        print("|---|---|---|")
+        print(f"| clip_decoder, FSDP2 x{world} | {t[0] * 1e3:.1f} | {t[1] / t[0]:.3f}x ({100 * t[2]:.2f}% in hooks) |")
+    dist.destroy_process_group()
+
+
 def main():
+    import os
+    import sys
+
+    if os.environ.get("CAPDIAG_FSDP2_WORKER"):
+        steps, rounds, every = map(int, os.environ["CAPDIAG_FSDP2_WORKER"].split(","))
+        warnings.simplefilter("ignore")
+        return fsdp2_worker(steps, rounds, every)
     ap = argparse.ArgumentParser()
+    ap.add_argument("--fsdp2", action="store_true", help="measure under FSDP2 with 2 gloo processes (CPU)")
+    ap.add_argument("--every", type=int, default=100, help="probe cadence for --fsdp2")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
@@ -115,6 +192,12 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()
+    if args.fsdp2:
+        import subprocess
+
+        env = {**os.environ, "CAPDIAG_FSDP2_WORKER": f"{args.steps},{args.rounds},{args.every}", "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               __file__], env=env, check=True).returncode
     device = torch.device(args.device)
     warnings.simplefilter("ignore")
     print(f"device {device}, amp {args.amp}, batch {args.batch}, {args.steps} steps x {args.rounds} interleaved rounds")

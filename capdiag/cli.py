@@ -59,6 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", default="build_model", help="callable in the file that builds the model")
     p.add_argument("--arg", action="append", metavar="NAME=VALUE", help="keyword argument for the factory (repeatable)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the built model to this dtype before checking (default: as built); bfloat16 halves "
+                        "the memory of a model too big for one device in float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="capdiag-out", help="folder for plots (default: ./capdiag-out)")
     p.add_argument("--json", metavar="PATH", help="also write findings as JSON")
@@ -110,9 +113,12 @@ def _subject(args, out_dir: Optional[Path], batch_size: int = 8):
 
     target = _resolve_target(args.model)
     mf = load_model_file(target, args.factory)
+    import torch
+
     subject = make_subject(
         mf, device=args.device, seed=args.seed, out_dir=out_dir, batch_size=batch_size,
         model_kwargs=_model_kwargs(args.arg), progress=sys.stderr.isatty(),
+        dtype=getattr(torch, args.precision) if args.precision else None,
     )
     return mf, subject
 
@@ -141,11 +147,12 @@ def cmd_check(args) -> int:
     started = time.perf_counter()
     names = select_checks(_split(args.only), _split(args.skip), quick=args.quick)
     mf, subject = _subject(args, Path(args.out))
-    dev = subject.captioner.device
-    print_header(f"capdiag check {mf.path} on {dev} (seed {args.seed})", subject.captioner.spec.assumptions)
+    dev, precision = subject.captioner.device, str(subject.captioner.dtype).replace("torch.", "")
+    print_header(f"capdiag check {mf.path} on {dev} in {precision} (seed {args.seed})", subject.captioner.spec.assumptions)
     color = use_color(sys.stdout)
     report = run_checks(subject, [get_check(n) for n in names], on_finding=lambda f: print(format_finding(f, color), flush=True))
     report.assumptions = list(subject.captioner.spec.assumptions)
+    report.device, report.precision = str(dev), precision
     if args.debug:
         for f in report.findings:
             if "traceback" in f.artifacts:

@@ -67,6 +67,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
     model_name: str = ""
+    device: str = ""
+    precision: str = ""  # the dtype the checks ran in (float32, bfloat16, ...)
 
     @property
     def failed(self) -> bool:
@@ -81,6 +83,8 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "model": self.model_name,
+            "device": self.device,
+            "precision": self.precision,
             "assumptions": list(self.assumptions),
             "counts": self.counts(),
             "checks": [f.to_dict() for f in self.findings],

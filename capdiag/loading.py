@@ -219,6 +219,7 @@ def make_subject(
     batch_size: int = 8,
     model_kwargs: Optional[dict] = None,
     progress: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> Subject:
     """Build the model (unless given), probe what the hints leave out, and assemble a ``Subject``.
 
@@ -229,7 +230,9 @@ def make_subject(
     if model is None:
         with seeded(seed):
             model = build_model(mf, model_kwargs)
-        model.to(dev)  # capdiag built this model, so moving it is ours to do
+        model.to(dev)  # capdiag built this model, so moving it (and casting it) is ours to do
+        if dtype is not None:
+            model.to(dtype)
     # A model may refine the file's hints and bring its own loss/metric (bug twins, configs).
     h = {**mf.hints, **(getattr(model, "capdiag_hints", None) or {})}
     assumptions = []

@@ -117,3 +117,16 @@ def test_overfit_command_passes_clean_and_diagnoses_blind_twin(tmp_path, capsys)
     assert (tmp_path / "plots" / "overfit_loss.png").exists()
     code, out, _ = run_cli(capsys, "overfit", path, "--steps", "500", "--arg", "bug=image_blind")
     assert code == 1 and "image-blind floor" in out and "cannot see the image" in out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
+def test_precision_bfloat16_runs_the_checks_in_bf16_and_says_so(tmp_path, capsys, device):
+    out = tmp_path / "f.json"
+    code = main(["check", str(Path(__file__).resolve().parents[1] / "examples/minimal_model.py"), "--precision", "bfloat16",
+                 "--device", device, "--only", "causal_leak,batch_independence,padding_invariance", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"on {device}" in printed and "in bfloat16" in printed  # the header says what precision the checks ran in
+    data = json.loads(out.read_text())
+    assert data["precision"] == "bfloat16" and data["device"].startswith(device)
