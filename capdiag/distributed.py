@@ -7,6 +7,9 @@ statistics are then computed from the local pieces and summed over ranks, never 
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -57,3 +60,29 @@ def clean_name(name: str) -> str:
     for p in _WRAPPER_PREFIXES:
         name = name.replace(p, "")
     return name
+
+
+def _fsdp2_groups(model: nn.Module) -> list:
+    """``(module, param group)`` of every FSDP2-sharded module (``fully_shard``) in ``model``."""
+    out = []
+    for m in model.modules():
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        group = getattr(state, "_fsdp_param_group", None)
+        if group is not None:
+            out.append((m, group))
+    return out
+
+
+@contextlib.contextmanager
+def preserved_sharding(model: nn.Module) -> Iterator[None]:
+    """Reshard, after the block, every FSDP2 module that was sharded before it. An eval-mode probe
+    forward unshards the modules it runs, and FSDP2 keeps the root unsharded after its forward
+    (it expects the backward next): without this the probe would leave the root's full
+    parameters in memory until the next training step."""
+    was = [(m, g.is_sharded) for m, g in _fsdp2_groups(model)]
+    try:
+        yield
+    finally:
+        for m, sharded in was:
+            if sharded and not m._get_fsdp_state()._fsdp_param_group.is_sharded:
+                m.reshard()

@@ -31,7 +31,7 @@ from .attention import attention_modules, captured_attention, judged_rows, norma
 from .captioner import Captioner, CaptionSpec
 from .errors import CapdiagError, UsageError
 from .pretrained import DriftWatcher
-from .distributed import clean_name, comm_device, dist_or_none as _dist, is_sharded, local_shard
+from .distributed import clean_name, comm_device, dist_or_none as _dist, is_sharded, local_shard, preserved_sharding
 from .probe import param_part
 from .state import mode, preserved_rng
 
@@ -252,7 +252,7 @@ class TrainingDiagnostics:
         records: dict = {}
         watch = (lambda: captured_attention(cap.model, cap.spec.attention_modules)) \
             if self.has_attention else None
-        with preserved_rng():
+        with preserved_rng(), preserved_sharding(self.model):
             losses = ablation_losses(cap, self.images, self.captions, seed=0, kinds=kinds, watch_true=watch, records=records)
         true = losses["true"]
         out = {"probe_loss": true}

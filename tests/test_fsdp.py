@@ -50,6 +50,7 @@ def test_fsdp2_flags_the_blind_twin_at_the_single_process_step_and_changes_nothi
     _assert_same_grad_norms(ranks[0], single)
     assert _values(ranks[0], "reliance/shuffled_images") == pytest.approx(_values(single, "reliance/shuffled_images"), abs=1e-6)
     assert [r["wrote"] for r in ranks] == [True, False]
+    assert [r["sharding_changed_by_probe"] for r in ranks] == [0, 0]  # no parameters left unsharded by a probe
     assert len(list((tmp_path / "fsdp" / "tb").glob("events.out.tfevents.*"))) == 1
     for i in range(2):  # the monitor left every local shard bitwise as training without it
         with_, without = (torch.load(tmp_path / "fsdp" / f"params{i}{s}.pt") for s in ("", "_unmonitored"))

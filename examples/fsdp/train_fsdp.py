@@ -86,8 +86,17 @@ def train(args, distributed, rank, world, device, monitored):
                 diag.after_backward(step)
             opt.step()
             if diag:
+                before = sharding_state(model)
                 diag.after_step(step, global_loss)
+                if sharding_state(model) != before:  # the probe must leave no parameters unsharded
+                    diag.sharding_changed = getattr(diag, "sharding_changed", 0) + 1
     return model, diag
+
+
+def sharding_state(model):
+    """Whether each FSDP2 module's parameters are sharded right now."""
+    return [m._get_fsdp_state()._fsdp_param_group.is_sharded for m in model.modules()
+            if hasattr(m, "_get_fsdp_state") and m._get_fsdp_state()._fsdp_param_group is not None]
 
 
 def main(argv=None):
@@ -115,6 +124,7 @@ def main(argv=None):
         if diag:
             diag.close()
             summary.update(flags=[(s, k) for s, k, _ in diag.flags], wrote=diag.writer is not None,
+                           sharding_changed_by_probe=getattr(diag, "sharding_changed", 0), sharded=sharding_state(model),
                            history={k: list(v) for k, v in diag.history.items()})
             (out / f"rank{rank}.json").write_text(json.dumps(summary))
         shards = {n: local_shard(p.detach()).cpu().clone() for n, p in model.named_parameters()}
