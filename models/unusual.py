@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from capdiag.models.decoding import greedy
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RAW = dict(image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))  # the model normalizes itself
@@ -54,18 +56,10 @@ def regions_of(fmap):
     return fmap.flatten(2).transpose(1, 2)  # (B, C, 4, 4) -> (B, 16, C)
 
 
-def greedy_decode(step: Callable, B: int, bos: int, eos: int, pad: int, max_len: int, device) -> torch.Tensor:
-    """The usual loop: feed the sequence so far, take the argmax of the last position."""
-    seq = torch.full((B, 1), bos, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_len - 1):
-        nxt = step(seq).argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        done |= nxt == eos
-        if bool(done.all()):
-            break
-    return seq
+def next_greedy(seq, done, logits, pad: int, eos: int):
+    """Append the argmax of ``logits`` (B, V) to ``seq`` (rows already done get ``pad``)."""
+    nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+    return torch.cat([seq, nxt[:, None]], 1), done | (nxt == eos)
 
 
 class TutorialPositionalEncoding(nn.Module):
@@ -146,8 +140,8 @@ class TransformerCaptioner(nn.Module):
         if self.beam:
             return beam_search(lambda m, seq: self.decode(m, seq)[:, -1], memory, self.beam, self.bos, self.eos,
                                self.pad, max_len)
-        return greedy_decode(lambda seq: self.decode(memory, seq)[:, -1], images.shape[0], self.bos, self.eos,
-                             self.pad, max_len, images.device)
+        return greedy(lambda seq: self.decode(memory, seq)[:, -1], images.shape[0], bos=self.bos, eos=self.eos,
+                      pad=self.pad, max_len=max_len, device=images.device)
 
 
 def beam_search(score: Callable, memory, k, bos, eos, pad, max_len, alpha=0.7):
@@ -209,8 +203,8 @@ class PrefixLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, max_len=16):
-        return greedy_decode(lambda seq: self.forward(images, seq)[:, -1], images.shape[0], self.bos, self.eos,
-                             self.pad, max_len, images.device)
+        return greedy(lambda seq: self.forward(images, seq)[:, -1], images.shape[0], bos=self.bos, eos=self.eos,
+                      pad=self.pad, max_len=max_len, device=images.device)
 
 
 class GPT2Prefix(nn.Module):
@@ -239,8 +233,8 @@ class GPT2Prefix(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, max_len=16):
-        return greedy_decode(lambda seq: self.forward(images, seq)["logits"][:, -1], images.shape[0], self.bos,
-                             self.eos, self.pad, max_len, images.device)
+        return greedy(lambda seq: self.forward(images, seq)["logits"][:, -1], images.shape[0], bos=self.bos,
+                      eos=self.eos, pad=self.pad, max_len=max_len, device=images.device)
 
 
 # ---- LSTM decoders ------------------------------------------------------------------------------
@@ -328,10 +322,7 @@ class SortedAttentionLSTM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=images.device)
         for _ in range(max_len - 1):
             h, c, _ = self.step(enc, self.embedding(seq[:, -1]), h, c)
-            nxt = self.fc(h).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            done |= nxt == self.eos
+            seq, done = next_greedy(seq, done, self.fc(h), self.pad, self.eos)
             if bool(done.all()):
                 break
         return seq
@@ -372,10 +363,7 @@ class PackedLSTM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=images.device)
         for _ in range(max_len - 1):
             out, state = self.lstm(self.embed(seq[:, -1:]), state)
-            nxt = self.linear(out[:, -1]).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            done |= nxt == self.eos
+            seq, done = next_greedy(seq, done, self.linear(out[:, -1]), self.pad, self.eos)
             if bool(done.all()):
                 break
         return seq
@@ -463,10 +451,7 @@ class GRUCaptioner(nn.Module):
         h = None
         for _ in range(max_len - 1):
             logits, h = self.run(regions, seq[:, -1:], h)  # carry the GRU state: one step at a time
-            nxt = logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            done |= nxt == self.eos
+            seq, done = next_greedy(seq, done, logits[:, -1], self.pad, self.eos)
             if bool(done.all()):
                 break
         return seq
