@@ -24,7 +24,7 @@ from torch import nn
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.hooks import captured_outputs, replaced_output
-from capdiag.probe import reentrant_refusal, input_grad
+from capdiag.probe import input_grad, reentrant_refusal, rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
 from capdiag.training import learned
@@ -222,8 +222,6 @@ class Attribution(Check):
     def _no_gradient_path(self, s, cap, img, ids, why: str):
         """No gradient reaches the image: fail only when the words really do not depend on it
         (zeroing the image or swapping in another one leaves their log-probabilities unchanged)."""
-        from capdiag.probe import rel_diff, tolerance
-
         others = torch.cat([torch.zeros_like(img), s.images[1:2]]) if s.images.shape[0] > 1 else torch.zeros_like(img)
         with torch.no_grad(), seeded(s.seed), mode(cap.model, False):
             base = cap.logits(img, ids).float()

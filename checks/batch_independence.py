@@ -17,8 +17,8 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, input_grad, inner_positions, judged_mask,
-                           logits_in, rel_diff, replace_tokens, tolerance)
+from capdiag.probe import (RANDOM_EVAL, inner_positions, input_grad, judged_mask, logits_in,
+                           rel_diff, replace_tokens, subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
 from capdiag.state import mode, seeded
 

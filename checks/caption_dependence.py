@@ -13,8 +13,8 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, logits_in, rel_diff, replace_tokens,
-                           tolerance_same_shape, subject_train_reproducible)
+from capdiag.probe import (RANDOM_EVAL, logits_in, rel_diff, replace_tokens, subject_eval_is_random,
+                           subject_train_reproducible, tolerance_same_shape)
 from capdiag.registry import register_check
 
 

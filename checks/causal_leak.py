@@ -13,8 +13,9 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, inner_positions, judged_mask, logits_in,
-                           rel_diff, replace_tokens, tolerance, subject_train_reproducible)
+from capdiag.probe import (RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
+                           replace_tokens, subject_eval_is_random, subject_train_reproducible,
+                           tolerance)
 from capdiag.registry import register_check
 
 

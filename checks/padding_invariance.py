@@ -13,7 +13,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.probe import (RANDOM_EVAL, subject_eval_is_random, logits_in, random_tokens, rel_diff, tolerance)
+from capdiag.probe import RANDOM_EVAL, logits_in, random_tokens, rel_diff, subject_eval_is_random, tolerance
 from capdiag.registry import register_check
 
 
