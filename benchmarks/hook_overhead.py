@@ -113,6 +113,8 @@ def run(config, build, image_size, vocab, steps, device, amp, batches, probe, tm
 
 def fsdp2_worker(steps, rounds, every):
     """One rank of the FSDP2 measurement (started by torchrun)."""
+    import os
+
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -161,6 +163,8 @@ def fsdp2_worker(steps, rounds, every):
                     if diag:
                         share[0] += hook
                         share[1] += dt - hook
+                        if hook > 0.005 and os.environ.get("CAPDIAG_DEBUG_HOOKS"):
+                            print(f"rank {rank} step {step} hook {hook * 1e3:.1f} ms", flush=True)
             if diag:
                 diag.close()
     t = torch.tensor([statistics.mean(per["plain"]), statistics.mean(per["default cadence"]), share[0] / share[1]],

@@ -239,7 +239,10 @@ class TrainingDiagnostics:
                                kind="drift", once=True)
             self._judge(step, out)
             self._log(step, out)
-        self._sync_stop()
+        # Agreeing on a stop is a collective: only at steps that probe or read gradients (where flags
+        # are raised), not every step, so the hot path makes no blocking call.
+        if step % self.every == 0 or step % self.grad_every == 0 or _dist() is None:
+            self._sync_stop()
         return out
 
     @torch.no_grad()
