@@ -193,8 +193,7 @@ class Captioner:
         if self.has_generate:
             with self._fresh():
                 out = self.model.generate(images.clone(), max_len=max_len)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            out = torch.as_tensor(out, device=images.device).long()
+            out = generated_ids(out, images.shape[0], self.spec.pad_id, images.device)
             if out.dim() != 2:
                 raise ModelCallError(f"generate returned shape {tuple(out.shape)}; expected token ids (B, L)")
             if not bool((out[:, 0] == self.spec.bos_id).all()):
@@ -242,6 +241,20 @@ class Captioner:
 
     def image_module(self) -> Optional[nn.Module]:
         return self.submodule(self.spec.image_module) if self.spec.image_module else None
+
+
+def generated_ids(out: Any, batch: int, pad_id: int, device) -> torch.Tensor:
+    """Long ids from what a ``generate()`` returned: a tensor, a tuple ``(ids, extras...)``, or one
+    sequence per image (lists or 1-D tensors of different lengths, as beam searches often return),
+    right-padded with ``pad_id``."""
+    if isinstance(out, (tuple, list)) and len(out) == batch and all(
+            isinstance(o, (list, tuple)) or (isinstance(o, torch.Tensor) and o.dim() == 1) for o in out):
+        rows = [torch.as_tensor(o, dtype=torch.long).flatten() for o in out]
+        L = max(1, max(len(r) for r in rows))
+        return torch.stack([F.pad(r, (0, L - len(r)), value=pad_id) for r in rows]).to(device)
+    if isinstance(out, (tuple, list)):
+        out = out[0]  # (ids, attention weights, ...)
+    return torch.as_tensor(out, device=device).long()
 
 
 def align_logits(out: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:

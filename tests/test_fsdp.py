@@ -75,6 +75,7 @@ def test_fsdp1_use_orig_params_matches_single_process(tmp_path):
     _assert_same_grad_norms(ranks[0], single)
 
 
+@pytest.mark.slow  # ~20 s; the FSDP2 reduction itself is covered by the plain-loop test above
 def test_lightning_fsdp2_strategy_callback_flags_the_blind_twin_on_every_rank(tmp_path):
     pytest.importorskip("lightning")
     r = procs.run([sys.executable, str(ROOT / "examples/lightning/train_fsdp.py"), "--out", str(tmp_path),

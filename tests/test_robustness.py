@@ -6,6 +6,7 @@ import random
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,7 +215,8 @@ def test_model_already_on_cuda():
 
 
 # ---- Ctrl-C and SIGTERM -----------------------------------------------------------------------------
-OVERFIT_FOREVER = [sys.executable, "-m", "capdiag", "overfit", "capdiag.models.show_attend_tell", "--steps", "100000", "--lr", "1e-6"]
+MINIMAL = str(Path(__file__).resolve().parents[1] / "examples/minimal_model.py")  # small: the test is about signals
+OVERFIT_FOREVER = [sys.executable, "-m", "capdiag", "overfit", MINIMAL, "--steps", "100000", "--lr", "1e-6"]
 
 
 def _ignore_sigint():  # what a background job of a non-interactive shell hands its children

@@ -224,3 +224,26 @@ def test_new_probes_pass_the_reference_models(family):
         f = run_check(s, get_check(check))
         assert not f.status.failed, (check, f.summary)
     assert mod is not None
+
+
+def test_generate_returning_ragged_lists_is_padded_not_truncated_to_its_first_caption():
+    from capdiag.captioner import generated_ids
+
+    ids = generated_ids([[1, 5, 2], [1, 2]], 2, 0, "cpu")  # one list per image, as beam searches return
+    assert ids.tolist() == [[1, 5, 2], [1, 2, 0]]
+    assert generated_ids((torch.ones(2, 3), torch.zeros(2, 3, 4)), 2, 0, "cpu").shape == (2, 3)  # (ids, alphas)
+
+    class RaggedGenerate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = zoo.make("gru")
+
+        def forward(self, images, captions):
+            return self.inner(images, captions)
+
+        def generate(self, images, max_len=12):
+            return [[int(t) for t in row if t != zoo.PAD] for row in self.inner.generate(images, max_len)]
+
+    report = quiet_run(capdiag.subject_for(RaggedGenerate(), **{**zoo.HINTS, "image_module": "inner.encoder"}),
+                       ["batch_independence", "eval_determinism", "input_mutation"])
+    assert not failed(report), failed(report)
