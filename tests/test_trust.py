@@ -35,6 +35,21 @@ def failed(report):
     return {f.check: f.summary for f in report.findings if f.status.failed}
 
 
+class Wrapped(nn.Module):
+    """A zoo captioner inside a user's module; subclasses change one thing."""
+
+    def __init__(self, arch="gru"):
+        super().__init__()
+        self.inner = zoo.make(arch)
+
+    def forward(self, images, captions):
+        return self.inner(images, captions)
+
+
+def wrapped_subject(model):
+    return capdiag.subject_for(model, **{**zoo.HINTS, "image_module": "inner.encoder"})
+
+
 # ---- the clean family ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(unusual.PATTERNS))
 def test_clean_unusual_captioner_passes_every_quick_check(name):
@@ -104,18 +119,13 @@ def test_attribution_attributes_at_image_module_when_the_encoder_runs_under_no_g
 
 
 def test_gradient_reachability_warns_on_an_encoder_frozen_only_by_no_grad():
-    class NoGradOnly(nn.Module):  # requires_grad left True, encoder run under no_grad
-        def __init__(self):
-            super().__init__()
-            self.inner = zoo.make("gru")
-
+    class NoGradOnly(Wrapped):  # requires_grad left True, encoder run under no_grad
         def forward(self, images, captions):
             with torch.no_grad():
                 regions = self.inner.encoder(images)
             return self.inner._gru(self.inner.proj(regions), captions)
 
-    f = run_check(capdiag.subject_for(NoGradOnly(), **{**zoo.HINTS, "image_module": "inner.encoder"}),
-                  get_check("gradient_reachability"))
+    f = run_check(wrapped_subject(NoGradOnly()), get_check("gradient_reachability"))
     assert f.status is Status.WARN and "torch.no_grad()" in f.summary
     f = run_check(capdiag.subject_for(zoo.make("gru", "detached_image"), **zoo.HINTS), get_check("gradient_reachability"))
     assert f.status is Status.FAIL  # a .detach() is still a cut path
@@ -139,16 +149,12 @@ def test_causal_leak_still_fails_a_missing_mask_in_both_modes(zoo_subject):
 
 # ---- 5. in-place edits are reported once ----------------------------------------------------------
 def test_a_forward_that_edits_captions_in_place_fails_input_mutation_only():
-    class EditsCaptions(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = zoo.make("transformer")
-
+    class EditsCaptions(Wrapped):
         def forward(self, images, captions):
             captions[captions == zoo.EOS] = zoo.PAD  # "strip EOS from the inputs", on the caller's tensor
             return self.inner(images, captions)
 
-    report = quiet_run(capdiag.subject_for(EditsCaptions(), **{**zoo.HINTS, "image_module": "inner.encoder"}), QUICK)
+    report = quiet_run(wrapped_subject(EditsCaptions("transformer")), QUICK)
     assert set(failed(report)) == {"input_mutation"}, failed(report)
 
 
@@ -160,21 +166,14 @@ def test_reentrant_checkpointing_with_batchnorm_is_batch_independent():
 
 
 # ---- 7. the user's exception is a finding, capdiag's own an error ---------------------------------
-class GenerateRaises(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = zoo.make("gru")
-
-    def forward(self, images, captions):
-        return self.inner(images, captions)
-
+class GenerateRaises(Wrapped):
     def generate(self, images, max_len=12):
         ids = torch.zeros(images.shape[0], 1)  # float ids: the bug
         return self.inner.embed.weight[ids]  # IndexError: tensors used as indices must be long
 
 
 def test_a_model_that_raises_fails_the_check_naming_the_call_and_the_users_line():
-    s = capdiag.subject_for(GenerateRaises(), **{**zoo.HINTS, "image_module": "inner.encoder"})
+    s = wrapped_subject(GenerateRaises())
     f = run_check(s, get_check("eval_determinism"))
     assert f.status is Status.FAIL, f.summary
     assert "generate() raised IndexError" in f.summary and "test_trust.py" in f.summary
@@ -197,7 +196,7 @@ def test_capdiags_own_crash_stays_an_error(zoo_subject):
 def test_token_embedding_is_the_one_called_with_the_caption_ids():
     from capdiag.checks.attribution import token_embedding
 
-    class Decoy(nn.Module):
+    class Decoy(nn.Module):  # the decoy comes first in named_modules(), where the old lookup stopped
         def __init__(self):
             super().__init__()
             self.old_vocab = nn.Embedding(zoo.VOCAB, 8).requires_grad_(False)  # kept from an earlier run, unused
@@ -206,7 +205,7 @@ def test_token_embedding_is_the_one_called_with_the_caption_ids():
         def forward(self, images, captions):
             return self.inner(images, captions)
 
-    s = capdiag.subject_for(Decoy(), **{**zoo.HINTS, "image_module": "inner.encoder"})
+    s = wrapped_subject(Decoy())
     name, _ = token_embedding(s.captioner, s.images, s.captions)
     assert name == "inner.embed"
 
@@ -233,17 +232,10 @@ def test_generate_returning_ragged_lists_is_padded_not_truncated_to_its_first_ca
     assert ids.tolist() == [[1, 5, 2], [1, 2, 0]]
     assert generated_ids((torch.ones(2, 3), torch.zeros(2, 3, 4)), 2, 0, "cpu").shape == (2, 3)  # (ids, alphas)
 
-    class RaggedGenerate(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = zoo.make("gru")
-
-        def forward(self, images, captions):
-            return self.inner(images, captions)
-
+    class RaggedGenerate(Wrapped):
         def generate(self, images, max_len=12):
             return [[int(t) for t in row if t != zoo.PAD] for row in self.inner.generate(images, max_len)]
 
-    report = quiet_run(capdiag.subject_for(RaggedGenerate(), **{**zoo.HINTS, "image_module": "inner.encoder"}),
+    report = quiet_run(wrapped_subject(RaggedGenerate()),
                        ["batch_independence", "eval_determinism", "input_mutation"])
     assert not failed(report), failed(report)
