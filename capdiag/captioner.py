@@ -75,11 +75,13 @@ class Captioner:
     """
 
     def __init__(self, model: nn.Module, spec: CaptionSpec, loss_fn: Optional[Callable] = None, name: str = "model",
-                 bleu_fn: Optional[Callable] = None, stateless: bool = True):
+                 bleu_fn: Optional[Callable] = None, stateless: bool = False):
         self.model = model
-        # Every call leaves the model's plain attributes as it found them, so state a model carries
-        # between calls (a cached encoder output) can neither leak from one probe into the next
-        # nor stay in the user's model; eval_determinism turns this off on copies to detect it.
+        # stateless: every call leaves the model's plain attributes as it found them, so state a
+        # model carries between calls (a cached encoder output) can neither leak from one probe
+        # into the next nor stay in the user's model. On for the subjects capdiag probes (and the
+        # copies it trains); off by default, so that a training loop using this adapter keeps
+        # whatever state its model means to carry. eval_determinism turns it off to detect state.
         self.stateless = stateless
         self.spec = spec
         self.loss_fn = loss_fn
@@ -88,7 +90,7 @@ class Captioner:
 
     def with_model(self, model: nn.Module) -> "Captioner":
         """The same contract over another module (a deep copy that a check trains)."""
-        return Captioner(model, self.spec, self.loss_fn, self.name, self.bleu_fn)
+        return Captioner(model, self.spec, self.loss_fn, self.name, self.bleu_fn, self.stateless)
 
     # ---- devices and inputs -------------------------------------------------------------
     @property

@@ -265,7 +265,7 @@ def make_subject(
         # Load references now: a missing or non-state_dict path is bad input (exit 2), not a finding.
         spec.pretrained = {name: load_reference(ref) for name, ref in spec.pretrained.items()}
     cap = Captioner(model, spec, loss_fn=_callable(model, "loss_fn") or mf.loss_fn, name=mf.name,
-                    bleu_fn=_callable(model, "bleu_fn") or mf.bleu_fn)
+                    bleu_fn=_callable(model, "bleu_fn") or mf.bleu_fn, stateless=True)
     user_file = _file(mf)
     data = None
 

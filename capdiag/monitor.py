@@ -120,7 +120,7 @@ class TrainingDiagnostics:
             if not hasattr(spec, k):
                 raise UsageError(f"unknown hint {k!r} for TrainingDiagnostics")
             setattr(spec, k, v)
-        self.captioner = Captioner(inner, spec, name=type(inner).__name__)
+        self.captioner = Captioner(inner, spec, name=type(inner).__name__, stateless=True)
         self.images, self.captions = images.detach(), captions.detach()
         if not spec.vocab_size:
             with torch.no_grad(), mode(inner, False), preserved_rng():
