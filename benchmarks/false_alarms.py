@@ -142,7 +142,7 @@ def main(argv=None):
             ok = len(hit) == len(checks)
             print(f"planted {label:52s} {time.perf_counter() - t:6.1f}s  {'caught by ' + ', '.join(checks) if ok else 'MISSED by ' + ', '.join(c for c in checks if c not in hit)}"
                   f"{'  (also: ' + ', '.join(others) + ')' if others else ''}", flush=True)
-    print(f"\n| check | clean runs judged | false alarms | warnings | planted bugs caught / named |")
+    print("\n| check | clean runs judged | false alarms | warnings | planted bugs caught / named |")
     print("|---|---|---|---|---|")
     for c in ALL + (["(loading)"] if false_alarms["(loading)"] else []):
         planted = f"{caught[c]} / {total[c]}" if total[c] else "-"

@@ -73,6 +73,11 @@ def _fsdp2_groups(model: nn.Module) -> list:
     return out
 
 
+def sharding_state(model: nn.Module) -> list:
+    """Whether each FSDP2 module's parameters are sharded right now (empty without FSDP2)."""
+    return [g.is_sharded for _, g in _fsdp2_groups(model)]
+
+
 @contextlib.contextmanager
 def preserved_sharding(model: nn.Module) -> Iterator[None]:
     """Reshard, after the block, every FSDP2 module that was sharded before it. An eval-mode probe

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import capdiag
 from capdiag.captioner import Captioner, CaptionSpec
 from capdiag.data import SyntheticCaptions
-from capdiag.distributed import local_shard
+from capdiag.distributed import local_shard, sharding_state
 from capdiag.models import clip_decoder
 
 
@@ -92,11 +92,6 @@ def train(args, distributed, rank, world, device, monitored):
                     diag.sharding_changed = getattr(diag, "sharding_changed", 0) + 1
     return model, diag
 
-
-def sharding_state(model):
-    """Whether each FSDP2 module's parameters are sharded right now."""
-    return [m._get_fsdp_state()._fsdp_param_group.is_sharded for m in model.modules()
-            if hasattr(m, "_get_fsdp_state") and m._get_fsdp_state()._fsdp_param_group is not None]
 
 
 def main(argv=None):
