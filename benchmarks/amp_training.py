@@ -50,7 +50,7 @@ def main():
                 diag.after_backward(step)
                 opt.step()
                 diag.after_step(step, loss.detach())
-        rel = diag.history["reliance/shuffled_images"][-1][1]
+        rel = diag.history["image_ablation/image_reliance"][-1][1]
         flags = [(s, k) for s, k, _ in diag.flags]
         print(f"{name:<40} final loss {float(loss):.3f}  reliance {rel:8.3f}  flags {flags}  {time.perf_counter() - t:.1f}s")
         diag.close()

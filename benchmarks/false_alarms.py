@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import tempfile
 import time
 import warnings
 
@@ -23,29 +22,17 @@ import torch
 
 import capdiag
 from capdiag.finding import Status
-from capdiag.models import unusual, zoo
+from capdiag.models import registry, unusual, zoo
 from capdiag.registry import get_check, list_checks
 
 ALL = [c.name for c in list_checks()]
 QUICK = [c.name for c in list_checks() if c.cheap]
-REFERENCES = ("cnn_transformer", "show_attend_tell", "clip_decoder", "clipcap", "dual_transfer")
 
 
 def run(subject, checks):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return capdiag.run_checks(subject, checks)
-
-
-def reference_subject(name, bug=None, seed=0, clip_folder=None):
-    import importlib
-
-    family = importlib.import_module(f"capdiag.models.{name}")
-    kw = {"clip_weights": clip_folder} if bug == "xavier_init_clobbers_encoder" and name in ("clip_decoder", "clipcap") else {}
-    torch.manual_seed(seed)
-    model = family.build_model(bug=bug, **kw)
-    hints = {**family.CAPDIAG, **model.capdiag_hints}
-    return capdiag.subject_for(model, seed=seed, loss_fn=model.loss_fn, bleu_fn=getattr(model, "bleu_fn", None), **hints)
 
 
 def unusual_subject(name, bug=None, seed=0):
@@ -57,11 +44,11 @@ def clean_cases(seeds, references):
     for name in unusual.PATTERNS:
         for seed in range(seeds):
             yield f"unusual/{name}/seed{seed}", lambda n=name, s=seed: unusual_subject(n, seed=s)
-    for name in (REFERENCES if references else ()):
-        yield f"reference/{name}", lambda name=name: reference_subject(name)
+    for name in (registry.list_models() if references else ()):
+        yield f"reference/{name}", lambda name=name: registry.subject(name)
 
 
-def planted_cases(references, clip_folder):
+def planted_cases(references):
     """(label, subject factory, checks that must fail)."""
     for bug, (archs, check) in zoo.BUGS.items():
         for arch in archs:
@@ -71,22 +58,8 @@ def planted_cases(references, clip_folder):
             yield f"zoo/{arch}/{bug}", lambda a=arch, b=bug: capdiag.subject_for(zoo.make(a, b), **zoo.HINTS), checks
     for bug, (pattern, check) in unusual.BUGS.items():
         yield f"unusual/{pattern}/{bug}", lambda p=pattern, b=bug: unusual_subject(p, b), (check,)
-    if references:
-        import importlib
-
-        for name in REFERENCES:
-            for bug, check in importlib.import_module(f"capdiag.models.{name}").BUGS.items():
-                yield f"reference/{name}/{bug}", lambda n=name, b=bug: reference_subject(n, b, clip_folder=clip_folder), (check,)
-
-
-def local_clip_folder() -> str:
-    """A CLIP tower saved with save_pretrained(), standing in for real weights on disk (as in the tests)."""
-    from capdiag.models import hf_parts
-
-    folder = tempfile.mkdtemp(prefix="capdiag-clip-")
-    torch.manual_seed(1)
-    hf_parts.clip_vision(hf_parts.CLIP_SMALL).save_pretrained(folder)
-    return folder
+    for name, bug, check, _ in (registry.planted() if references else ()):
+        yield f"reference/{name}/{bug}", lambda n=name, b=bug: registry.subject(n, b), (check,)
 
 
 def main(argv=None):
@@ -125,8 +98,7 @@ def main(argv=None):
                   flush=True)
     caught, total, collateral = collections.Counter(), collections.Counter(), collections.defaultdict(list)
     if args.only != "clean":
-        clip_folder = local_clip_folder() if refs else None
-        for label, make, checks in planted_cases(refs, clip_folder):
+        for label, make, checks in planted_cases(refs):
             t = time.perf_counter()
             learned = any(not get_check(c).cheap for c in checks)
             report = run(make(), ALL if learned else QUICK)

@@ -17,10 +17,10 @@ import time
 import torch
 
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.checks.image_ablation import derangement
+from capdiag.ablation import derangement
 from capdiag.data import SyntheticCaptions
 from capdiag.models import zoo
-from capdiag.state import mode
+from capdiag.state import in_mode
 
 
 def auroc(pos: list, neg: list) -> float:
@@ -44,7 +44,7 @@ def train(model, data, steps: int, seed: int, batch: int = 32):
 
 @torch.no_grad()
 def reliance(cap, images, captions) -> float:
-    with mode(cap.model, False):
+    with in_mode(cap.model, False):
         true = float(cap.loss(images, captions))
         shuffled = float(cap.loss(derangement(images), captions))
     return 1 - true / shuffled
@@ -75,7 +75,7 @@ def main():
     # Cost of the score vs one evaluation pass, side by side on the same trained model.
     cap = train(zoo.ZooCaptioner("transformer"), data, 20, seed=0)
     def eval_pass():
-        with torch.no_grad(), mode(cap.model, False):
+        with torch.no_grad(), in_mode(cap.model, False):
             cap.loss(held_images, held_captions)
     def score_pass():
         reliance(cap, held_images, held_captions)

@@ -1,15 +1,12 @@
 """Library entry points for users who hold a model object rather than a model file."""
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
-import torch
 from torch import nn
 
 from .check import Subject
-from .loading import ModelFile, make_subject
+from .loading import subject_from_model
 
 
 def subject_for(
@@ -22,7 +19,6 @@ def subject_for(
     image_size: Optional[int] = None,
     batch: Optional[tuple] = None,
     seed: int = 0,
-    out_dir: Optional[Path] = None,
     loss_fn=None,
     bleu_fn=None,
     **hints,
@@ -37,6 +33,9 @@ def subject_for(
         batch: a real ``(images, captions)`` batch; default: synthetic data.
         loss_fn, bleu_fn: the training recipe's own loss and BLEU, checked by loss_sanity/metric_sanity.
         **hints: any other ``CAPDIAG`` hint (image_module, pretrained, ...).
+
+    Raises:
+        UsageError: an unknown or malformed hint (the same message a model file's CAPDIAG gets).
     """
     h = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id, **hints}
     if vocab_size is not None:
@@ -44,6 +43,5 @@ def subject_for(
     if image_size is not None:
         h["image_size"] = image_size
     sample = (lambda: batch) if batch is not None else None
-    mf = ModelFile(type(model).__name__, SimpleNamespace(), lambda: model, h, sample, loss_fn, bleu_fn)
-    device = str(next(iter(model.parameters()), torch.empty(0)).device)
-    return make_subject(mf, model=model, device=device, seed=seed, out_dir=out_dir)
+    return subject_from_model(model, h, name=type(model).__name__, sample_batch=sample, loss_fn=loss_fn,
+                              bleu_fn=bleu_fn, seed=seed, where="subject_for()")

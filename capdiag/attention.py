@@ -129,3 +129,18 @@ def normalized_entropy(rows: torch.Tensor) -> torch.Tensor:
         return torch.zeros(rows.shape[0])
     p = rows.clamp_min(0) / rows.sum(-1, keepdim=True).clamp_min(1e-12)
     return -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(L)
+
+
+def attention_stats(rows: torch.Tensor) -> dict:
+    """Statistics of ``(N, L)`` attention rows of real positions: how far the rows are from summing
+    to one, their mean normalized entropy, and the largest total-variation distance between two
+    rows (0 when every word and image get the same map)."""
+    L = rows.shape[-1]
+    sums = rows.sum(-1)
+    p = rows.clamp_min(0) / sums.clamp_min(1e-12)[:, None]
+    flat = p.view(-1, L)
+    idx = torch.linspace(0, len(flat) - 1, min(len(flat), 64)).long()
+    sub = flat[idx]
+    tv = 0.5 * (sub[:, None] - sub[None]).abs().sum(-1).max() if len(sub) > 1 else torch.tensor(0.0)
+    return {"max_sum_error": float((sums - 1).abs().max()), "normalized_entropy": float(normalized_entropy(rows).mean()),
+            "max_pairwise_tv": float(tv), "regions": L}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .captioner import Captioner
-from .state import mode, preserved_buffers, preserved_modes, seeded
+from .state import in_mode, preserved_buffers, preserved_modes, seeded
 
 
 def tracking_batchnorms(model: nn.Module) -> list:
@@ -50,7 +50,7 @@ def stats_mismatch(cap: Captioner, images: torch.Tensor, captions: torch.Tensor,
     try:
         for _, m in layers:
             handles.append(m.register_forward_pre_hook(hook))
-        with preserved_buffers(cap.model), seeded(seed), mode(cap.model, True):
+        with preserved_buffers(cap.model), seeded(seed), in_mode(cap.model, True):
             cap.logits(images, captions)
     finally:
         for h in handles:

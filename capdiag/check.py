@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
@@ -25,10 +24,21 @@ class Subject:
         images, captions: one batch on the model's device (the user's or synthetic).
         data: the synthetic dataset generator when the vocabulary allows one, else None.
         seed: base seed; checks derive their own seeds from it and never touch global RNG.
-        out_dir: where checks write PNGs (None: write nothing).
         progress: whether long checks may draw progress bars.
         batch_source: "user" (sample_batch() or a batch passed in) or "synthetic" (capdiag's own,
             built from the hints): a check never blames the user for capdiag's own batch.
+        live: the model is being trained right now (the training monitor): checks judge it as it
+            is and never train a copy, gradient checks read the ``.grad`` its training step left
+            instead of running a backward of their own, and drift checks compare frozen modules
+            with ``frozen_reference``.
+        frozen_reference: with ``live``, ``DriftWatcher``s over the modules meant to stay frozen,
+            taken when training started.
+        recipe: the ``training.Recipe`` of the one copy ``fitted()`` trains (None: the default
+            ``training.RECIPE``); ``capdiag overfit --steps/--lr`` sets it.
+
+    Shared state is explicit and order-independent: ``measured`` caches pure functions of
+    (model, batch, seed); ``fitted`` is the one copy trained by ``recipe``, whichever check asks
+    first; ``learned`` is what every check that needs a learned model judges.
     """
 
     captioner: Captioner
@@ -36,10 +46,12 @@ class Subject:
     captions: torch.Tensor
     data: Any = None
     seed: int = 0
-    out_dir: Optional[Path] = None
     progress: bool = False
     batch_source: str = "synthetic"
-    options: dict = field(default_factory=dict)
+    live: bool = False
+    frozen_reference: Sequence = ()
+    recipe: Any = None  # how fitted() trains its copy: a training.Recipe (None: training.RECIPE)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -50,30 +62,49 @@ class Subject:
 
         Only for pure functions of (model, batch, seed): the value is the same whichever check asks
         first, so caching it cannot make a verdict depend on the order checks run in."""
-        memo = self.options.setdefault("_measured", {})
-        if key not in memo:
-            memo[key] = compute()
-        return memo[key]
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
-    def output_path(self, filename: str) -> Optional[Path]:
-        if self.out_dir is None:
-            return None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return self.out_dir / filename
+    def fitted(self):
+        """The copy of the model trained on one batch by ``recipe`` (trained on first use, then
+        shared by every check of this subject). Never for a ``live`` subject."""
+        from .training import RECIPE, fit_recipe
+
+        if self.live:
+            raise RuntimeError("a live subject (a model in training) is judged as it is; it has no fitted copy")
+        return self.measured("fitted", lambda: fit_recipe(self, self.recipe or RECIPE))
+
+    def learned(self):
+        """What a check that needs a model which has learned something judges: the model as given
+        when it is live or already trained (loss well below ln V), else ``fitted()``.
+
+        Returns a ``training.Learned`` (unpacks as ``cap, images, captions, source``)."""
+        from .training import Learned, is_trained
+
+        if self.live:
+            return Learned(self.captioner, self.images, self.captions, "the model in training")
+        if is_trained(self):
+            return Learned(self.captioner, self.images, self.captions, "the model as given (already trained)")
+        f = self.fitted()
+        return Learned(f.captioner, f.images, f.captions, "a copy overfit on one synthetic batch")
 
 
 class Check(abc.ABC):
     """One diagnostic.
 
     Subclasses set ``name`` (registry key, snake_case, used everywhere), ``catches`` (the bug
-    it finds, one line for ``capdiag list``), ``cheap`` (a few passes: safe in quick runs and
-    during training) and implement ``run``. ``run`` must leave the model exactly as it found
+    it finds, one line for ``capdiag list``), ``cheap`` (a few passes, nothing trained: in
+    ``--quick`` runs), ``live`` (meaningful and safe on a model in training, given a ``live``
+    subject: a few no-grad passes on the probe batch or the step's own gradients; the training
+    monitor runs these) and implement ``run``. ``run`` must leave the model exactly as it found
     it: work in context managers from ``capdiag.state`` or on a deep copy.
     """
 
     name: ClassVar[str] = ""
     catches: ClassVar[str] = ""
     cheap: ClassVar[bool] = True
+    live: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, subject: Subject) -> Finding: ...

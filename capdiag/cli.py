@@ -7,8 +7,7 @@ Commands are plain functions over the library; only this module chooses exit cod
 from __future__ import annotations
 
 import argparse
-import ast
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -24,21 +23,6 @@ def _split(values) -> list:
     for v in values or []:
         out += [x.strip() for x in v.split(",") if x.strip()]
     return out
-
-
-def _model_kwargs(pairs) -> dict:
-    from .errors import UsageError
-
-    kwargs = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UsageError(f"--arg {pair!r} must look like NAME=VALUE (e.g. --arg bug=no_causal_mask)")
-        k, v = pair.split("=", 1)
-        try:
-            kwargs[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            kwargs[k] = v
-    return kwargs
 
 
 def _resolve_target(target: Optional[str]) -> str:
@@ -63,7 +47,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cast the built model to this dtype before checking (default: as built); bfloat16 halves "
                         "the memory of a model too big for one device in float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="capdiag-out", help="folder for plots (default: ./capdiag-out)")
+    p.add_argument("--out", default=None, help="also draw the findings' plots as PNGs into this folder "
+                                               "(drawn after the verdicts; default: no plots)")
     p.add_argument("--json", metavar="PATH", help="also write findings as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -108,29 +93,42 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-def _subject(args, out_dir: Optional[Path], batch_size: int = 8):
-    from .loading import load_model_file, make_subject
+def _subject(args, batch_size: int = 8):
+    from .loading import load_model_file, make_subject, model_kwargs
 
     target = _resolve_target(args.model)
     mf = load_model_file(target, args.factory)
     import torch
 
     subject = make_subject(
-        mf, device=args.device, seed=args.seed, out_dir=out_dir, batch_size=batch_size,
-        model_kwargs=_model_kwargs(args.arg), progress=sys.stderr.isatty(),
+        mf, device=args.device, seed=args.seed, batch_size=batch_size,
+        model_kwargs=model_kwargs(args.arg), progress=sys.stderr.isatty(),
         dtype=getattr(torch, args.precision) if args.precision else None,
     )
     return mf, subject
+
+
+def _draw(report, args) -> None:
+    """Plots only when asked for (--out, --report), after every verdict is printed."""
+    out = args.out or (str(Path(args.report) / "plots") if getattr(args, "report", None) else None)
+    if out is None:
+        return
+    from .viz.findings import render
+
+    report.findings[:] = [render(f, Path(out)) for f in report.findings]
+    if args.out:
+        print(f"plots written to {args.out}")
 
 
 def _finish(report, args, started: float) -> int:
     from .report.console import print_summary
 
     print_summary(report, time.perf_counter() - started)
+    _draw(report, args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
-        print(f"findings written to {args.json}")
+        from .report.jsonfile import write_json
+
+        print(f"findings written to {write_json(report, args.json)}")
     if getattr(args, "report", None):
         from .report.html import write_html
 
@@ -146,7 +144,7 @@ def cmd_check(args) -> int:
 
     started = time.perf_counter()
     names = select_checks(_split(args.only), _split(args.skip), quick=args.quick)
-    mf, subject = _subject(args, Path(args.out))
+    mf, subject = _subject(args)
     dev, precision = subject.captioner.device, str(subject.captioner.dtype).replace("torch.", "")
     print_header(f"capdiag check {mf.path} on {dev} in {precision} (seed {args.seed})", subject.captioner.spec.assumptions)
     color = use_color(sys.stdout)
@@ -171,10 +169,13 @@ def cmd_overfit(args) -> int:
         from .errors import UsageError
 
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
-    mf, subject = _subject(args, Path(args.out), batch_size=args.batch_size)
+    mf, subject = _subject(args, batch_size=args.batch_size)
     print_header(f"capdiag overfit {mf.path} on {subject.captioner.device} (seed {args.seed})", subject.captioner.spec.assumptions)
     subject.progress = True
-    check = get_check("overfit", steps=args.steps, lr=args.lr)
+    from .training import RECIPE
+
+    subject.recipe = dataclasses.replace(RECIPE, steps=args.steps, lr=args.lr or RECIPE.lr, batch_size=args.batch_size)
+    check = get_check("overfit")
     finding = run_check(subject, check)
     print(format_finding(finding, use_color(sys.stdout)))
     report = Report([finding], list(subject.captioner.spec.assumptions), subject.captioner.name)

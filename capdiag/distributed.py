@@ -91,3 +91,38 @@ def preserved_sharding(model: nn.Module) -> Iterator[None]:
         for m, sharded in was:
             if sharded and not m._get_fsdp_state()._fsdp_param_group.is_sharded:
                 m.reshard()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def reduce_metrics(metrics: dict, op: str = "mean") -> dict:
+    """Average (or take the max of) metrics over ranks in one collective: each rank probed its own
+    batch or replica (mean), or watched its own shards (max)."""
+    d = dist_or_none()
+    if d is None or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=comm_device())
+    d.all_reduce(t, op=d.ReduceOp.MAX if op == "max" else d.ReduceOp.SUM)
+    if op == "mean":
+        t /= d.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (one MAX collective; the flag itself without a group)."""
+    d = dist_or_none()
+    if d is None:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    d.all_reduce(t, op=d.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -89,3 +89,19 @@ class Report:
             "counts": self.counts(),
             "checks": [f.to_dict() for f in self.findings],
         }
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flag raised at ``step``: its kind and the finding behind it (unpacks as step, kind, message)."""
+
+    step: int
+    kind: str  # image_ignored, image_starved, nonfinite, drift
+    finding: Finding
+
+    @property
+    def message(self) -> str:
+        return self.finding.summary
+
+    def __iter__(self):
+        return iter((self.step, self.kind, self.message))

@@ -6,6 +6,7 @@ The model-file contract (see README): ``build_model()`` returning an ``nn.Module
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import inspect
@@ -18,18 +19,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .captioner import Captioner, CaptionSpec, extract_logits, align_logits, resolve_module
+from .captioner import Captioner, CaptionSpec, align_logits, extract_logits
 from .check import Subject
 from .data import SyntheticCaptions
 from .errors import CapdiagError, ModelCallError, ModelFileError, UsageError
-from .state import mode, preserved_attributes, seeded
+from .hints import caption_spec, check_keys, merged
+from .state import in_mode, preserved_attributes, seeded
 
-HINT_KEYS = {
-    "vocab_size", "pad_id", "bos_id", "eos_id", "image_size", "max_len", "image_module",
-    "pretrained", "image_mean", "image_std", "pixel_scale", "captions_keyword", "attention_modules",
-}
 PROBE_SIZES = (64, 224, 32, 128, 96, 256, 299, 384)
-IMAGE_MODULE_NAMES = ("encoder", "image_encoder", "cnn", "backbone", "visual", "vision", "vision_model", "image_model")
 
 
 @dataclass
@@ -139,11 +136,7 @@ def load_model_file(target: str, factory: str = "build_model") -> ModelFile:
     hints = getattr(module, "CAPDIAG", {}) or {}
     if not isinstance(hints, dict):
         raise ModelFileError(f"CAPDIAG in {shown} must be a dict of hints, got {type(hints).__name__}")
-    unknown = set(hints) - HINT_KEYS
-    if unknown:
-        raise ModelFileError(
-            f"CAPDIAG in {shown} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(HINT_KEYS))}"
-        )
+    check_keys(hints, f"CAPDIAG in {shown}")
     return ModelFile(
         shown, module, fn, dict(hints),
         getattr(module, "sample_batch", None), getattr(module, "loss_fn", None), getattr(module, "bleu_fn", None),
@@ -182,7 +175,7 @@ def call_forward(captioner: Captioner, images, captions, user_file: Optional[str
     """Forward once in eval mode with a clear error on failure; returns aligned logits. The model
     keeps no attribute this call sets (a cache of the probe batch)."""
     try:
-        with torch.no_grad(), mode(captioner.model, False), preserved_attributes(captioner.model):
+        with torch.no_grad(), in_mode(captioner.model, False), preserved_attributes(captioner.model):
             out = captioner.call(images, captions)
     except Exception as e:  # noqa: BLE001
         raise ModelCallError(
@@ -215,64 +208,60 @@ def make_subject(
     model: Optional[nn.Module] = None,
     device: Optional[str] = None,
     seed: int = 0,
-    out_dir: Optional[Path] = None,
     batch_size: int = 8,
     model_kwargs: Optional[dict] = None,
     progress: bool = False,
     dtype: Optional[torch.dtype] = None,
 ) -> Subject:
-    """Build the model (unless given), probe what the hints leave out, and assemble a ``Subject``.
+    """Build the model of a model file (unless given) and make its ``Subject``.
 
     Raises:
         ModelCallError / UsageError: the model cannot be built or called as the contract says.
     """
-    dev = resolve_device(device)
     if model is None:
+        dev = resolve_device(device)
         with seeded(seed):
             model = build_model(mf, model_kwargs)
         model.to(dev)  # capdiag built this model, so moving it (and casting it) is ours to do
         if dtype is not None:
             model.to(dtype)
-    # A model may refine the file's hints and bring its own loss/metric (bug twins, configs).
-    h = {**mf.hints, **(getattr(model, "capdiag_hints", None) or {})}
-    assumptions = []
-    spec = CaptionSpec(vocab_size=int(h.get("vocab_size", 0) or 0))
-    for key, default in (("pad_id", 0), ("bos_id", 1), ("eos_id", 2)):
-        if key in h:
-            setattr(spec, key, int(h[key]))
-        else:
-            assumptions.append(f"{key} = {default} (not in CAPDIAG hints)")
-    for key in ("max_len", "captions_keyword", "image_mean", "image_std", "pixel_scale", "pretrained", "attention_modules"):
-        if key in h:
-            setattr(spec, key, tuple(h[key]) if key in ("image_mean", "image_std") else h[key])
-    spec.normalization_declared = "image_mean" in h or "image_std" in h
-    if "image_mean" not in h:
-        assumptions.append("images normalized with ImageNet mean/std (no image_mean/image_std hints)")
-    if "image_module" in h:
-        resolve_module(model, h["image_module"])  # raises with close names
-        spec.image_module = h["image_module"]
-    else:
-        spec.image_module = guess_image_module(model)
-        if spec.image_module:
-            assumptions.append(f"image module = {spec.image_module!r} (guessed by name; set CAPDIAG['image_module'])")
-    for name in _pretrained_names(spec.pretrained):
-        resolve_module(model, name)
-    for name in spec.attention_modules or []:
-        resolve_module(model, name)
-    if isinstance(spec.pretrained, dict):
-        from .pretrained import load_reference
+    return subject_from_model(model, mf.hints, name=mf.name, sample_batch=mf.sample_batch, loss_fn=mf.loss_fn,
+                              bleu_fn=mf.bleu_fn, user_file=_file(mf), seed=seed, batch_size=batch_size,
+                              progress=progress, where=f"CAPDIAG in {mf.path}")
 
-        # Load references now: a missing or non-state_dict path is bad input (exit 2), not a finding.
-        spec.pretrained = {name: load_reference(ref) for name, ref in spec.pretrained.items()}
-    cap = Captioner(model, spec, loss_fn=_callable(model, "loss_fn") or mf.loss_fn, name=mf.name,
-                    bleu_fn=_callable(model, "bleu_fn") or mf.bleu_fn, stateless=True)
-    user_file = _file(mf)
+
+def subject_from_model(
+    model: nn.Module,
+    hints: Optional[dict] = None,
+    *,
+    name: str = "model",
+    sample_batch: Optional[Callable] = None,
+    loss_fn: Optional[Callable] = None,
+    bleu_fn: Optional[Callable] = None,
+    user_file: Optional[str] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+    where: str = "the hints",
+) -> Subject:
+    """Probe what the hints leave out and assemble a ``Subject`` for a model on its own device.
+
+    The model's own ``capdiag_hints``, ``loss_fn`` and ``bleu_fn`` refine the given ones (bug
+    twins, configs). A ``sample_batch`` gives the batch; otherwise a synthetic batch is made
+    from the hints (the image size probed when not hinted).
+    """
+    h = merged(hints, getattr(model, "capdiag_hints", None))
+    spec = caption_spec(h, model, where)
+    assumptions = spec.assumptions
+    dev = next(iter(model.parameters()), torch.empty(0)).device
+    cap = Captioner(model, spec, loss_fn=_callable(model, "loss_fn") or loss_fn, name=name,
+                    bleu_fn=_callable(model, "bleu_fn") or bleu_fn, stateless=True)
     data = None
 
-    if mf.sample_batch is not None:
+    if sample_batch is not None:
         try:
             with seeded(seed):
-                batch = mf.sample_batch()
+                batch = sample_batch()
         except Exception as e:  # noqa: BLE001
             raise ModelCallError(f"sample_batch() raised {type(e).__name__}: {_first_line(e)} (at {user_frame(e, user_file)})") from e
         images, captions = _validate_batch(batch)
@@ -287,18 +276,14 @@ def make_subject(
         except UsageError:
             data = None
     else:
-        if "image_size" in h:
-            spec.image_size = int(h["image_size"])
-            sizes = (spec.image_size,)
-        else:
-            sizes = PROBE_SIZES
+        sizes = (spec.image_size,) if "image_size" in h else PROBE_SIZES
         probe_caps = torch.tensor([[spec.bos_id, 3, 4, spec.eos_id]] * 2, device=dev)
         first_err, logits = None, None
-        for s in sizes:
-            imgs = torch.zeros(2, 3, s, s, device=dev, dtype=cap.dtype)
+        for size in sizes:
+            imgs = torch.zeros(2, 3, size, size, device=dev, dtype=cap.dtype)
             try:
                 logits = call_forward(cap, imgs, probe_caps, user_file)
-                spec.image_size = s
+                spec.image_size = size
                 break
             except ModelCallError as e:
                 first_err = first_err or e
@@ -315,9 +300,8 @@ def make_subject(
         call_forward(cap, images, captions, user_file)
         if "max_len" not in h:
             spec.max_len = captions.shape[1] + 4
-    spec.assumptions = assumptions
-    return Subject(cap, images, captions, data=data, seed=seed, out_dir=out_dir, progress=progress,
-                   batch_source="user" if mf.sample_batch is not None else "synthetic")
+    return Subject(cap, images, captions, data=data, seed=seed, progress=progress,
+                   batch_source="user" if sample_batch is not None else "synthetic")
 
 
 def _callable(model: nn.Module, name: str):
@@ -340,16 +324,16 @@ def _check_vocab(spec: CaptionSpec, logits: torch.Tensor, assumptions: list) -> 
             raise UsageError(f"CAPDIAG[{key!r}] = {getattr(spec, key)} is outside the vocabulary [0, {V})")
 
 
-def _pretrained_names(pretrained: Any) -> list:
-    if isinstance(pretrained, dict):
-        return list(pretrained)
-    if isinstance(pretrained, str):
-        return [pretrained]
-    return list(pretrained or [])
-
-
-def guess_image_module(model: nn.Module) -> Optional[str]:
-    for name, _ in model.named_children():
-        if name.lower() in IMAGE_MODULE_NAMES:
-            return name
-    return None
+def model_kwargs(pairs) -> dict:
+    """``NAME=VALUE`` pairs (``--arg``, ``--capdiag-arg``) as factory keyword arguments; values are
+    Python literals when they parse as one, else strings."""
+    kwargs = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"--arg {pair!r} must look like NAME=VALUE (e.g. --arg bug=no_causal_mask)")
+        k, v = pair.split("=", 1)
+        try:
+            kwargs[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            kwargs[k] = v
+    return kwargs

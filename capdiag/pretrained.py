@@ -295,3 +295,20 @@ class DriftWatcher:
                     (cur.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)
                 )
         return out
+
+
+def frozen_modules(model: torch.nn.Module) -> list:
+    """Dotted names of the largest submodules whose parameters (at least one) all have requires_grad=False."""
+    out = []
+    for name, m in model.named_modules():
+        params = list(m.parameters())
+        if not name or not params or any(p.requires_grad for p in params):
+            continue
+        if any(name.startswith(f + ".") for f in out):
+            continue  # inside a frozen module already listed
+        out.append(name)
+    return out
+
+
+def is_running_stat(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var"))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .captioner import Captioner
-from .state import mode, seeded
+from .state import in_mode, seeded
 
 
 def tolerance(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> float:
@@ -62,7 +62,7 @@ def logits_in(cap: Captioner, images, captions, train: bool, seed: int, check_fi
     Raises:
         NonFiniteOutput: the logits contain NaN/inf (a comparison of them would mean nothing).
     """
-    with mode(cap.model, train), seeded(seed):
+    with in_mode(cap.model, train), seeded(seed):
         out = cap.logits(images, captions).float()
     if check_finite and not bool(torch.isfinite(out).all()):
         raise NonFiniteOutput(first_nonfinite_module(cap, images, captions, train, seed), train)
@@ -217,7 +217,7 @@ def _tensors(x):
 
 def first_nonfinite_module(cap: Captioner, images, captions, train: bool, seed: int) -> str:
     """Name of the first module whose output is non-finite (or 'the loss' if only the loss is)."""
-    with torch.no_grad(), mode(cap.model, train), seeded(seed), traced_nonfinite(cap.model) as found:
+    with torch.no_grad(), in_mode(cap.model, train), seeded(seed), traced_nonfinite(cap.model) as found:
         cap.logits(images, captions)
     if found:
         return found[0] or f"the top-level forward of {type(cap.model).__name__}"
@@ -257,7 +257,7 @@ def input_grad(cap: Captioner, loss_of: Callable[[Captioner, torch.Tensor], torc
     """Gradient of ``loss_of(cap, x)`` w.r.t. the input ``x`` (None when unused), leaving the
     model's ``.grad`` alone.
 
-    Forward and backward run inside one ``mode(train)`` and ``seeded(seed)`` block: reentrant
+    Forward and backward run inside one ``in_mode(train)`` and ``seeded(seed)`` block: reentrant
     activation checkpointing recomputes the forward during the backward, and a backward run after
     the mode context has exited would recompute BatchNorm in train mode (mixing the batch) and
     draw other dropout masks. Reentrant checkpointing also refuses ``autograd.grad``; then the
@@ -265,7 +265,7 @@ def input_grad(cap: Captioner, loss_of: Callable[[Captioner, torch.Tensor], torc
     """
     import copy
 
-    with mode(cap.model, train), seeded(seed):
+    with in_mode(cap.model, train), seeded(seed):
         x1 = x.detach().clone().requires_grad_(True)
         loss = loss_of(cap, x1)
         if not loss.requires_grad:
@@ -276,7 +276,7 @@ def input_grad(cap: Captioner, loss_of: Callable[[Captioner, torch.Tensor], torc
             if not reentrant_refusal(e):
                 raise
     twin = cap.with_model(copy.deepcopy(cap.model))
-    with mode(twin.model, train), seeded(seed):
+    with in_mode(twin.model, train), seeded(seed):
         x2 = x.detach().clone().requires_grad_(True)
         loss_of(twin, x2).backward()
     return x2.grad

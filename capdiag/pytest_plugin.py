@@ -66,16 +66,13 @@ class CapdiagFile(pytest.File):
     def subject(self):
         """Build the model and subject once per file; a loading error fails every item the same way."""
         if self._subject is None and self._error is None:
-            from .cli import _model_kwargs
             from .errors import CapdiagError
-            from .loading import load_model_file, make_subject
+            from .loading import load_model_file, make_subject, model_kwargs
 
             try:
                 mf = load_model_file(self.target, self.config.getoption("capdiag_factory"))
-                out = self.config.getoption("capdiag_out")
                 self._subject = make_subject(mf, device=self.config.getoption("capdiag_device"),
-                                             out_dir=Path(out) if out else None,
-                                             model_kwargs=_model_kwargs(self.config.getoption("capdiag_arg")))
+                                             model_kwargs=model_kwargs(self.config.getoption("capdiag_arg")))
             except CapdiagError as e:
                 self._error = str(e)
         return self._subject
@@ -100,6 +97,11 @@ class CapdiagItem(pytest.Item):
         if subject is None:
             raise CapdiagFailure(f"capdiag could not load {self.parent.target}: {self.parent._error}")
         finding = run_check(subject, get_check(self.check_name))
+        out = self.config.getoption("capdiag_out")
+        if out:
+            from .viz.findings import render
+
+            finding = render(finding, Path(out))
         self.user_properties.append(("capdiag_summary", finding.summary))
         if finding.status is Status.SKIP:
             pytest.skip(finding.summary)

@@ -73,7 +73,7 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+def in_mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
     """Put the model in train or eval mode for a block; restore each submodule's own flag after.
 
     In train mode BatchNorm updates its running statistics even under ``no_grad``, so buffers

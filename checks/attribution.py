@@ -26,8 +26,7 @@ from capdiag.finding import Status
 from capdiag.hooks import captured_outputs, replaced_output
 from capdiag.probe import input_grad, reentrant_refusal, rel_diff, tolerance
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
-from capdiag.training import learned
+from capdiag.state import in_mode, seeded
 
 
 def _logp(cap, images, ids, t):
@@ -116,15 +115,15 @@ class Attribution(Check):
             import captum.attr  # noqa: F401
         except ImportError:  # pragma: no cover - captum is a core dependency
             return self.skip("captum is not installed")
-        cap, images, captions, source = learned(s)
+        cap, images, captions, source = s.learned()
         img = images[:1]
-        with torch.no_grad(), seeded(s.seed), mode(cap.model, False):
+        with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
             ids = cap.generate(img, max_len=cap.spec.max_len)
         n_words = len(cap.strip(ids)[0]) + 1  # words plus EOS
         n_words = min(n_words, ids.shape[1] - 1)
         if n_words < 1:
             return self.skip("the model generated an empty caption")
-        with seeded(s.seed), mode(cap.model, False):
+        with seeded(s.seed), in_mode(cap.model, False):
             emb_name, emb = token_embedding(cap, img, ids)
         image_layer = cap.image_module()
         gx = input_grad(cap, lambda c, x: sum(_logp(c, x, ids, t) for t in range(n_words)), img, train=False, seed=s.seed)
@@ -134,7 +133,7 @@ class Attribution(Check):
                 return self._no_gradient_path(s, cap, img, ids, "pixels get no gradient and no image_module is declared")
             at = f"the output of {cap.spec.image_module!r} (pixels get no gradient)"
         try:
-            with seeded(s.seed), mode(cap.model, False):
+            with seeded(s.seed), in_mode(cap.model, False):
                 img_shares, pixel_maps = self._attribute(cap, img, ids, n_words, emb, image_layer, at, captum=True)
         except RuntimeError as e:
             if not reentrant_refusal(e):
@@ -144,7 +143,7 @@ class Attribution(Check):
             names = dict((m, n) for n, m in cap.model.named_modules())
             emb2 = twin.submodule(names[emb]) if emb is not None else None
             layer2 = twin.submodule(cap.spec.image_module) if at != "pixels" else None
-            with seeded(s.seed), mode(twin.model, False):
+            with seeded(s.seed), in_mode(twin.model, False):
                 img_shares, pixel_maps = self._attribute(twin, img, ids, n_words, emb2, layer2, at, captum=False)
         if at != "pixels" and max(img_shares) == 0.0:
             return self._no_gradient_path(s, cap, img, ids, f"neither the pixels nor the output of "
@@ -153,15 +152,9 @@ class Attribution(Check):
         metrics = {"image_share": overall, "image_share_min": min(img_shares), "image_share_max": max(img_shares)}
         words = [s.data.decode([w]) if s.data is not None else str(w) for w in cap.strip(ids)[0]] + ["<eos>"]
         artifacts = {"image_share_per_word": list(zip(words[:n_words], img_shares)), "source": source}
-        path = s.output_path("attribution_pixels.png")
-        if path is not None and pixel_maps:
-            from capdiag.viz.plots import plot_word_maps, save
-
-            pic = cap.pixels(img)[0]
-            labels = [f"{w} ({sh:.0%} img)" for w, sh in zip(words, img_shares)]
-            maps = [(p / p.max().clamp_min(1e-12)).numpy() for p in pixel_maps]
-            save(plot_word_maps(pic, labels, maps, "Integrated Gradients |attribution| per generated word", cmap="inferno", alpha=0.6), path)
-            artifacts["attribution_png"] = path
+        if pixel_maps:
+            artifacts["pixel_maps"] = [(p / p.max().clamp_min(1e-12)).cpu() for p in pixel_maps]
+            artifacts["map_image"] = cap.pixels(img)[0]
         note = "" if emb is not None else " (no token embedding is called with the caption ids: image attribution only)"
         if at != "pixels":
             note += f"; attributed at {at}"
@@ -223,7 +216,7 @@ class Attribution(Check):
         """No gradient reaches the image: fail only when the words really do not depend on it
         (zeroing the image or swapping in another one leaves their log-probabilities unchanged)."""
         others = torch.cat([torch.zeros_like(img), s.images[1:2]]) if s.images.shape[0] > 1 else torch.zeros_like(img)
-        with torch.no_grad(), seeded(s.seed), mode(cap.model, False):
+        with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
             base = cap.logits(img, ids).float()
             moved = max(float(rel_diff(base, cap.logits(o[None], ids).float())) for o in others)
         metrics = {"image_share": 0.0, "max_rel_change_other_image": moved}

@@ -20,11 +20,11 @@ from capdiag.finding import Status
 from capdiag.probe import (RANDOM_EVAL, inner_positions, input_grad, judged_mask, logits_in,
                            rel_diff, replace_tokens, subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
+from capdiag.state import in_mode, seeded
 
 
 def _generated(cap, images, seed):
-    with torch.no_grad(), mode(cap.model, False), seeded(seed):
+    with torch.no_grad(), in_mode(cap.model, False), seeded(seed):
         return cap.strip(cap.generate(images))
 
 

@@ -15,8 +15,7 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
-from capdiag.training import learned
+from capdiag.state import in_mode, seeded
 
 
 @register_check
@@ -30,8 +29,8 @@ class DecodingConsistency(Check):
     def run(self, s: Subject):
         if not s.captioner.has_generate:
             return self.skip("the model has no generate(); capdiag's own greedy decoding is consistent by construction")
-        cap, images, captions, source = learned(s)
-        with torch.no_grad(), seeded(s.seed), mode(cap.model, False):
+        cap, images, captions, source = s.learned()
+        with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
             ids = cap.generate(images, max_len=captions.shape[1] + 2)
             if ids.shape[1] < 2:
                 return self.skip("generate() returned no tokens after BOS")

@@ -18,7 +18,7 @@ from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.probe import rel_diff, tolerance
 from capdiag.registry import register_check
-from capdiag.state import mode
+from capdiag.state import in_mode
 
 
 @register_check
@@ -30,7 +30,7 @@ class EvalDeterminism(Check):
     def run(self, s: Subject):
         cap = s.captioner
         # No reseeding between the calls on purpose: randomness in eval mode must show.
-        with torch.no_grad(), mode(cap.model, False):
+        with torch.no_grad(), in_mode(cap.model, False):
             a = cap.logits(s.images, s.captions).float()
             b = cap.logits(s.images, s.captions).float()
             d = float(rel_diff(a, b))
@@ -76,7 +76,7 @@ class EvalDeterminism(Check):
         used.stateless = False  # let state carry between these calls
         calls = {"forward": lambda i, t: used.logits(i, t).float(), "generate": lambda i, t: used.generate(i).float()}
         out = {}
-        with torch.no_grad(), mode(used.model, False):
+        with torch.no_grad(), in_mode(used.model, False):
             for what, reference in clean.items():
                 calls[what](imgs_a, caps_a)
                 after = calls[what](s.images, s.captions)

@@ -20,26 +20,9 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.pretrained import DriftWatcher
+from capdiag.pretrained import DriftWatcher, frozen_modules, is_running_stat
 from capdiag.registry import register_check
 from capdiag.state import seeded
-
-
-def frozen_modules(model: torch.nn.Module) -> list:
-    """Dotted names of the largest submodules whose parameters (at least one) all have requires_grad=False."""
-    out = []
-    for name, m in model.named_modules():
-        params = list(m.parameters())
-        if not name or not params or any(p.requires_grad for p in params):
-            continue
-        if any(name.startswith(f + ".") for f in out):
-            continue  # inside a frozen module already listed
-        out.append(name)
-    return out
-
-
-def _is_stat(key: str) -> bool:
-    return key.endswith(("running_mean", "running_var"))
 
 
 @register_check
@@ -47,10 +30,13 @@ def _is_stat(key: str) -> bool:
 class FrozenDrift(Check):
     name = "frozen_drift"
     catches = "frozen (requires_grad=False) modules that still change in training: BatchNorm statistics of an encoder not kept in eval()"
+    live = True
     lr: float = 1e-3
 
     def run(self, s: Subject):
         cap = s.captioner
+        if s.live:
+            return self._since_start(s)
         if not any(p.requires_grad for p in cap.model.parameters()):
             return self.skip("the model has no trainable parameters: nothing trains, nothing can drift")
         names = frozen_modules(cap.model)
@@ -65,11 +51,9 @@ class FrozenDrift(Check):
             loss = twin.loss(s.images, s.captions)
             loss.backward()
             opt.step()
-        moved = {}
-        for w in watchers:
-            moved.update(w.drift())
-        stats = [k for k in moved if _is_stat(k)]
-        weights = [k for k in moved if not _is_stat(k)]
+        moved = {k: v for w in watchers for k, v in w.drift().items()}
+        stats = [k for k in moved if is_running_stat(k)]
+        weights = [k for k in moved if not is_running_stat(k)]
         metrics = {"n_frozen_modules": len(names), "n_tensors_moved": len(moved),
                    "max_rel_change": max(moved.values()) if moved else 0.0}
         if not moved:
@@ -92,3 +76,21 @@ class FrozenDrift(Check):
             "self) or use torchvision.ops.FrozenBatchNorm2d; keep frozen parameters out of the optimizer.",
             {"moved": moved},
         )
+
+    def _since_start(self, s: Subject):
+        """During training: the declared frozen modules against their state when training started.
+        Metrics ``drift.<module>`` are this rank's largest relative change (0 when unchanged)."""
+        if not s.frozen_reference:
+            return self.skip("no frozen modules declared to the training monitor (frozen_modules=...)")
+        metrics, moved = {}, {}
+        for w in s.frozen_reference:
+            m = w.drift()
+            metrics[f"drift.{w.name}"] = max(m.values()) if m else 0.0
+            moved.update(m)
+        if not moved:
+            return self.finding(Status.PASS, "frozen modules unchanged since training started", metrics)
+        worst = max(moved, key=moved.get)
+        return self.finding(
+            Status.FAIL, f"frozen module changed since training started: {worst} by {moved[worst]:.2g} (relative)", metrics,
+            "BatchNorm running stats update in train mode unless the module is kept in eval(); keep frozen "
+            "parameters out of the optimizer.", {"moved": moved})

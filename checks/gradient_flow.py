@@ -17,66 +17,31 @@ from dataclasses import dataclass
 import torch
 
 from capdiag.check import Check, Subject
+from capdiag.distributed import is_sharded
 from capdiag.finding import Status
-from capdiag.probe import grads_of, param_part, trainable
+from capdiag.gradients import IMAGE_PATH, TEXT_PATH, by_layer, gradient_metrics, gradient_rows, part_mean_abs, step_grads
+from capdiag.probe import grads_of, trainable
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
+from capdiag.state import in_mode, seeded
 
 
-def part_of(name: str, image_module: str | None) -> str:
-    if image_module and (name == image_module or name.startswith(image_module + ".")):
-        return "encoder"
-    return param_part(name)
-
-
-def gradient_stats(s: Subject, lr: float = 1e-3) -> list:
-    """One row per trainable parameter: name, part, mean/max |g|, norm, update ratio."""
+def update_ratios(s: Subject, grads: dict, lr: float = 1e-3) -> dict:
+    """||dW|| / ||W|| per parameter after one Adam step on a copy (the caller's weights and
+    optimizer stay untouched)."""
     cap = s.captioner
-    with mode(cap.model, True), seeded(s.seed):
-        grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
-    # Update ratio: one Adam step on a copy, so the caller's weights and optimizer stay untouched.
     twin = copy.deepcopy(cap.model)
     named = dict(twin.named_parameters())
-    opt = torch.optim.Adam([named[n] for n, _ in trainable(cap.model)], lr=lr)
-    for n, p in trainable(cap.model):
+    params = trainable(cap.model)
+    opt = torch.optim.Adam([named[n] for n, _ in params], lr=lr)
+    for n, _ in params:
         g = grads.get(n)
         named[n].grad = None if g is None else g.detach().clone()
-    before = {n: named[n].detach().clone() for n, _ in trainable(cap.model)}
+    before = {n: named[n].detach().clone() for n, _ in params}
     opt.step()
-    rows = []
-    for n, p in trainable(cap.model):
-        g = grads.get(n)
+    out = {}
+    for n, _ in params:
         w = float(before[n].float().norm())
-        dw = float((named[n].detach() - before[n]).float().norm())
-        row = {"name": n, "part": part_of(n, cap.spec.image_module), "numel": p.numel(),
-               "update_ratio": dw / w if w > 0 else float("nan")}
-        if g is None:
-            row.update(mean_abs=0.0, max_abs=0.0, norm=0.0, flag="none")
-        else:
-            g = g.detach().float()
-            finite = bool(torch.isfinite(g).all())
-            row.update(mean_abs=float(g.abs().mean()), max_abs=float(g.abs().max()), norm=float(g.norm()),
-                       flag="" if finite and bool(g.any()) else ("nonfinite" if not finite else "zero"))
-        rows.append(row)
-    return rows
-
-
-def by_layer(rows: list) -> list:
-    """Aggregate parameter rows per module (weight and bias together)."""
-    layers: dict = {}
-    for r in rows:
-        mod = r["name"].rsplit(".", 1)[0] if "." in r["name"] else r["name"]
-        L = layers.setdefault(mod, {"name": mod, "part": r["part"], "sum_abs": 0.0, "numel": 0, "max_abs": 0.0, "flags": []})
-        L["sum_abs"] += r["mean_abs"] * r["numel"]
-        L["numel"] += r["numel"]
-        L["max_abs"] = max(L["max_abs"], r["max_abs"])
-        if r["flag"]:
-            L["flags"].append(r["flag"])
-    out = []
-    for L in layers.values():
-        L["mean_abs"] = L["sum_abs"] / max(L["numel"], 1)
-        L["flag"] = L["flags"][0] if L["flags"] else ""
-        out.append(L)
+        out[n] = float((named[n].detach() - before[n]).float().norm()) / w if w > 0 else float("nan")
     return out
 
 
@@ -90,10 +55,23 @@ class GradientFlow(Check):
     explode: float = 1e4
     band: tuple = (1e-5, 1.0)  # update/weight ratios outside this warn (usual band ~1e-4..1e-1)
 
+    live = True
+
     def run(self, s: Subject):
-        rows = gradient_stats(s)
-        if not rows:
+        cap = s.captioner
+        named = trainable(cap.model)
+        if not named:
             return self.skip("the model has no trainable parameters")
+        if s.live:  # the gradients the training step just produced; no backward of our own
+            rows = gradient_rows(named, step_grads(named), cap.spec.image_module, is_sharded(cap.model))
+            if all(r["flag"] == "none" for r in rows):
+                return self.skip("no parameter has a .grad yet (call after backward, before zero_grad)")
+            return self._live(rows)
+        with in_mode(cap.model, True), seeded(s.seed):
+            grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
+        rows = gradient_rows(named, grads, cap.spec.image_module)
+        for r, ratio in zip(rows, update_ratios(s, grads).values()):
+            r["update_ratio"] = ratio
         layers = by_layer(rows)
         means = [L["mean_abs"] for L in layers if L["mean_abs"] > 0]
         median = float(torch.tensor(means).median()) if means else 0.0
@@ -101,34 +79,13 @@ class GradientFlow(Check):
             if not L["flag"] and median > 0:
                 rel = L["mean_abs"] / median
                 L["flag"] = "vanishing" if rel < self.vanish else ("exploding" if rel > self.explode else "")
-
-        def part_mean(parts):
-            sel = [r for r in rows if r["part"] in parts]
-            n = sum(r["numel"] for r in sel)
-            return sum(r["mean_abs"] * r["numel"] for r in sel) / n if n else None
-
-        img, txt = part_mean({"encoder", "projection"}), part_mean({"decoder", "embedding", "output"})
-        metrics = {"median_layer_mean_abs_grad": median, "n_layers": len(layers)}
-        for part in ("encoder", "projection", "embedding", "decoder", "output"):
-            v = part_mean({part})
-            if v is not None:
-                metrics[f"mean_abs_grad_{part}"] = v
-        ratio = None
-        if img is not None and txt:
-            ratio = img / txt
-            metrics["image_over_text_grad"] = ratio
+        metrics = {"median_layer_mean_abs_grad": median, "n_layers": len(layers), **gradient_metrics(rows)}
+        ratio = metrics.get("image_over_text_grad")
+        img, txt = part_mean_abs(rows, IMAGE_PATH), part_mean_abs(rows, TEXT_PATH)
         ratios = [r["update_ratio"] for r in rows if math.isfinite(r["update_ratio"]) and r["update_ratio"] > 0]
         if ratios:
             metrics["median_log10_update_ratio"] = float(torch.tensor(ratios).log10().median())
-        artifacts = {"layers": [{k: L[k] for k in ("name", "part", "mean_abs", "max_abs", "flag")} for L in layers]}
-        path = s.output_path("gradient_flow.png")
-        if path is not None:
-            from capdiag.viz.plots import plot_gradient_flow, save
-
-            save(plot_gradient_flow([L["name"] for L in layers], [L["mean_abs"] for L in layers],
-                                    [L["max_abs"] for L in layers], [L["flag"] for L in layers],
-                                    [L["part"] for L in layers], f"gradient flow per layer: {s.captioner.name}"), path)
-            artifacts["gradient_flow_png"] = path
+        artifacts = {"layers": _layer_table(layers), "model_name": cap.name}
         bad = [L for L in layers if L["flag"] in ("none", "zero", "nonfinite")]
         if any(L["flag"] == "nonfinite" for L in bad):
             names = [L["name"] for L in bad if L["flag"] == "nonfinite"]
@@ -165,3 +122,17 @@ class GradientFlow(Check):
         if ratio is not None:
             summary += f"; image path gets {ratio:.2g}x the text path's mean |g|"
         return self.finding(Status.PASS, summary, metrics, artifacts=artifacts)
+
+    def _live(self, rows: list):
+        """During training: the statistics, and a verdict only on what is wrong at any step (NaN/inf)."""
+        metrics = gradient_metrics(rows)
+        artifacts = {"layers": _layer_table(by_layer(rows))}
+        bad = [r["name"] for r in rows if r["flag"] == "nonfinite"]
+        if bad:
+            return self.finding(Status.FAIL, f"NaN/inf gradients in {len(bad)} parameters, first {bad[0]}", metrics,
+                                "Find the op with torch.autograd.detect_anomaly(); check log/div/sqrt near zero.", artifacts)
+        return self.finding(Status.PASS, f"finite gradients in {len(rows)} parameters", metrics, artifacts=artifacts)
+
+
+def _layer_table(layers: list) -> list:
+    return [{k: L[k] for k in ("name", "part", "mean_abs", "max_abs", "flag")} for L in layers]

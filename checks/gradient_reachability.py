@@ -15,7 +15,7 @@ from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.probe import grads_of, param_part, traced_no_grad, trainable
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
+from capdiag.state import in_mode, seeded
 
 
 def _module_of(name: str) -> str:
@@ -39,7 +39,7 @@ class GradientReachability(Check):
         params = trainable(cap.model)
         if not params:
             return self.skip("the model has no trainable parameters")
-        with mode(cap.model, True), seeded(s.seed), traced_no_grad(cap.model) as no_grad_modules:
+        with in_mode(cap.model, True), seeded(s.seed), traced_no_grad(cap.model) as no_grad_modules:
             grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
         none = [n for n, _ in params if grads.get(n) is None]
         nonfinite = [n for n, _ in params if grads.get(n) is not None and not bool(torch.isfinite(grads[n]).all())]

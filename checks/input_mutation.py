@@ -12,7 +12,7 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
+from capdiag.state import in_mode, seeded
 
 
 @register_check
@@ -30,7 +30,7 @@ class InputMutation(Check):
         for label, train, gen in calls:
             images, captions = s.images.clone(), s.captions.clone()
             ref_i, ref_c = images.clone(), captions.clone()
-            with torch.no_grad(), mode(cap.model, train), seeded(s.seed):
+            with torch.no_grad(), in_mode(cap.model, train), seeded(s.seed):
                 cap.model.generate(images, max_len=cap.spec.max_len) if gen else cap.call(images, captions, protect=False)
             if not torch.equal(images, ref_i):
                 d = float((images.float() - ref_i.float()).abs().max())

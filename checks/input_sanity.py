@@ -24,7 +24,7 @@ from torch import nn
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.registry import register_check
-from capdiag.state import mode
+from capdiag.state import in_mode
 
 
 def pixel_entry(s: Subject) -> tuple[Optional[torch.Tensor], str]:
@@ -44,7 +44,7 @@ def pixel_entry(s: Subject) -> tuple[Optional[torch.Tensor], str]:
         for name, m in cap.model.named_modules():
             if isinstance(m, nn.Conv2d) and m.in_channels == 3:
                 handles.append(m.register_forward_pre_hook(hook(name)))
-        with torch.no_grad(), mode(cap.model, False):
+        with torch.no_grad(), in_mode(cap.model, False):
             cap.logits(s.images, s.captions)
     finally:
         for h in handles:
@@ -136,10 +136,7 @@ class InputSanity(Check):
             notes.append(" (no convolution takes a (B, 3, H, W) input: capdiag's own synthetic images are not judged)")
         if not synthetic:  # capdiag's own captions are well formed by construction
             problems += caption_problems(cap, s.captions)
-        artifacts = {}
-        path = s.output_path("input_batch.png")
-        if path is not None:
-            artifacts["batch_png"] = save_batch_grid(s, path)
+        artifacts = batch_preview(s)
         if problems:
             return self.finding(
                 Status.FAIL, "; ".join(problems), metrics,
@@ -155,12 +152,11 @@ class InputSanity(Check):
         )
 
 
-def save_batch_grid(s: Subject, path, n: int = 8):
-    from capdiag.viz.plots import plot_image_grid, save
-
+def batch_preview(s: Subject, n: int = 8) -> dict:
+    """The first ``n`` images (de-normalized, (n, H, W, 3)) and captions, for ``viz`` to draw."""
     imgs = s.captioner.pixels(s.images[:n])
     if s.data is not None:
         caps = [s.data.decode(c) for c in s.captioner.strip(s.captions[:n])]
     else:
         caps = [" ".join(map(str, c)) for c in s.captioner.strip(s.captions[:n])]
-    return save(plot_image_grid(imgs, caps, "the exact batch the checks used (de-normalized)"), path)
+    return {"batch_images": imgs, "batch_captions": caps}

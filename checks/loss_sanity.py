@@ -17,7 +17,7 @@ from capdiag.captioner import extract_logits
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
+from capdiag.state import in_mode, seeded
 
 
 @register_check
@@ -33,7 +33,7 @@ class LossSanity(Check):
         if fn is None:
             return self.skip("the model file defines no loss_fn(logits, captions)")
         images, captions = s.images, s.captions
-        with torch.no_grad(), seeded(s.seed), mode(cap.model, False):
+        with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
             logits = extract_logits(cap.call(images, captions)).float()
             base = float(fn(logits, captions))
             # 1. padding: append pad tokens and arbitrary logits for them

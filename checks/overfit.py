@@ -16,20 +16,19 @@ under overwritten weights: the forum case) are the model's problem and are repor
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from capdiag import batchnorm
 from capdiag.check import Check, Subject
-from capdiag.data import empirical_blind_floor
 from capdiag.finding import Status
 from capdiag.metrics import bleu4, exact_match
 from capdiag.registry import register_check
-from capdiag.state import mode, seeded
-from capdiag.training import copy_captioner, eval_loss, fit_copy, overfit_batch
+from capdiag.state import in_mode, seeded
+from capdiag.training import RECIPE, eval_loss, fit_copy, fit_recipe
 
 
 @register_check
@@ -38,45 +37,39 @@ class Overfit(Check):
     name = "overfit"
     catches = "a model that cannot memorize one batch (image-blind, broken wiring, bad learning rate)"
     cheap = False
-    steps: int = 500
+    # None: the subject's recipe (training.RECIPE unless set). Given knobs train a copy of their own;
+    # without them overfit judges the very copy every other check that needs a learned model judges.
+    steps: Optional[int] = None
     lr: Optional[float] = None
-    batch_size: int = 16
-    pass_loss: float = 0.05
+    batch_size: Optional[int] = None
     min_exact_match: float = 0.9
     sweep_steps: int = 150
-    bn_mismatch: float = 1.0  # |log variance ratio| at init above which BatchNorm statistics are stale
 
     def __post_init__(self):
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise ValueError("steps must be >= 1")
 
     def run(self, s: Subject):
         cap = s.captioner
-        images, captions = overfit_batch(s, self.batch_size)
-        floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
-        lr = self.lr or 1e-3
-        fit = fit_copy(cap, images, captions, self.steps, lr, s.seed, self.pass_loss / 10, s.progress, "overfit", floor=floor)
-        final = eval_loss(fit.captioner, images, captions, s.seed) if not fit.diverged else float("nan")
-        bn_metrics, bn_note = self._batchnorm_lag(s, cap, images, captions, fit, final, floor)
-        if "eval_loss_bn_recalibrated" in bn_metrics:
-            final = bn_metrics["eval_loss_bn_recalibrated"]
+        shared = s.recipe or RECIPE
+        knobs = {k: v for k, v in (("steps", self.steps), ("lr", self.lr), ("batch_size", self.batch_size)) if v is not None}
+        recipe = dataclasses.replace(shared, **knobs)
+        fitted = s.fitted() if recipe == shared else fit_recipe(s, recipe)
+        fit, images, captions, floor, final = fitted.fit, fitted.images, fitted.captions, fitted.floor, fitted.final_loss
         refs = cap.strip(captions)
-        with torch.no_grad(), seeded(s.seed), mode(fit.captioner.model, False):
+        with torch.no_grad(), seeded(s.seed), in_mode(fit.captioner.model, False):
             hyps = cap.strip(fit.captioner.generate(images, max_len=captions.shape[1] + 2))
         em, bleu = exact_match(refs, hyps), bleu4(refs, hyps)
         metrics = {
-            "final_loss": final, "blind_floor": floor, "steps_run": fit.steps, "lr": lr,
+            "final_loss": final, "blind_floor": floor, "steps_run": fit.steps, "lr": recipe.lr,
             "exact_match": em, "bleu4": bleu, "loss_over_floor": final / floor if floor > 0 else float("nan"),
-            "interrupted": float(fit.interrupted), **bn_metrics,
+            "interrupted": float(fit.interrupted), **fitted.bn_metrics,
         }
-        s.options["fitted"] = fit.captioner  # reused by ablation/attention/attribution
         examples = [
             (s.data.decode(r) if s.data else str(r), s.data.decode(h) if s.data else str(h)) for r, h in zip(refs[:6], hyps[:6])
         ]
         sweep_curves: dict = {}
-        # Memorized: greedy decoding reproduces the batch and the loss is near zero (or, for big
-        # vocabularies that converge slowly, a fifth of the image-blind floor).
-        low = self._low(final, floor)
+        low = recipe.low(final, floor)
         passed = low and em >= self.min_exact_match
         if fit.interrupted:
             status, summary, hint = Status.WARN, (
@@ -85,7 +78,7 @@ class Overfit(Check):
         elif passed:
             status, summary, hint = Status.PASS, (
                 f"memorized {len(refs)} captions in {fit.steps} steps: loss {final:.4f} "
-                f"(floor {floor:.3f}), exact match {em:.0%}, BLEU-4 {bleu:.2f}{bn_note}"), ""
+                f"(floor {floor:.3f}), exact match {em:.0%}, BLEU-4 {bleu:.2f}{fitted.bn_note}"), ""
         elif low:
             status, summary, hint = Status.FAIL, (
                 f"loss fell to {final:.4f} but greedy decoding reproduces only {em:.0%} of the captions "
@@ -93,41 +86,12 @@ class Overfit(Check):
                 "Training and decoding disagree: generate() feeds the model differently than forward "
                 "(missing image, wrong start token, state not carried, mask missing at inference).")
         else:
-            status, summary, hint, sweep_curves = self._diagnose(s, cap, images, captions, fit, final, floor, metrics)
-        artifacts = {"examples": examples, "losses": fit.losses}
-        fig_path = s.output_path("overfit_loss.png")
-        if fig_path is not None:
-            from capdiag.viz.plots import plot_loss_curve, save
-
-            save(plot_loss_curve(fit.losses, floor, self.pass_loss, f"single-batch overfit: {cap.name}", sweep_curves), fig_path)
-            artifacts["loss_curve_png"] = fig_path
+            status, summary, hint, sweep_curves = self._diagnose(s, cap, images, captions, fit, final, floor, metrics, recipe)
+        artifacts = {"examples": examples, "losses": list(fit.losses), "blind_floor": floor,
+                     "pass_loss": recipe.pass_loss, "sweep_curves": sweep_curves, "model_name": cap.name}
         return self.finding(status, summary, metrics, hint, artifacts)
 
-    def _low(self, loss: float, floor: float) -> bool:
-        return math.isfinite(loss) and (loss < self.pass_loss or loss < 0.2 * floor)
-
-    def _batchnorm_lag(self, s, cap, images, captions, fit, final, floor):
-        """When train mode memorized the batch but eval mode did not, and BatchNorm statistics
-        matched the weights at init, re-estimate the copy's statistics on the batch (its running
-        statistics lagged our own hard training) and use that copy from here on."""
-        if fit.diverged or self._low(final, floor) or not self._low(fit.recent_loss, floor):
-            return {}, ""
-        if not batchnorm.tracking_batchnorms(fit.captioner.model):
-            return {}, ""
-        mismatch = batchnorm.stats_mismatch(cap, images, captions, s.seed)
-        metrics = {"eval_loss_stale_bn": final}
-        if mismatch is not None:
-            metrics["bn_log_var_mismatch_at_init"] = mismatch
-            if mismatch > self.bn_mismatch:
-                return metrics, ""  # stale at init: the model's own problem (diagnosed below)
-        recal = copy_captioner(fit.captioner)
-        batchnorm.recalibrate(recal, images, captions, s.seed)
-        metrics["eval_loss_bn_recalibrated"] = eval_loss(recal, images, captions, s.seed)
-        fit.captioner = recal
-        return metrics, (f"; eval mode after re-estimating BatchNorm statistics on the batch (they lagged the "
-                         f"fast single-batch training: eval loss {final:.3f} before)")
-
-    def _diagnose(self, s, cap, images, captions, fit, final, floor, metrics):
+    def _diagnose(self, s, cap, images, captions, fit, final, floor, metrics, recipe):
         best_lr, best = fit.lr, final if math.isfinite(final) else float("inf")
         curves = {}
         # A diverging run asks whether a smaller step fits; a plateau whether a larger (or, for big
@@ -137,7 +101,7 @@ class Overfit(Check):
         else:  # plus the usual Adam default when the given rate is far below it
             sweep = (fit.lr / 3, fit.lr * 3, fit.lr * 10) + ((1e-3,) if fit.lr * 10 < 1e-3 else ())
         for lr in sweep:
-            trial = fit_copy(cap, images, captions, min(self.steps, self.sweep_steps), lr, s.seed, self.pass_loss / 10,
+            trial = fit_copy(cap, images, captions, min(recipe.steps, self.sweep_steps), lr, s.seed, recipe.stop_loss,
                              False, patience=50, floor=floor)
             curves[lr] = trial.losses
             loss = eval_loss(trial.captioner, images, captions, s.seed) if not trial.diverged else float("inf")
@@ -146,7 +110,7 @@ class Overfit(Check):
                 best_lr, best = lr, loss
         metrics["best_lr"], metrics["best_loss"] = best_lr, best
         # A rate that gets far below both the main run and the image-blind floor shows the model can fit.
-        if best < self.pass_loss or (best < 0.5 * final and best < 0.5 * floor):
+        if best < recipe.pass_loss or (best < 0.5 * final and best < 0.5 * floor):
             return Status.WARN, (
                 f"does not fit at lr {fit.lr:g} in {fit.steps} steps (loss {final:.3f}) but reaches {best:.4f} "
                 f"within {self.sweep_steps} steps at lr {best_lr:g}: the learning rate is off, the model can fit"), (
@@ -160,7 +124,7 @@ class Overfit(Check):
         if train_tail < 0.5 * best and train_tail < floor:
             stale = metrics.get("bn_log_var_mismatch_at_init", 0.0)
             why = (f"; at init its BatchNorm running variances are e^{stale:.1f} off the variances the weights "
-                   "produce" if stale > self.bn_mismatch else "")
+                   "produce" if stale > recipe.bn_mismatch else "")
             return Status.FAIL, (
                 f"fits in train mode (loss {train_tail:.3f}) but not in eval mode (loss {best:.3f}, image-blind floor "
                 f"{floor:.3f}): the model behaves differently at inference{why}"), (

@@ -31,6 +31,7 @@ from torch import nn
 from capdiag.models.decoding import generate
 from capdiag.models.hf_parts import CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, clip_vision, weights_file
 from capdiag.models.recipe import bleu4, caption_loss, xavier_init
+from capdiag.models.registry import LOCAL_CLIP, register_model
 from capdiag.models.transformer_decoder import CaptionDecoder
 
 # bug -> the check that must fail on it (the xavier twin: against a local CLIP checkpoint)
@@ -121,6 +122,13 @@ class ClipDecoderCaptioner(nn.Module):
         return bleu4(references, hypotheses, self.cfg.bos, self.cfg.eos, self.bug == "bleu_counts_padding")
 
 
+CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=Config.vocab_size - 1, bos_id=Config.vocab_size - 2,
+               eos_id=Config.vocab_size - 1, image_size=CLIP_SMALL["image_size"], image_mean=CLIP_MEAN,
+               image_std=CLIP_STD, max_len=12, image_module="clip.vision_model", pretrained={})
+
+
+@register_model("clip_decoder", hints=CAPDIAG, bugs=BUGS, needs=("transformers",), pretrained=LOCAL_CLIP,
+                bug_variants={"xavier_init_clobbers_encoder": "pretrained"})
 def build_model(bug: Optional[str] = None, size: str = "small", **overrides) -> ClipDecoderCaptioner:
     """Small CPU config by default; ``size="full"`` for ViT-B/32 + the 6-layer, 8-head, 512-wide
     decoder. ``clip_weights=`` loads a local Hugging Face CLIP checkpoint."""
@@ -133,6 +141,3 @@ def build_model(bug: Optional[str] = None, size: str = "small", **overrides) -> 
     return model
 
 
-CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=Config.vocab_size - 1, bos_id=Config.vocab_size - 2,
-               eos_id=Config.vocab_size - 1, image_size=CLIP_SMALL["image_size"], image_mean=CLIP_MEAN,
-               image_std=CLIP_STD, max_len=12, image_module="clip.vision_model", pretrained={})

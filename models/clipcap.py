@@ -30,10 +30,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from capdiag.models.decoding import generate
 from capdiag.models.hf_parts import (CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, GPT2_FULL, GPT2_SMALL, clip_vision, gpt2,
                                      weights_file)
-from capdiag.models.recipe import bleu4, caption_loss, loss_ignoring_pad_id, xavier_init
+from capdiag.models.recipe import EndOfTextRecipe, xavier_init
+from capdiag.models.registry import LOCAL_CLIP, register_model
 from capdiag.models.transformer_decoder import padding_after_eos
 
 # bug -> the check that must fail on it (the xavier twin: against a local CLIP checkpoint)
@@ -55,7 +55,7 @@ class Config:
 FULL = Config(vocab_size=50257, prefix_len=10, clip=dict(CLIP_FULL), lm=dict(GPT2_FULL))
 
 
-class ClipCapCaptioner(nn.Module):
+class ClipCapCaptioner(EndOfTextRecipe, nn.Module):
     def __init__(self, cfg: Config = Config(), bug: Optional[str] = None):
         super().__init__()
         if bug is not None and bug not in BUGS:
@@ -94,22 +94,7 @@ class ClipCapCaptioner(nn.Module):
             return logits[:, K - 1 : -1]
         return logits[:, K:]  # (B, T, V): position K+t has read captions[:t+1]
 
-    def forward(self, images, captions):
-        return self.decode(self.prefix(images), captions)
-
-    @torch.no_grad()
-    def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
-        """Greedy (beam_size=1) or beam search; ids (B, L) start with BOS (= EOS = pad)."""
-        return generate(self.prefix(images), self.decode, bos=self.special, eos=self.special, pad=self.special,
-                        max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len)
-
-    def loss_fn(self, logits, captions):
-        if self.bug == "loss_ignores_eos":
-            return loss_ignoring_pad_id(logits, captions, self.special)
-        return caption_loss(logits, captions, self.special)
-
-    def bleu_fn(self, references, hypotheses):
-        return bleu4(references, hypotheses, self.special, self.special, self.bug == "bleu_counts_padding")
+    context = prefix  # EndOfTextRecipe conditions the language model on this
 
 
 def hints_for(model) -> dict:
@@ -123,6 +108,13 @@ def hints_for(model) -> dict:
                 attention_modules=[], image_module="clip", max_len=12)
 
 
+CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=Config.vocab_size - 1, bos_id=Config.vocab_size - 1,
+               eos_id=Config.vocab_size - 1, image_size=CLIP_SMALL["image_size"], image_mean=CLIP_MEAN,
+               image_std=CLIP_STD, max_len=12, image_module="clip", attention_modules=[], pretrained={})
+
+
+@register_model("clipcap", hints=CAPDIAG, bugs=BUGS, needs=("transformers",), pretrained=LOCAL_CLIP,
+                bug_variants={"xavier_init_clobbers_encoder": "pretrained"})
 def build_model(bug: Optional[str] = None, size: str = "small", **overrides) -> ClipCapCaptioner:
     """Small CPU config by default; ``size="full"`` for ViT-B/32 + GPT-2 (124M), K = 10.
     ``clip_weights=`` / ``lm_weights=`` load local Hugging Face checkpoints."""
@@ -133,6 +125,3 @@ def build_model(bug: Optional[str] = None, size: str = "small", **overrides) -> 
     return model
 
 
-CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=Config.vocab_size - 1, bos_id=Config.vocab_size - 1,
-               eos_id=Config.vocab_size - 1, image_size=CLIP_SMALL["image_size"], image_mean=CLIP_MEAN,
-               image_std=CLIP_STD, max_len=12, image_module="clip", attention_modules=[], pretrained={})

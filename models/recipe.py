@@ -63,3 +63,31 @@ def xavier_init(m: nn.Module) -> None:
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+class EndOfTextRecipe:
+    """Forward, decoding, loss and BLEU of a GPT-2-style captioner whose one special id
+    (``self.special``, GPT-2's <|endoftext|>) is pad, BOS and EOS at once.
+
+    The class provides ``context(images)`` (what the language model is conditioned on: a prefix,
+    an image vector), ``decode(context, captions) -> logits (B, T, V)`` and ``bug``.
+    """
+
+    def forward(self, images, captions):
+        return self.decode(self.context(images), captions)
+
+    @torch.no_grad()
+    def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):
+        """Greedy (beam_size=1) or beam search; ids (B, L) start with BOS (= EOS = pad)."""
+        from capdiag.models.decoding import generate
+
+        return generate(self.context(images), self.decode, bos=self.special, eos=self.special, pad=self.special,
+                        max_len=max_len, beam_size=beam_size, alpha=alpha, min_len=min_len)
+
+    def loss_fn(self, logits, captions):
+        if self.bug == "loss_ignores_eos":
+            return loss_ignoring_pad_id(logits, captions, self.special)
+        return caption_loss(logits, captions, self.special)
+
+    def bleu_fn(self, references, hypotheses):
+        return bleu4(references, hypotheses, self.special, self.special, self.bug == "bleu_counts_padding")

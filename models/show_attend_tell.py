@@ -28,6 +28,7 @@ from torch import nn
 
 from capdiag.models.encoders import ImageEncoder, choose_encoder
 from capdiag.models.recipe import caption_loss, real_targets, xavier_init
+from capdiag.models.registry import LITE0, register_model
 
 PAD, BOS, EOS = 0, 1, 2
 # bug -> the check that must fail on it
@@ -203,10 +204,16 @@ class ShowAttendTell(nn.Module):
         return torch.tensor(best[0], device=image.device)
 
 
+CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=Config.image_size,
+               max_len=12, image_module="encoder", attention_modules=["attention"])
+
+
+@register_model("show_attend_tell", hints=CAPDIAG, bugs=BUGS, needs=(), pretrained=LITE0,
+                bug_variants={"xavier_init_clobbers_encoder": "pretrained"})
 def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optional[str] = None,
                 encoder_weights: Optional[str] = None, **overrides) -> ShowAttendTell:
     cfg = FULL if size == "full" else Config()
-    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights, bug)
+    encoder, encoder_weights = choose_encoder(cfg.encoder, encoder, encoder_weights)
     cfg = replace(cfg, encoder=encoder)
     model = ShowAttendTell(replace(cfg, encoder_weights=encoder_weights, **overrides), bug)
     # Hints that depend on the configuration (the module-level CAPDIAG describes the small one).
@@ -215,5 +222,3 @@ def build_model(bug: Optional[str] = None, size: str = "small", encoder: Optiona
     return model
 
 
-CAPDIAG = dict(vocab_size=Config.vocab_size, pad_id=PAD, bos_id=BOS, eos_id=EOS, image_size=Config.image_size,
-               max_len=12, image_module="encoder", attention_modules=["attention"])

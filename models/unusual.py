@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from capdiag.models.decoding import greedy
+from capdiag.models.show_attend_tell import Attention  # the paper's additive attention, written once
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -238,19 +239,6 @@ class GPT2Prefix(nn.Module):
 
 
 # ---- LSTM decoders ------------------------------------------------------------------------------
-class Attention(nn.Module):
-    """Soft attention of Show, Attend and Tell."""
-
-    def __init__(self, enc_dim, dec_dim, att_dim):
-        super().__init__()
-        self.enc_att, self.dec_att, self.full_att = nn.Linear(enc_dim, att_dim), nn.Linear(dec_dim, att_dim), nn.Linear(att_dim, 1)
-
-    def forward(self, enc, h):
-        att = self.full_att(torch.tanh(self.enc_att(enc) + self.dec_att(h)[:, None])).squeeze(2)  # (B, L)
-        alpha = F.softmax(att, dim=1)
-        return (enc * alpha[..., None]).sum(1), alpha
-
-
 class SortedAttentionLSTM(nn.Module):
     """The most widely copied PyTorch captioning tutorial's decoder, under capdiag's contract.
 

@@ -43,7 +43,7 @@ CASES = [
      "logits over 24 tokens but CAPDIAG['vocab_size'] is 99"),
     ("bad_hint_module", "hint names a missing module", GOOD + "CAPDIAG['image_module'] = 'encodr'\n", ["check", "{model}"],
      "no submodule 'encodr'; did you mean encoder"),
-    ("unknown_hint", "unknown hint key", GOOD + "CAPDIAG['vocab'] = 3\n", ["check", "{model}"], "unknown keys ['vocab']"),
+    ("unknown_hint", "unknown hint key", GOOD + "CAPDIAG['vocab'] = 3\n", ["check", "{model}"], "unknown hint 'vocab' in CAPDIAG"),
     ("bad_captions", "sample_batch() captions not long", GOOD + "import torch\ndef sample_batch():\n"
      "    return torch.zeros(2, 3, 32, 32), torch.zeros(2, 7)\n", ["check", "{model}"],
      "captions are torch.float32 (2, 7); expected a long tensor (B, T)"),

@@ -17,7 +17,6 @@ from capdiag.models.encoders import TORCHVISION_ENCODERS  # noqa: E402
 from capdiag.runner import run_checks  # noqa: E402
 
 FAMILIES = {"clip_decoder": clip_decoder, "clipcap": clipcap, "dual_transfer": dual_transfer}
-QUICK = [c.name for c in capdiag.list_checks() if c.cheap]
 
 
 def _needs_lite0(family):
@@ -58,50 +57,6 @@ def test_forward_backward_generate(name):
 
 
 @pytest.fixture(scope="module")
-def clean_quick():
-    """Quick-check statuses of each clean model, computed once."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = {f.check: f for f in run_checks(_subject(family), QUICK).findings}
-        return cache[family]
-
-    return get
-
-
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_clean_models_pass_every_quick_check(name, clean_quick):
-    family = FAMILIES[name]
-    _needs_lite0(family)
-    bad = {n: f.summary for n, f in clean_quick(family).items() if f.status not in (Status.PASS, Status.SKIP)}
-    assert not bad
-
-
-TWINS = [(clip_decoder, "no_causal_mask", "causal_leak"),
-         (clip_decoder, "image_not_fed", "gradient_reachability"),
-         (clip_decoder, "loss_counts_padding", "loss_sanity"),
-         (clip_decoder, "bleu_counts_padding", "metric_sanity"),
-         (clipcap, "image_not_fed", "gradient_reachability"),
-         (clipcap, "prefix_off_by_one", "caption_dependence"),
-         (clipcap, "loss_ignores_eos", "loss_sanity"),
-         (clipcap, "bleu_counts_padding", "metric_sanity"),
-         (dual_transfer, "xavier_init_clobbers_encoder", "pretrained_guard"),
-         (dual_transfer, "image_not_fed", "gradient_reachability"),
-         (dual_transfer, "batch_mean_image", "batch_independence"),
-         (dual_transfer, "loss_ignores_eos", "loss_sanity"),
-         (dual_transfer, "bleu_counts_padding", "metric_sanity")]
-
-
-@pytest.mark.parametrize("family,bug,check", TWINS, ids=[f"{f.__name__.split('.')[-1]}-{b}" for f, b, _ in TWINS])
-def test_twin_fails_the_right_check(family, bug, check, clean_quick):
-    _needs_lite0(family)
-    assert clean_quick(family)[check].status in (Status.PASS, Status.SKIP)
-    finding = run_checks(_subject(family, bug), [check]).findings[0]
-    assert finding.status is Status.FAIL, finding.summary
-
-
-@pytest.fixture(scope="module")
 def local_clip(tmp_path_factory):
     """A CLIP checkpoint saved locally, standing in for real weights the user has on disk."""
     folder = tmp_path_factory.mktemp("clip")
@@ -111,7 +66,7 @@ def local_clip(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", [clip_decoder, clipcap], ids=["clip_decoder", "clipcap"])
-def test_local_clip_weights_load_and_xavier_twin_is_caught(family, local_clip):
+def test_local_clip_weights_load_and_are_guarded(family, local_clip):
     from safetensors.torch import load_file
 
     saved = load_file(hf_parts.weights_file(local_clip))
@@ -123,7 +78,7 @@ def test_local_clip_weights_load_and_xavier_twin_is_caught(family, local_clip):
     assert clean.status is Status.PASS and "identical to the reference" in clean.summary
     twin = run_checks(_subject(family, "xavier_init_clobbers_encoder", clip_weights=local_clip),
                       ["pretrained_guard"]).findings[0]
-    assert twin.status is Status.FAIL and "no longer resemble the reference" in twin.summary
+    assert twin.status is Status.FAIL and "no longer resemble the reference" in twin.summary  # the message users see
 
 
 def test_clipcap_freezes_loaded_clip_as_in_the_paper(local_clip):

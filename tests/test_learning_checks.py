@@ -10,12 +10,13 @@ from capdiag.models import zoo
 from capdiag import get_check
 from capdiag.finding import Status
 from capdiag.runner import run_check, run_checks
+from capdiag.viz.findings import render
 
 LEARNED_CASES = [(bug, arch, c) for bug, (archs, checks) in zoo.LEARNED_BUGS.items() for arch in archs for c in checks]
 
 
 def test_overfit_passes_clean_and_writes_curve(zoo_subject, tmp_path):
-    f = run_check(zoo_subject("transformer", out_dir=tmp_path), get_check("overfit"))
+    f = render(run_check(zoo_subject("transformer"), get_check("overfit")), tmp_path)
     assert f.status is Status.PASS, f.summary
     assert f.metrics["final_loss"] < 0.05 and f.metrics["exact_match"] >= 0.9 and f.metrics["bleu4"] > 0.9
     assert (tmp_path / "overfit_loss.png").stat().st_size > 10_000
@@ -43,7 +44,9 @@ def test_learned_bug_fails(zoo_subject, bug, arch, check):
 @pytest.mark.parametrize("arch", ["transformer", "lstm"])
 def test_learning_checks_pass_on_clean_models(zoo_subject, tmp_path, arch):
     names = ["image_ablation", "decoding_consistency", "attention_maps", "attribution"]
-    report = run_checks(zoo_subject(arch, out_dir=tmp_path), names)
+    report = run_checks(zoo_subject(arch), names)
+    for f in report.findings:
+        render(f, tmp_path)
     bad = {f.check: f.summary for f in report.findings if f.status is not Status.PASS}
     assert not bad, bad
     ablation = report.findings[0]
@@ -73,7 +76,7 @@ def test_decoding_consistency_skips_without_generate(zoo_subject):
 
 
 def test_gradient_flow_flags_starved_encoder_and_plots(zoo_subject, tmp_path):
-    f = run_check(zoo_subject("transformer", "starved_image", out_dir=tmp_path), get_check("gradient_flow"))
+    f = render(run_check(zoo_subject("transformer", "starved_image"), get_check("gradient_flow")), tmp_path)
     assert f.status is Status.FAIL and "starved" in f.summary
     assert f.metrics["image_over_text_grad"] < 1e-3
     assert (tmp_path / "gradient_flow.png").stat().st_size > 10_000
@@ -160,7 +163,7 @@ def test_input_sanity_catches_raw_pixels_and_bad_captions(tmp_path):
     bad_caps = caps.clone()
     bad_caps[0, 3] = 7  # no EOS in caption 0
     bad_caps[1, 4] = 9  # a token after EOS
-    s = capdiag.subject_for(model, batch=(torch.randn(4, 3, 32, 32), bad_caps), out_dir=tmp_path, **zoo.HINTS)
-    f = run_check(s, get_check("input_sanity"))
+    s = capdiag.subject_for(model, batch=(torch.randn(4, 3, 32, 32), bad_caps), **zoo.HINTS)
+    f = render(run_check(s, get_check("input_sanity")), tmp_path)
     assert f.status is Status.FAIL and "no EOS" in f.summary and "follow EOS" in f.summary
     assert (tmp_path / "input_batch.png").exists()

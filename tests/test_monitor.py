@@ -44,7 +44,7 @@ def test_image_ignoring_twin_is_flagged_and_clean_model_is_not(bug, tmp_path):
     diag = TrainingDiagnostics(clean, PROBE, every=20, warmup=100, image_module="encoder")
     train(clean, 300, diag)
     assert diag.flags == []
-    assert diag.history["reliance/shuffled_images"][-1][1] > 1.0  # healthy: loss rises a lot without its image
+    assert diag.history["image_ablation/image_reliance"][-1][1] > 0.5  # healthy: loss rises a lot without its image
     torch.manual_seed(0)
     twin = zoo.ZooCaptioner("transformer", bug)
     diag = TrainingDiagnostics(twin, PROBE, every=20, warmup=100, image_module="encoder", log_dir=str(tmp_path))
@@ -67,13 +67,36 @@ def test_tensorboard_files_read_back_with_tensorboards_reader(tmp_path):
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("capdiag/reliance/shuffled_images", "capdiag/reliance/zeroed_features", "capdiag/grad_norm/encoder",
-                "capdiag/grad_norm/decoder", "capdiag/attention_entropy", "capdiag/train_loss"):
+    for tag in ("capdiag/image_ablation/image_reliance", "capdiag/image_ablation/loss_gap_zeroed_features",
+                "capdiag/gradient_flow/mean_abs_grad_encoder", "capdiag/gradient_flow/mean_abs_grad_decoder",
+                "capdiag/attention_maps/mean_normalized_entropy", "capdiag/train_loss"):
         assert tag in tags["scalars"], tag
-    rel = [e.value for e in acc.Scalars("capdiag/reliance/shuffled_images")]
+    rel = [e.value for e in acc.Scalars("capdiag/image_ablation/image_reliance")]
     assert len(rel) == 5 and rel[-1] > rel[0]
-    assert "capdiag/reliance_history" in tags["images"] and "capdiag/gradient_flow" in tags["images"]
+    assert "capdiag/image_ablation/reliance_history" in tags["images"] and "capdiag/gradient_flow/layers" in tags["images"]
     assert any(t.startswith("capdiag/grad/") for t in tags["histograms"])
+
+
+def test_monitor_and_check_report_the_same_image_reliance(tmp_path):
+    """One definition: the TensorBoard scalar the monitor writes is the ``image_reliance`` metric of
+    ``capdiag check`` (image_ablation) for the same trained model and batch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from capdiag.runner import run_check
+
+    torch.manual_seed(0)
+    model = zoo.ZooCaptioner("transformer")
+    train(model, 120)
+    model.eval()
+    finding = run_check(capdiag.subject_for(model, batch=PROBE, **zoo.HINTS), capdiag.get_check("image_ablation"))
+    assert "as given" in finding.artifacts["source"]  # judged as the trained model it is, not a fitted copy
+    with TrainingDiagnostics(model, PROBE, every=1, log_dir=str(tmp_path), figures=False, **zoo.HINTS) as diag:
+        diag.after_step(0, 1.0)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    [event] = acc.Scalars("capdiag/image_ablation/image_reliance")
+    assert event.value == pytest.approx(finding.metrics["image_reliance"], rel=1e-6, abs=1e-7)
+    assert finding.metrics["image_reliance"] > 0.3
 
 
 @pytest.mark.parametrize("arch", ["transformer", "lstm"])  # both use dropout: the RNG streams must stay the user's

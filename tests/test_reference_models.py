@@ -49,41 +49,15 @@ def test_sat_sampling_is_seeded_and_alphas_are_exposed():
     assert torch.isfinite(loss)
 
 
-QUICK_BUGS = [(show_attend_tell, "att_softmax_wrong_dim", "batch_independence"),
-              (show_attend_tell, "loss_counts_padding", "loss_sanity"),
-              (cnn_transformer, "no_causal_mask", "causal_leak"),
-              (cnn_transformer, "loss_counts_padding", "loss_sanity"),
-              (cnn_transformer, "bleu_counts_padding", "metric_sanity"),
-              (cnn_transformer, "image_not_fed", "gradient_reachability")]
-
-
 def _subject(family, bug=None, **kw):
     model = family.build_model(bug=bug, **kw)
     hints = {**family.CAPDIAG, **model.capdiag_hints}
     return capdiag.subject_for(model, loss_fn=model.loss_fn, bleu_fn=getattr(model, "bleu_fn", None), **hints)
 
 
-@pytest.mark.parametrize("family,bug,check", QUICK_BUGS, ids=[f"{f.__name__.split('.')[-1]}-{b}" for f, b, _ in QUICK_BUGS])
-def test_reference_twins_fail_the_right_quick_check(family, bug, check):
-    quick = [c.name for c in capdiag.list_checks() if c.cheap]
-    clean = {f.check: f.status for f in run_checks(_subject(family), quick).findings}
-    assert all(s in (Status.PASS, Status.SKIP) for s in clean.values()), clean
-    twin = {f.check: f.status for f in run_checks(_subject(family, bug), quick).findings}
-    assert twin[check] is Status.FAIL, twin
-
-
-@pytest.mark.parametrize("family", [show_attend_tell, cnn_transformer], ids=["sat", "cnn_transformer"])
-def test_xavier_twin_with_real_weights_is_caught(family):
-    pytest.importorskip("efficientnet_lite_pytorch")
-    clean = run_checks(_subject(family, encoder="efficientnet_lite0"), ["pretrained_guard"]).findings[0]
-    assert clean.status is Status.PASS, clean.summary
-    twin = run_checks(_subject(family, "xavier_init_clobbers_encoder"), ["pretrained_guard"]).findings[0]
-    assert twin.status is Status.FAIL and "look freshly initialized" in twin.summary
-
-
 @pytest.mark.slow  # trains copies with a learning-rate sweep: ~1 min per family on 2 CPU cores
 @pytest.mark.parametrize("family", [show_attend_tell, cnn_transformer], ids=["sat", "cnn_transformer"])
 def test_xavier_twin_cannot_fit_one_batch(family):
     pytest.importorskip("efficientnet_lite_pytorch")
-    f = run_checks(_subject(family, "xavier_init_clobbers_encoder"), ["overfit"]).findings[0]
+    f = run_checks(_subject(family, "xavier_init_clobbers_encoder", encoder="efficientnet_lite0"), ["overfit"]).findings[0]
     assert f.status is Status.FAIL, f.summary

@@ -1,1 +1,1 @@
-"""Renderers: Report -> terminal text, JSON (and, later, HTML/TensorBoard)."""
+"""Sinks for findings: console text, JSON, HTML and TensorBoard (each imported only when used)."""

@@ -1,7 +1,7 @@
 """Plot functions: each takes plain data and returns a ``matplotlib.figure.Figure``.
 
-Computing lives in checks; plotting lives here, so reports, TensorBoard and users can
-re-render findings without re-running anything.
+Computing lives in checks; plotting lives here (``findings.py`` maps each check's finding to
+these), so reports, TensorBoard and users can re-render findings without re-running anything.
 """
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def _figure(w: float, h: float):
     return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
+def _axes(w: float, h: float, ax=None):
+    """A new one-axes figure, or the figure of the ``ax`` given (drawing into a caller's layout)."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = _figure(w, h)
+    return fig, fig.add_subplot()
+
+
 def save(fig, path: Optional[Path]) -> Optional[Path]:
     if path is None:
         return None
@@ -26,9 +34,8 @@ def save(fig, path: Optional[Path]) -> Optional[Path]:
 
 
 def plot_loss_curve(losses: Sequence[float], floor: Optional[float] = None, threshold: Optional[float] = None,
-                    title: str = "single-batch overfit", sweep: Optional[dict] = None):
-    fig = _figure(7, 4)
-    ax = fig.add_subplot()
+                    title: str = "single-batch overfit", sweep: Optional[dict] = None, ax=None):
+    fig, ax = _axes(7, 4, ax)
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, np.maximum(np.asarray(losses, dtype=float), 1e-6), lw=1.5, label="train loss (this batch)")
     for lr, curve in (sweep or {}).items():
@@ -47,13 +54,12 @@ def plot_loss_curve(losses: Sequence[float], floor: Optional[float] = None, thre
 
 
 def plot_gradient_flow(names: Sequence[str], mean_abs: Sequence[float], max_abs: Sequence[float],
-                       flags: Sequence[str], parts: Sequence[str], title: str = "gradient flow per layer"):
+                       flags: Sequence[str], parts: Sequence[str], title: str = "gradient flow per layer", ax=None):
     """Classic max/mean |grad| bars per layer (log scale); zero/None layers shown, not dropped."""
     from matplotlib.patches import Patch
 
     n = len(names)
-    fig = _figure(min(max(8, 0.16 * n + 3), 22), 6)
-    ax = fig.add_subplot()
+    fig, ax = _axes(min(max(8, 0.16 * n + 3), 22), 6, ax)
     x = np.arange(n)
     nonzero = [v for v in list(mean_abs) + list(max_abs) if v and np.isfinite(v) and v > 0]
     floor = max(min(nonzero) / 100, 1e-12) if nonzero else 1e-12  # zero/None layers sit on the floor
@@ -82,9 +88,9 @@ def plot_gradient_flow(names: Sequence[str], mean_abs: Sequence[float], max_abs:
     return fig
 
 
-def plot_bars(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, reference: Optional[float] = None):
-    fig = _figure(6, 3.5)
-    ax = fig.add_subplot()
+def plot_bars(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, reference: Optional[float] = None,
+              ax=None):
+    fig, ax = _axes(6, 3.5, ax)
     colors = ["tab:green"] + ["tab:red"] * (len(values) - 1)
     ax.bar(labels, values, color=colors)
     for i, v in enumerate(values):
@@ -166,4 +172,20 @@ def plot_head_maps(image: np.ndarray, words: Sequence[str], maps: np.ndarray, ti
                 ax.set_ylabel(f"head {i}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_history(series: dict, threshold: Optional[float] = None, title: str = "", ylabel: str = "", ax=None):
+    """Metric histories over training steps: ``{label: [(step, value), ...]}``."""
+    fig, ax = _axes(6, 3.5, ax)
+    for (label, points), marker in zip(series.items(), "osd^v"):
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker=marker, label=label)
+    if threshold is not None:
+        ax.axhline(threshold, color="tab:red", ls="--", label="flag threshold")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     return fig

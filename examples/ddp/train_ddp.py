@@ -58,12 +58,13 @@ def main():
     diag.close()
     summary = {
         "rank": rank, "stopped_at": step, "should_stop": diag.should_stop, "wrote": diag.writer is not None,
-        "reliance": [v for _, v in diag.history["reliance/shuffled_images"]],
-        "grad_norm_decoder": [v for _, v in diag.history["grad_norm/decoder"]],
+        "reliance": [v for _, v in diag.history["image_ablation/image_reliance"]],
+        "grad_norm_decoder": [v for _, v in diag.history["gradient_flow/mean_abs_grad_decoder"]],
         "flags": [k for _, k, _ in diag.flags],
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(summary))
+    dist.barrier()  # no rank tears down gloo's connections while another is still using them
     dist.destroy_process_group()
 
 

@@ -47,7 +47,7 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer.fit(SATModule(args.bug), loader)
-    rel = callback.diag.history["reliance/shuffled_images"]
+    rel = callback.diag.history["image_ablation/image_reliance"]
     print("image reliance on the probe batch:", [(s, round(v, 2)) for s, v in rel])
     print("flags:", [f"{k} at step {s}" for s, k, _ in callback.flags] or "none")
     return callback.flags
