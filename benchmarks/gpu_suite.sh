@@ -7,7 +7,7 @@ OUTDIR="${1:-gpu-out}"
 mkdir -p "$OUTDIR"
 cd /tmp  # not the repo root: import the installed capdiag (with capdiag.models/checks mapped)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
-for spec in "capdiag.models.cnn_transformer" "capdiag.models.cnn_transformer --arg bug=xavier_init_clobbers_encoder" \
+for spec in "capdiag.models.cnn_transformer" "capdiag.models.cnn_transformer --arg bug=xavier_init_clobbers_encoder --arg encoder=efficientnet_lite0" \
             "capdiag.models.show_attend_tell" "capdiag.models.show_attend_tell --arg bug=att_softmax_wrong_dim" \
             "capdiag.models.cnn_transformer --arg size=full" \
             "capdiag.models.clip_decoder" "capdiag.models.clipcap" "capdiag.models.dual_transfer" \
