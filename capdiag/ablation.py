@@ -82,3 +82,14 @@ def true_pass(s, cap, images: torch.Tensor, captions: torch.Tensor) -> tuple:
         return loss, {n: r for n, r in recs.items() if r.weights}
 
     return s.measured(("true_pass", id(cap.model), id(images), id(captions)), compute)
+
+
+def generated(s, cap, images: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``cap.generate(images, max_len)`` in eval mode, seeded: computed once per subject, captioner
+    and batch, and shared by overfit (exact match), image_ablation (distinct captions) and
+    decoding_consistency (agreement with the forward)."""
+    def compute():
+        with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
+            return cap.generate(images, max_len=max_len)
+
+    return s.measured(("generated", id(cap.model), id(images), max_len), compute)

@@ -109,6 +109,12 @@ class Check(abc.ABC):
     @abc.abstractmethod
     def run(self, subject: Subject) -> Finding: ...
 
+    def reads_only(self, subject: Subject) -> bool:
+        """True when this run only reads state (never calls the model, changes no mode, buffer or
+        RNG): the runner then skips its ``preserved_state`` snapshot, which on the training hot path
+        would cost more than the check (cloning every buffer, walking every module)."""
+        return False
+
     def finding(
         self,
         status: Status,

@@ -174,7 +174,9 @@ def cmd_overfit(args) -> int:
     subject.progress = True
     from .training import RECIPE
 
-    subject.recipe = dataclasses.replace(RECIPE, steps=args.steps, lr=args.lr or RECIPE.lr, batch_size=args.batch_size)
+    # An explicit --steps is the user's budget: no time limit cuts it.
+    subject.recipe = dataclasses.replace(RECIPE, steps=args.steps, lr=args.lr or RECIPE.lr, batch_size=args.batch_size,
+                                         time_budget=None)
     check = get_check("overfit")
     finding = run_check(subject, check)
     print(format_finding(finding, use_color(sys.stdout)))
@@ -198,7 +200,9 @@ def main(argv: Optional[list] = None) -> int:
     from .errors import CapdiagError
     from .interrupts import interruptible
 
-    with interruptible() as signals:
+    from .threads import applied
+
+    with applied(args.command in ("check", "overfit")), interruptible() as signals:
         try:
             code = COMMANDS[args.command](args)
         except CapdiagError as e:

@@ -11,6 +11,7 @@ MAX collective; nothing is gathered.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -24,6 +25,7 @@ TEXT_PATH = ("decoder", "embedding", "output")
 PARTS = IMAGE_PATH + TEXT_PATH
 
 
+@functools.lru_cache(maxsize=65536)  # called per parameter on the training hot path
 def part_of(name: str, image_module: Optional[str]) -> str:
     """The part of a captioner a parameter belongs to: ``encoder`` for everything under the
     declared ``image_module``, else judged from its name (see ``probe.param_part``)."""
@@ -34,7 +36,7 @@ def part_of(name: str, image_module: Optional[str]) -> str:
 
 
 def gradient_rows(named: Sequence[tuple], grads: Mapping[str, Optional[torch.Tensor]],
-                  image_module: Optional[str], sharded: bool = False) -> list:
+                  image_module: Optional[str], sharded: bool = False, full: bool = True) -> list:
     """One row per ``(name, parameter)`` of ``named``: name, part, numel, mean_abs, max_abs, norm,
     flag ("" healthy, "none" no gradient, "zero" all zeros, "nonfinite" NaN/inf).
 
@@ -43,6 +45,9 @@ def gradient_rows(named: Sequence[tuple], grads: Mapping[str, Optional[torch.Ten
         grads: gradient per name (None or missing: no gradient).
         image_module: the declared image module (its parameters are the "encoder" part).
         sharded: gradients are shards of a tensor split across ranks: reduce the statistics.
+        full: also L1 and L-inf (two more passes over all gradient memory, each slower than the
+            fused L2 pass). Without it (the training hot path) only the L2 pass runs: ``mean_abs``
+            and ``max_abs`` are NaN, and a zero norm marks an all-zero gradient.
     """
     present = [(i, local_shard(grads[n]).detach()) for i, (n, _) in enumerate(named) if grads.get(n) is not None]
     idx = [i for i, _ in present]
@@ -56,18 +61,19 @@ def gradient_rows(named: Sequence[tuple], grads: Mapping[str, Optional[torch.Ten
     if full_pieces:
         at = torch.tensor([k for k, _ in full_pieces], dtype=torch.long, device=device)
         pieces = [g for _, g in full_pieces]
-        sums[0, at] = torch.stack(torch._foreach_norm(pieces, 1)).float()
         sums[1, at] = torch.stack(torch._foreach_norm(pieces, 2)).float() ** 2
-        maxima[at] = torch.stack(torch._foreach_norm(pieces, float("inf"))).float()
+        if full:
+            sums[0, at] = torch.stack(torch._foreach_norm(pieces, 1)).float()
+            maxima[at] = torch.stack(torch._foreach_norm(pieces, float("inf"))).float()
     if sharded:
         # Every rank must contribute the same layout: scatter into one slot per parameter.
-        full = torch.zeros(3, len(named), device=device).index_copy_(1, torch.tensor(idx, dtype=torch.long, device=device), sums)
-        fmax = torch.zeros(len(named), device=device).index_copy_(0, torch.tensor(idx, dtype=torch.long, device=device), maxima)
-        full, fmax = full.to(comm_device()), fmax.to(comm_device())
+        at = torch.tensor(idx, dtype=torch.long, device=device)
+        all_sums = torch.zeros(3, len(named), device=device).index_copy_(1, at, sums).to(comm_device())
+        all_max = torch.zeros(len(named), device=device).index_copy_(0, at, maxima).to(comm_device())
         d = dist_or_none()
-        d.all_reduce(full)
-        d.all_reduce(fmax, op=d.ReduceOp.MAX)
-        idx, sums, maxima = list(range(len(named))), full, fmax
+        d.all_reduce(all_sums)
+        d.all_reduce(all_max, op=d.ReduceOp.MAX)
+        idx, sums, maxima = list(range(len(named))), all_sums, all_max
     values = torch.cat([sums, maxima[None]]).tolist() if len(idx) else [[], [], [], []]  # one sync
     stats = {i: (l1, sq, seen, mx) for i, l1, sq, seen, mx in zip(idx, *values)}
     rows = []
@@ -78,8 +84,10 @@ def gradient_rows(named: Sequence[tuple], grads: Mapping[str, Optional[torch.Ten
             row.update(mean_abs=0.0, max_abs=0.0, norm=0.0, flag="none")
         else:
             finite = math.isfinite(l1) and math.isfinite(sq) and math.isfinite(mx)
+            if not full:
+                l1 = mx = float("nan")
             row.update(mean_abs=l1 / max(p.numel(), 1), max_abs=mx, norm=math.sqrt(sq) if finite else float("nan"),
-                       flag="nonfinite" if not finite else ("zero" if mx == 0 else ""))
+                       sq=sq, flag="nonfinite" if not finite else ("zero" if sq == 0 else ""))
         rows.append(row)
     return rows
 
@@ -115,14 +123,32 @@ def part_mean_abs(rows: list, parts: Sequence[str]) -> Optional[float]:
     return sum(r["mean_abs"] * r["numel"] for r in sel) / n if n else None
 
 
+def part_rms(rows: list, parts: Sequence[str]) -> Optional[float]:
+    """Root mean square gradient over all elements of the parameters in ``parts`` (None when there
+    are none): from the L2 norms, the one statistic the training hot path computes."""
+    sel = [r for r in rows if r["part"] in parts]
+    n = sum(r["numel"] for r in sel)
+    return math.sqrt(sum(r["sq"] for r in sel if r["flag"] != "none") / n) if n else None
+
+
 def gradient_metrics(rows: list) -> dict:
-    """The scalars every front end reports for one gradient pass (same names everywhere)."""
+    """The scalars every front end reports for one gradient pass (same names everywhere):
+    ``rms_grad_<part>`` and ``image_over_text_rms_grad`` always (the monitor's too), and with full
+    statistics ``mean_abs_grad_<part>`` and ``image_over_text_grad`` (mean |g|, which gradient_flow
+    judges)."""
     metrics = {"n_nonfinite_grads": float(sum(r["flag"] == "nonfinite" for r in rows))}
+    full = all(math.isfinite(r["mean_abs"]) or r["flag"] == "nonfinite" for r in rows)
     for part in PARTS:
-        v = part_mean_abs(rows, (part,))
+        v = part_rms(rows, (part,))
+        if v is not None:
+            metrics[f"rms_grad_{part}"] = v
+        v = part_mean_abs(rows, (part,)) if full else None
         if v is not None:
             metrics[f"mean_abs_grad_{part}"] = v
-    img, txt = part_mean_abs(rows, IMAGE_PATH), part_mean_abs(rows, TEXT_PATH)
+    img, txt = part_rms(rows, IMAGE_PATH), part_rms(rows, TEXT_PATH)
+    if img is not None and txt:
+        metrics["image_over_text_rms_grad"] = img / txt
+    img, txt = (part_mean_abs(rows, IMAGE_PATH), part_mean_abs(rows, TEXT_PATH)) if full else (None, None)
     if img is not None and txt:
         metrics["image_over_text_grad"] = img / txt
     return metrics

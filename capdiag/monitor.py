@@ -9,6 +9,7 @@ agreement over ranks. TensorBoard tags are ``capdiag/<check>/<metric>``, as in `
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import warnings
 from typing import Optional, Sequence
@@ -18,7 +19,7 @@ from torch import nn
 
 from .captioner import Captioner
 from .check import Subject
-from .distributed import any_rank, dist_or_none, preserved_sharding, reduce_metrics, unwrap
+from .distributed import any_rank, dist_or_none, preserved_sharding, reduce_metrics, sharding_state, unwrap
 from .errors import CapdiagError, UsageError
 from .finding import Finding, Flag, Status
 from .hints import caption_spec
@@ -28,7 +29,7 @@ from .runner import run_checks
 from .state import in_mode, preserved_rng
 
 RELIANCE = "image_ablation/image_reliance"
-GRAD_RATIO = "gradient_flow/image_over_text_grad"
+GRAD_RATIO = "gradient_flow/image_over_text_rms_grad"
 
 
 class CapdiagWarning(UserWarning):
@@ -77,6 +78,7 @@ class TrainingDiagnostics:
             with torch.no_grad(), in_mode(inner, False), preserved_rng():
                 spec.vocab_size = int(self.captioner.logits(images[:2], captions[:2]).shape[-1])
         self.images, self.captions = images, captions
+        self._fsdp2, self._errored = bool(sharding_state(model)), set()  # resolved once: walking the modules costs ~1 ms a step
         self.frozen = [DriftWatcher(self.captioner.submodule(n), n) for n in frozen_modules]
         self.probe_checks = [get_check(n) for n in ("image_ablation", "attention_maps", "frozen_drift")]
         self.grad_checks = [get_check("gradient_flow")]
@@ -98,8 +100,13 @@ class TrainingDiagnostics:
         were summed over ranks by the measurement itself."""
         subject = Subject(self.captioner, self.images, self.captions, seed=0, batch_source="user", live=True,
                           frozen_reference=self.frozen)
-        with preserved_sharding(self.model):
+        with preserved_sharding(self.model) if self._fsdp2 else contextlib.nullcontext():
             findings = run_checks(subject, checks).findings
+        for f in findings:
+            if f.status is Status.ERROR and f.check not in self._errored:  # never silently lose a measurement
+                self._errored.add(f.check)
+                warnings.warn(f"capdiag: the {f.check} check raised during training; its metrics are missing: "
+                              f"{f.summary}", CapdiagWarning, stacklevel=4)
         values = {f"{f.check}/{k}": float(v) for f in findings for k, v in f.metrics.items() if k != "seconds"}
         if not reduce:
             return {f.check: f for f in findings}, values
@@ -195,7 +202,7 @@ class TrainingDiagnostics:
         if self.sink is not None:
             from .viz.findings import plot_gradient_flow
 
-            found, _ = self._run(self.grad_checks, reduce=False)
+            found, _ = self._run([get_check("gradient_flow", live_full=True)], reduce=False)
             self.sink.figure("gradient_flow/layers", plot_gradient_flow(found["gradient_flow"]), step)
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """Run checks on a subject; one failing or crashing check never hides the others."""
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from typing import Callable, Iterable, Optional
@@ -20,7 +21,7 @@ def run_check(subject: Subject, check: Check) -> Finding:
     ``error``."""
     start = time.perf_counter()
     try:
-        with preserved_state(subject.model):
+        with contextlib.nullcontext() if check.reads_only(subject) else preserved_state(subject.model):
             finding = check.run(subject)
     except KeyboardInterrupt:
         raise

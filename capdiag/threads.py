@@ -10,10 +10,11 @@ thread count of the user's process.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 def usable_cores() -> int:
@@ -58,3 +59,19 @@ def apply() -> Optional[int]:
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def applied(active: bool = True) -> Iterator[Optional[int]]:
+    """``apply()`` for a block, restoring the previous thread count after it (``main()`` called
+    in-process, as tests and scripts do, leaves the caller's setting as it was)."""
+    if not active:
+        yield None
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield apply()
+    finally:
+        torch.set_num_threads(before)

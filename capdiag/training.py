@@ -24,6 +24,9 @@ class FitResult:
     lr: float = 1e-3
     interrupted: bool = False
     diverged: bool = False
+    budget_steps: int = 0  # the steps allowed (the recipe's, or fewer when the time budget cut them)
+    time_limited: bool = False  # the time budget cut the step budget and the loop used all of it
+    seconds_per_step: float = float("nan")
 
     @property
     def steps(self) -> int:
@@ -51,6 +54,8 @@ def fit_copy(
     desc: str = "overfit",
     patience: int = 100,
     floor: Optional[float] = None,
+    eval_stop: Optional[float] = None,
+    time_budget: Optional[float] = None,
 ) -> FitResult:
     """Train a deep copy with Adam on one fixed batch; stop early at ``stop_loss``, or on a
     plateau: no 2 % improvement of the best loss within ``patience`` steps (a model that
@@ -58,11 +63,18 @@ def fit_copy(
     image-blind ``floor`` given, ``patience // 2`` consecutive steps within 5 % of it also stop:
     a model that reads the image passes through that level in a few steps.
 
+    ``eval_stop``: once the train-mode loss is below it, the eval-mode loss is measured every 10
+    steps, and the loop stops as soon as that is below it too: memorized, the verdict is certain.
+    ``time_budget``: seconds the loop may take; after 3 steps the step budget shrinks to what fits
+    (at least 30 steps), so a large model on CPU gets an answer in minutes and says which budget.
+
     Ctrl-C stops the loop and returns the partial result with ``interrupted=True``.
     """
+    import time
+
     twin = copy_captioner(cap)
     params = [p for p in twin.model.parameters() if p.requires_grad]
-    result = FitResult(twin, lr=lr)
+    result = FitResult(twin, lr=lr, budget_steps=steps)
     if not params:
         return result
     opt = torch.optim.Adam(params, lr=lr)
@@ -72,9 +84,16 @@ def fit_copy(
 
         bar = tqdm(total=steps, desc=desc, unit="step", leave=False, dynamic_ncols=True)
     twin.model.train()  # our own copy: its BatchNorm statistics must keep what training taught them
+    started = time.perf_counter()
     with seeded(seed):
         try:
-            for _ in range(steps):
+            step = 0
+            while step < result.budget_steps:
+                step += 1
+                if step == 4:
+                    result.seconds_per_step = (time.perf_counter() - started) / 3
+                    if time_budget is not None and result.seconds_per_step * steps > time_budget:
+                        result.budget_steps = max(30, int(time_budget / result.seconds_per_step))
                 opt.zero_grad(set_to_none=True)
                 loss = twin.loss(images, captions)
                 value = float(loss.detach())
@@ -89,11 +108,15 @@ def fit_copy(
                     bar.set_postfix(loss=f"{value:.4f}")
                 if value < stop_loss or _plateaued(result.losses, patience, floor) or _at_floor(result.losses, floor, patience // 2):
                     break
+                if eval_stop is not None and value < eval_stop and step % 10 == 0 \
+                        and eval_loss(twin, images, captions, seed) < eval_stop:
+                    break
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
             if bar is not None:
                 bar.close()
+    result.time_limited = result.budget_steps < steps and result.steps >= result.budget_steps
     return result
 
 
@@ -140,6 +163,10 @@ class Recipe:
     ``bn_mismatch``), the copy's running statistics are re-estimated on the batch: they lagged the
     fast training, an artifact of the test. Statistics already off at the start are the model's
     problem and are left as they are.
+
+    Budget: it stops as soon as the verdict is certain (eval-mode loss below ``pass_loss / 2``,
+    or stuck at the image-blind floor), and a model too slow for ``steps`` steps in
+    ``time_budget`` seconds gets the steps that fit (``Fitted.fit.time_limited`` says so).
     """
 
     steps: int = 500
@@ -147,6 +174,7 @@ class Recipe:
     batch_size: int = 16
     pass_loss: float = 0.05
     bn_mismatch: float = 1.0
+    time_budget: Optional[float] = 120.0  # seconds for the training loop (None: the step budget alone)
 
     @property
     def stop_loss(self) -> float:
@@ -186,7 +214,7 @@ def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
     images, captions = overfit_batch(s, recipe.batch_size)
     floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
     fit = fit_copy(cap, images, captions, recipe.steps, recipe.lr, s.seed, recipe.stop_loss, s.progress,
-                   "overfit", floor=floor)
+                   "overfit", floor=floor, eval_stop=recipe.pass_loss / 2, time_budget=recipe.time_budget)
     final = eval_loss(fit.captioner, images, captions, s.seed) if not fit.diverged else float("nan")
     out = Fitted(fit, images, captions, floor, final)
     lagging = (not fit.diverged and not recipe.low(final, floor) and recipe.low(fit.recent_loss, floor)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from capdiag.ablation import generated
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.registry import register_check
@@ -30,10 +31,10 @@ class DecodingConsistency(Check):
         if not s.captioner.has_generate:
             return self.skip("the model has no generate(); capdiag's own greedy decoding is consistent by construction")
         cap, images, captions, source = s.learned()
+        ids = generated(s, cap, images, captions.shape[1] + 2)
+        if ids.shape[1] < 2:
+            return self.skip("generate() returned no tokens after BOS")
         with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
-            ids = cap.generate(images, max_len=captions.shape[1] + 2)
-            if ids.shape[1] < 2:
-                return self.skip("generate() returned no tokens after BOS")
             pred = cap.logits(images, ids).argmax(-1)  # (B, L-1): forward's choice for ids[:, 1:]
         mask = cap.target_mask(ids)
         agree = ((pred == ids[:, 1:]) & mask).sum().item() / max(mask.sum().item(), 1)

@@ -13,14 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from capdiag.ablation import ALL_KINDS, ablation_losses, ablation_metrics, true_pass
+from capdiag.ablation import ALL_KINDS, ablation_losses, ablation_metrics, generated, true_pass
 from capdiag.check import Check, Subject
 from capdiag.data import empirical_blind_floor
 from capdiag.finding import Status
 from capdiag.registry import register_check
-from capdiag.state import in_mode, seeded
 
 LIVE_KINDS = ("shuffled_images", "zeroed_features")  # during training: two extra no-grad forwards
 
@@ -46,8 +43,7 @@ class ImageAblation(Check):
         if s.live:  # the training monitor judges the history of these numbers, not one verdict
             return self.finding(Status.PASS if score >= self.min_reliance else Status.WARN,
                                 f"image reliance {score:.2f} ({source})", metrics)
-        with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
-            gen = cap.strip(cap.generate(images, max_len=captions.shape[1] + 2))
+        gen = cap.strip(generated(s, cap, images, captions.shape[1] + 2))
         distinct = len({tuple(g) for g in gen}) / len(gen)
         metrics["generate_distinct_fraction"] = distinct
         artifacts = {"losses": losses, "source": source,

@@ -21,13 +21,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
+from capdiag.ablation import generated
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.metrics import bleu4, exact_match
 from capdiag.registry import register_check
-from capdiag.state import in_mode, seeded
 from capdiag.training import RECIPE, eval_loss, fit_copy, fit_recipe
 
 
@@ -57,13 +55,13 @@ class Overfit(Check):
         fitted = s.fitted() if recipe == shared else fit_recipe(s, recipe)
         fit, images, captions, floor, final = fitted.fit, fitted.images, fitted.captions, fitted.floor, fitted.final_loss
         refs = cap.strip(captions)
-        with torch.no_grad(), seeded(s.seed), in_mode(fit.captioner.model, False):
-            hyps = cap.strip(fit.captioner.generate(images, max_len=captions.shape[1] + 2))
+        hyps = cap.strip(generated(s, fit.captioner, images, captions.shape[1] + 2))
         em, bleu = exact_match(refs, hyps), bleu4(refs, hyps)
         metrics = {
             "final_loss": final, "blind_floor": floor, "steps_run": fit.steps, "lr": recipe.lr,
             "exact_match": em, "bleu4": bleu, "loss_over_floor": final / floor if floor > 0 else float("nan"),
-            "interrupted": float(fit.interrupted), **fitted.bn_metrics,
+            "interrupted": float(fit.interrupted), "step_budget": fit.budget_steps,
+            "seconds_per_step": fit.seconds_per_step, **fitted.bn_metrics,
         }
         examples = [
             (s.data.decode(r) if s.data else str(r), s.data.decode(h) if s.data else str(h)) for r, h in zip(refs[:6], hyps[:6])
@@ -79,6 +77,13 @@ class Overfit(Check):
             status, summary, hint = Status.PASS, (
                 f"memorized {len(refs)} captions in {fit.steps} steps: loss {final:.4f} "
                 f"(floor {floor:.3f}), exact match {em:.0%}, BLEU-4 {bleu:.2f}{fitted.bn_note}"), ""
+        elif fit.time_limited and not low and not fit.diverged:
+            status, summary, hint = Status.WARN, (
+                f"no verdict within the time budget: {fit.steps} steps at {fit.seconds_per_step:.2f} s/step "
+                f"(of {recipe.steps}) took the loss to {final:.3f} (image-blind floor {floor:.3f})"), (
+                f"The model is too slow here to memorize a batch in {recipe.time_budget:g} s. Rerun "
+                f"`capdiag overfit --steps {recipe.steps}` (about {recipe.steps * fit.seconds_per_step / 60:.0f} min "
+                "here) or on a GPU for the verdict.")
         elif low:
             status, summary, hint = Status.FAIL, (
                 f"loss fell to {final:.4f} but greedy decoding reproduces only {em:.0%} of the captions "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,15 @@ def test_importing_capdiag_stays_light():
     )
     out = procs.run([sys.executable, "-c", code], timeout=120, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_list_and_quick_check_import_only_what_they_use(tmp_path):
+    """``capdiag list`` and ``capdiag check --quick`` load no plotting, TensorBoard, attribution or
+    framework package: their start-up is torch and capdiag alone."""
+    heavy = ("matplotlib", "tensorboard", "lightning", "transformers", "captum")
+    minimal = str(Path(__file__).resolve().parents[1] / "examples/minimal_model.py")
+    code = ("import sys; from capdiag.cli import main; "
+            f"main(['list']); main(['check', {minimal!r}, '--quick', '--json', {str(tmp_path / 'f.json')!r}]); "
+            f"print('HEAVY', [m for m in {heavy!r} if m in sys.modules])")
+    out = procs.run([sys.executable, "-c", code], timeout=300, check=True).stdout
+    assert out.strip().splitlines()[-1] == "HEAVY []"

@@ -36,8 +36,8 @@ def _values(summary, key):
 
 
 def _assert_same_grad_norms(sharded, single):
-    parts = [k for k in single["history"] if k.startswith("gradient_flow/mean_abs_grad_")]
-    assert parts and set(parts) == {k for k in sharded["history"] if k.startswith("gradient_flow/mean_abs_grad_")}
+    parts = [k for k in single["history"] if k.startswith("gradient_flow/rms_grad_")]
+    assert parts and set(parts) == {k for k in sharded["history"] if k.startswith("gradient_flow/rms_grad_")}
     for k in parts:
         assert _values(sharded, k) == pytest.approx(_values(single, k), rel=1e-5), k
 
@@ -84,4 +84,4 @@ def test_lightning_fsdp2_strategy_callback_flags_the_blind_twin_on_every_rank(tm
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0]["flags"] == ranks[1]["flags"] == [[40, "image_ignored"]]  # the plain FSDP2 loop's step too
     assert [r["wrote"] for r in ranks] == [True, False]
-    assert _values(ranks[0], "gradient_flow/mean_abs_grad_decoder") == pytest.approx(_values(ranks[1], "gradient_flow/mean_abs_grad_decoder"), rel=1e-6)
+    assert _values(ranks[0], "gradient_flow/rms_grad_decoder") == pytest.approx(_values(ranks[1], "gradient_flow/rms_grad_decoder"), rel=1e-6)

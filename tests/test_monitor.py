@@ -68,7 +68,7 @@ def test_tensorboard_files_read_back_with_tensorboards_reader(tmp_path):
     acc.Reload()
     tags = acc.Tags()
     for tag in ("capdiag/image_ablation/image_reliance", "capdiag/image_ablation/loss_gap_zeroed_features",
-                "capdiag/gradient_flow/mean_abs_grad_encoder", "capdiag/gradient_flow/mean_abs_grad_decoder",
+                "capdiag/gradient_flow/rms_grad_encoder", "capdiag/gradient_flow/rms_grad_decoder",
                 "capdiag/attention_maps/mean_normalized_entropy", "capdiag/train_loss"):
         assert tag in tags["scalars"], tag
     rel = [e.value for e in acc.Scalars("capdiag/image_ablation/image_reliance")]
@@ -236,3 +236,23 @@ def test_transformers_trainer_callback(tmp_path):
         flags[bug] = [k for _, k, _ in cb.flags]
         assert os.listdir(tmp_path / str(bug) / "capdiag") if bug is None else True
     assert flags[None] == [] and flags["image_blind"] == ["image_ignored"]
+
+
+def test_a_live_check_that_raises_is_reported_not_silently_dropped():
+    from capdiag.check import Check
+
+    class Broken(Check):
+        name = "gradient_flow"
+
+        def run(self, s):
+            raise RuntimeError("boom")
+
+    model = zoo.ZooCaptioner("gru")
+    diag = TrainingDiagnostics(model, PROBE, every=1, warmup=0, image_module="encoder")
+    diag.grad_checks = [Broken()]
+    Captioner(model, CaptionSpec(zoo.VOCAB)).loss(*PROBE).backward()
+    with pytest.warns(capdiag.CapdiagWarning, match="gradient_flow check raised during training"):
+        diag.after_backward(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", capdiag.CapdiagWarning)
+        diag.after_backward(0)  # once per check, not at every step

@@ -59,7 +59,7 @@ def main():
     summary = {
         "rank": rank, "stopped_at": step, "should_stop": diag.should_stop, "wrote": diag.writer is not None,
         "reliance": [v for _, v in diag.history["image_ablation/image_reliance"]],
-        "grad_norm_decoder": [v for _, v in diag.history["gradient_flow/mean_abs_grad_decoder"]],
+        "grad_norm_decoder": [v for _, v in diag.history["gradient_flow/rms_grad_decoder"]],
         "flags": [k for _, k, _ in diag.flags],
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
