@@ -8,6 +8,7 @@ statistics are then computed from the local pieces and summed over ranks, never 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator
 
 import torch
@@ -29,6 +30,8 @@ def comm_device() -> torch.device:
 
 
 def is_dtensor(t) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:
+        return False  # nothing made a DTensor yet, so t is none (and importing it would cost 0.7 s)
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
