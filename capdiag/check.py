@@ -87,7 +87,8 @@ class Subject:
         if is_trained(self):
             return Learned(self.captioner, self.images, self.captions, "the model as given (already trained)")
         f = self.fitted()
-        return Learned(f.captioner, f.images, f.captions, "a copy overfit on one synthetic batch")
+        batch = "one synthetic batch" if self.data is not None else "the given batch"  # see training.overfit_batch
+        return Learned(f.captioner, f.images, f.captions, f"a copy overfit on {batch}")
 
 
 class Check(abc.ABC):

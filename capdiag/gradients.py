@@ -2,8 +2,9 @@
 
 ``gradient_rows`` turns gradients (from a probe's own backward, or the ``.grad`` a training step
 left) into one row per trainable parameter: part, mean |g|, max |g|, L2 norm and a flag. The
-statistics are computed with three fused ``torch._foreach_norm`` calls (L1, L2, L-inf) and read
-back in one device sync, so the pass costs about the same on 20 parameters or 2,000.
+statistics are fused ``torch._foreach_norm`` calls read back in one device sync, so the pass costs
+about the same on 20 parameters or 2,000. On the training hot path only the L2 pass runs: it is
+the fastest (3.4 ms over 11M gradients here, against 6.0 ms for L1 and 18.8 ms for L-inf).
 
 Sharded gradients (FSDP2 ``DTensor``s, FSDP1 flat shards): each rank holds a piece of each
 gradient, so the sums (L1, squared L2, presence) are reduced with one SUM and the maxima with one

@@ -108,10 +108,9 @@ class TrainingDiagnostics:
                 warnings.warn(f"capdiag: the {f.check} check raised during training; its metrics are missing: "
                               f"{f.summary}", CapdiagWarning, stacklevel=4)
         values = {f"{f.check}/{k}": float(v) for f in findings for k, v in f.metrics.items() if k != "seconds"}
-        if not reduce:
-            return {f.check: f for f in findings}, values
-        drift = {k: v for k, v in values.items() if k.startswith("frozen_drift/drift.")}
-        values = {**reduce_metrics({k: v for k, v in values.items() if k not in drift}), **reduce_metrics(drift, "max")}
+        if reduce:
+            drift = {k: v for k, v in values.items() if k.startswith("frozen_drift/drift.")}
+            values = {**reduce_metrics({k: v for k, v in values.items() if k not in drift}), **reduce_metrics(drift, "max")}
         return {f.check: f for f in findings}, values
 
     def after_backward(self, step: int) -> dict:

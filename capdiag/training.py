@@ -27,6 +27,7 @@ class FitResult:
     budget_steps: int = 0  # the steps allowed (the recipe's, or fewer when the time budget cut them)
     time_limited: bool = False  # the time budget cut the step budget and the loop used all of it
     seconds_per_step: float = float("nan")
+    eval_loss: Optional[float] = None  # the eval-mode loss the memorized stop measured last (model unchanged since)
 
     @property
     def steps(self) -> int:
@@ -108,9 +109,11 @@ def fit_copy(
                     bar.set_postfix(loss=f"{value:.4f}")
                 if value < stop_loss or _plateaued(result.losses, patience, floor) or _at_floor(result.losses, floor, patience // 2):
                     break
-                if eval_stop is not None and value < eval_stop and step % 10 == 0 \
-                        and eval_loss(twin, images, captions, seed) < eval_stop:
-                    break
+                if eval_stop is not None and value < eval_stop and step % 10 == 0:
+                    result.eval_loss = eval_loss(twin, images, captions, seed)
+                    if result.eval_loss < eval_stop:
+                        break
+                    result.eval_loss = None  # training goes on: it no longer describes the copy
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
@@ -215,7 +218,10 @@ def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
     floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
     fit = fit_copy(cap, images, captions, recipe.steps, recipe.lr, s.seed, recipe.stop_loss, s.progress,
                    "overfit", floor=floor, eval_stop=recipe.pass_loss / 2, time_budget=recipe.time_budget)
-    final = eval_loss(fit.captioner, images, captions, s.seed) if not fit.diverged else float("nan")
+    if fit.diverged:
+        final = float("nan")
+    else:
+        final = fit.eval_loss if fit.eval_loss is not None else eval_loss(fit.captioner, images, captions, s.seed)
     out = Fitted(fit, images, captions, floor, final)
     lagging = (not fit.diverged and not recipe.low(final, floor) and recipe.low(fit.recent_loss, floor)
                and batchnorm.tracking_batchnorms(fit.captioner.model))

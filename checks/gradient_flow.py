@@ -133,7 +133,8 @@ class GradientFlow(Check):
     def _live(self, rows: list):
         """During training: the statistics, and a verdict only on what is wrong at any step (NaN/inf)."""
         metrics = gradient_metrics(rows)
-        artifacts = {"layers": _layer_table(by_layer(rows))}
+        # The per-layer table is only for the figure (live_full); the monitor reads metrics alone.
+        artifacts = {"layers": _layer_table(by_layer(rows))} if self.live_full else {}
         bad = [r["name"] for r in rows if r["flag"] == "nonfinite"]
         if bad:
             return self.finding(Status.FAIL, f"NaN/inf gradients in {len(bad)} parameters, first {bad[0]}", metrics,

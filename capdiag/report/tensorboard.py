@@ -1,33 +1,18 @@
-"""Findings -> TensorBoard: scalars tagged ``capdiag/<check>/<metric>`` (the registry key and the
-metric name, as in the CLI's JSON), flags as text, figures drawn by ``capdiag.viz``.
+"""The training monitor's findings -> TensorBoard: scalars tagged ``capdiag/<check>/<metric>`` (the
+registry key and the metric name, as in the CLI's JSON), flags as text, figures drawn by
+``capdiag.viz``.
 
 ``torch.utils.tensorboard`` (and with it the tensorboard package) is imported only when a sink
 is created.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping
 
-from ..finding import Finding, Report
-
-
-def scalars(finding: Finding) -> dict:
-    """``{"<check>/<metric>": value}`` for the finite scalar metrics of a finding."""
-    out = {}
-    for k, v in finding.metrics.items():
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(f):
-            out[f"{finding.check}/{k}"] = f
-    return out
-
 
 class TensorBoardSink:
-    """Write findings (and the training monitor's scalars, flags and figures) to a run directory."""
+    """Write the training monitor's scalars, flags and figures to a run directory."""
 
     def __init__(self, log_dir, prefix: str = "capdiag"):
         from torch.utils.tensorboard import SummaryWriter
@@ -39,21 +24,6 @@ class TensorBoardSink:
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         for k, v in values.items():
             self.writer.add_scalar(f"{self.prefix}/{k}", v, step)
-
-    def finding(self, finding: Finding, step: int = 0) -> None:
-        self.scalars(scalars(finding), step)
-        if finding.status.failed:
-            self.text(f"findings/{finding.check}", f"{finding.status.value}: {finding.summary}", step)
-
-    def report(self, report: Report, step: int = 0, figures: bool = True) -> None:
-        """A whole ``capdiag check`` report at one step, with the findings' figures."""
-        for f in report.findings:
-            self.finding(f, step)
-            if figures:
-                from ..viz.findings import figures as figures_of
-
-                for key, _, fig in figures_of(f):
-                    self.figure(f"{f.check}/{key.removesuffix('_png')}", fig, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(f"{self.prefix}/{tag}", text, step)
