@@ -14,6 +14,7 @@ import torch
 
 from .captioner import Captioner
 from .data import empirical_blind_floor
+from .optim import Adam
 from .state import in_mode, seeded
 
 
@@ -78,7 +79,7 @@ def fit_copy(
     result = FitResult(twin, lr=lr, budget_steps=steps)
     if not params:
         return result
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = Adam(params, lr=lr)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -95,7 +96,7 @@ def fit_copy(
                     result.seconds_per_step = (time.perf_counter() - started) / 3
                     if time_budget is not None and result.seconds_per_step * steps > time_budget:
                         result.budget_steps = max(30, int(time_budget / result.seconds_per_step))
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss = twin.loss(images, captions)
                 value = float(loss.detach())
                 result.losses.append(value)
@@ -167,7 +168,7 @@ class Recipe:
     fast training, an artifact of the test. Statistics already off at the start are the model's
     problem and are left as they are.
 
-    Budget: it stops as soon as the verdict is certain (eval-mode loss below ``pass_loss / 2``,
+    Budget: it stops as soon as the verdict is certain (eval-mode loss below ``pass_loss``,
     or stuck at the image-blind floor), and a model too slow for ``steps`` steps in
     ``time_budget`` seconds gets the steps that fit (``Fitted.fit.time_limited`` says so).
     """
@@ -217,7 +218,7 @@ def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
     images, captions = overfit_batch(s, recipe.batch_size)
     floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
     fit = fit_copy(cap, images, captions, recipe.steps, recipe.lr, s.seed, recipe.stop_loss, s.progress,
-                   "overfit", floor=floor, eval_stop=recipe.pass_loss / 2, time_budget=recipe.time_budget)
+                   "overfit", floor=floor, eval_stop=recipe.pass_loss, time_budget=recipe.time_budget)
     if fit.diverged:
         final = float("nan")
     else:

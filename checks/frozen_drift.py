@@ -16,10 +16,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
-
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.optim import Adam
 from capdiag.pretrained import DriftWatcher, frozen_modules, is_running_stat
 from capdiag.registry import register_check
 from capdiag.state import seeded
@@ -48,7 +47,7 @@ class FrozenDrift(Check):
         twin = cap.with_model(copy.deepcopy(cap.model))
         watchers = [DriftWatcher(twin.submodule(n), n) for n in names]
         params = [p for p in twin.model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr)
+        opt = Adam(params, lr=self.lr)
         twin.model.train()  # what a training loop does: model.train() on the whole model
         with seeded(s.seed):
             loss = twin.loss(s.images, s.captions)
