@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 import torch
 
 from .captioner import Captioner
-from .finding import Finding, Status
+from .finding import Finding, Location, Status
 
 
 @dataclass
@@ -123,8 +123,10 @@ class Check(abc.ABC):
         metrics: Optional[Mapping[str, float]] = None,
         hint: str = "",
         artifacts: Optional[Mapping[str, Any]] = None,
+        location: Optional[Location] = None,
     ) -> Finding:
-        return Finding(self.name, status, summary, dict(metrics or {}), dict(artifacts or {}), hint)
+        return Finding(self.name, status, summary, dict(metrics or {}), dict(artifacts or {}), hint,
+                       location if status.failed else None)
 
     def skip(self, reason: str) -> Finding:
         return self.finding(Status.SKIP, reason)

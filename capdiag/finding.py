@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
 
 class Status(str, enum.Enum):
@@ -19,6 +20,29 @@ class Status(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Location:
+    """Where a failing check's problem starts: the module (dotted name as in ``named_modules()``) and,
+    when known, the line of the user's code that ran the offending operation."""
+
+    module: str
+    file: Optional[str] = None
+    line: Optional[int] = None
+    evidence: str = ""  # what was seen there, one short statement
+    code: Optional[str] = None  # the source line itself
+
+    def where(self) -> str:
+        """``decoder.layers.0.self_attn (model.py:57: h = self.decoder(x, memory))``"""
+        if not self.file:
+            return self.module
+        src = f": {self.code}" if self.code else ""
+        return f"{self.module} ({Path(self.file).name}:{self.line}{src})"
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "file": self.file, "line": self.line, "evidence": self.evidence,
+                "code": self.code}
+
+
+@dataclass(frozen=True)
 class Finding:
     """The result of one check on one model.
 
@@ -29,6 +53,8 @@ class Finding:
         metrics: scalars (go to JSON and TensorBoard).
         artifacts: detached CPU tensors, paths of written plots, small lists for reports.
         hint: likely cause and what to try next (empty on pass).
+        location: where the problem starts (failing findings of checks that can localize; None
+            when unknown, and always on a pass).
     """
 
     check: str
@@ -37,6 +63,7 @@ class Finding:
     metrics: Mapping[str, float] = field(default_factory=dict)
     artifacts: Mapping[str, Any] = field(default_factory=dict)
     hint: str = ""
+    location: Optional[Location] = None
 
     def to_dict(self) -> dict:
         files = {k: str(v) for k, v in self.artifacts.items() if k.endswith("_png") or k.endswith("_path")}
@@ -46,6 +73,7 @@ class Finding:
             "summary": self.summary,
             "metrics": {k: _jsonable(v) for k, v in self.metrics.items()},
             "hint": self.hint,
+            "location": self.location.to_dict() if self.location else None,
             "files": files,
         }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import traceback
 from typing import Callable, Iterable, Optional
@@ -56,7 +57,7 @@ def run_check(subject: Subject, check: Check) -> Finding:
 def _timed(finding: Finding, start: float) -> Finding:
     metrics = dict(finding.metrics)
     metrics["seconds"] = time.perf_counter() - start
-    return Finding(finding.check, finding.status, finding.summary, metrics, finding.artifacts, finding.hint)
+    return dataclasses.replace(finding, metrics=metrics)
 
 
 def run_checks(

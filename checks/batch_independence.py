@@ -17,6 +17,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import localize_pair, not_alone, not_permuted, other_samples
 from capdiag.probe import (RANDOM_EVAL, inner_positions, input_grad, judged_mask, logits_in,
                            rel_diff, replace_tokens, subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
@@ -100,18 +101,30 @@ class BatchIndependence(Check):
         if gen_problem:
             position.append(gen_problem)
         if mixing:
+            where = localize_pair(cap, (images, captions), (imgs2, caps2), other_samples(B - 1, B, tol),
+                                  f"output for samples 0..{B - 2} changes when only sample {B - 1} changes", seed=s.seed) \
+                if fwd > tol else None
             return self.finding(
                 Status.FAIL, "samples mix across the batch: " + "; ".join(mixing + position), metrics,
                 "Look for .view()/.reshape() used to swap batch and time/channel axes (use .permute/.transpose), "
                 "reductions over dim 0 (mean/sum/softmax over the batch), and batch_first mismatches in "
                 "nn.LSTM/nn.MultiheadAttention.",
+                location=where,
             )
         if position:
+            where = None
+            if perm_d > tol:
+                where = localize_pair(cap, (images, captions), (images[perm], captions[perm]), not_permuted(perm, tol),
+                                      "output does not permute with the batch", seed=s.seed)
+            elif alone_d > tol:
+                where = localize_pair(cap, (images, captions), (images[:1], captions[:1]), not_alone(B, tol),
+                                      "output for sample 0 alone differs from sample 0 inside the batch", seed=s.seed)
             return self.finding(
                 Status.FAIL, "outputs depend on the sample's position in the batch: " + "; ".join(position), metrics,
                 "Something is indexed by the batch index: a positional encoding added along dim 0 of a batch-first "
                 "tensor (x + pe[:x.size(0)] with x of shape (B, T, d)), a per-index buffer or cache, or state "
                 "sized by the batch.",
+                location=where,
             )
         note = "" if grad_leak is not None else " (images receive no gradient: forward probes only)"
         what = "forward, backward and generate" if cap.has_generate else "forward and backward"

@@ -13,6 +13,7 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import causal_prefix, localize_pair
 from capdiag.probe import (RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
                            replace_tokens, subject_eval_is_random, subject_train_reproducible,
                            tolerance)
@@ -63,7 +64,7 @@ class CausalLeak(Check):
                 if len(leaking):
                     leaked_modes.add("train" if train else "eval")
                 if len(leaking) and first_leak is None:
-                    first_leak = (int(leaking[0]), k, "train" if train else "eval")
+                    first_leak = (int(leaking[0]), k, "train" if train else "eval", caps, tol)
         metrics["max_rel_change_from_future_tokens"] = worst
         metrics["train_mode_judged"] = float(len(modes) == 2)
         if leaked_modes == {"train"} and _batchnorm_outside_encoder(s):
@@ -77,7 +78,9 @@ class CausalLeak(Check):
                 "LayerNorm in the decoder (eval mode, which uses running statistics, is causal).",
             )
         if first_leak:
-            t, k, m = first_leak
+            t, k, m, caps, tol = first_leak
+            where = localize_pair(cap, (s.images, s.captions), (s.images, caps), causal_prefix(k, T, tol),
+                                  f"output at positions <= {k} changes with the tokens after {k}", m == "train", s.seed)
             return self.finding(
                 Status.FAIL,
                 f"logits at position {t} change when tokens after position {k} change ({m} mode, "
@@ -86,6 +89,7 @@ class CausalLeak(Check):
                 "Pass a causal mask to the decoder (nn.Transformer.generate_square_subsequent_mask(T), "
                 "is_causal=True), do not run a bidirectional RNN over the caption, and feed captions[:, :-1] "
                 "as input while scoring captions[:, 1:].",
+                location=where,
             )
         note = "" if len(modes) == 2 else " (eval mode; train mode is not reproducible call to call, so not judged)"
         return self.finding(

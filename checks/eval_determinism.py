@@ -16,6 +16,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import any_difference, localize_pair
 from capdiag.probe import rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import in_mode
@@ -56,11 +57,15 @@ class EvalDeterminism(Check):
                 problems.append(f"{what} of batch B depends on the call made before it (a {what} of another batch of "
                                 f"the same size first changes it by {v:.2g}): state is carried between calls")
         if problems:
+            # Two identical eval calls, not reseeded: the first operation whose output differs.
+            where = localize_pair(cap, (s.images, s.captions), (s.images, s.captions), any_difference(tol),
+                                  "two identical eval-mode calls differ here", seed=None) if d > tol else None
             return self.finding(
                 Status.FAIL, "; ".join(problems), metrics,
                 "Something random or stateful runs at inference: use nn.Dropout modules (or "
                 "F.dropout(x, p, training=self.training)), keep sampling out of forward, and do not keep "
                 "state on self between calls.",
+                location=where,
             )
         what = "forward and generate" if gen_same else "forward"
         return self.finding(Status.PASS, f"eval-mode {what} deterministic and independent of earlier calls", metrics)

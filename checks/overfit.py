@@ -103,6 +103,8 @@ class Overfit(Check):
         # models that oscillate, a smaller) one does.
         if fit.diverged or not math.isfinite(final):
             sweep = (fit.lr / 3, fit.lr / 10)
+        elif recipe.low(fit.recent_loss, floor):
+            sweep = ()  # train mode memorized at this rate: the rate is not the problem, eval mode is
         else:  # plus the usual Adam default when the given rate is far below it
             sweep = (fit.lr / 3, fit.lr * 3, fit.lr * 10) + ((1e-3,) if fit.lr * 10 < 1e-3 else ())
         for lr in sweep:

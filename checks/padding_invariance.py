@@ -13,6 +13,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import localize_pair, real_positions_differ
 from capdiag.probe import RANDOM_EVAL, logits_in, random_tokens, rel_diff, subject_eval_is_random, tolerance
 from capdiag.registry import register_check
 
@@ -52,11 +53,20 @@ class PaddingInvariance(Check):
         if d_content > tol:
             problems.append(f"changing tokens after EOS changes real-position logits (relative {d_content:.2g})")
         if problems:
+            real = cap.real_mask(caps)
+            if d_len > tol:
+                where = localize_pair(cap, (s.images, caps), (s.images, torch.cat([caps, pads], 1)),
+                                      real_positions_differ(real, tol), "real-position output changes with the padded length",
+                                      seed=s.seed)
+            else:
+                where = localize_pair(cap, (s.images, caps), (s.images, filled), real_positions_differ(real, tol),
+                                      "real-position output changes with the tokens after EOS", seed=s.seed)
             return self.finding(
                 Status.FAIL, "; ".join(problems), metrics,
                 "Real positions must not see padding: do not scale positions by the padded length, do not pool "
                 "or normalize over the whole padded caption, and mask pad keys (key_padding_mask) where the "
                 "decoder is not causal.",
+                location=where,
             )
         extra = "" if pad_pos.any() else " (batch has no padding: only the extra-padding probe ran)"
         return self.finding(Status.PASS, f"real-position logits unaffected by padding{extra}", metrics)
