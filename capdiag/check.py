@@ -35,6 +35,8 @@ class Subject:
             taken when training started.
         recipe: the ``training.Recipe`` of the one copy ``fitted()`` trains (None: the default
             ``training.RECIPE``); ``capdiag overfit --steps/--lr`` sets it.
+        rebuild: when known, a function building the model afresh the way the user does (their
+            ``build_model``): ``pretrained_guard`` reruns it to find the line that overwrote weights.
 
     Shared state is explicit and order-independent: ``measured`` caches pure functions of
     (model, batch, seed); ``fitted`` is the one copy trained by ``recipe``, whichever check asks
@@ -51,6 +53,7 @@ class Subject:
     live: bool = False
     frozen_reference: Sequence = ()
     recipe: Any = None  # how fitted() trains its copy: a training.Recipe (None: training.RECIPE)
+    rebuild: Optional[Callable[[], torch.nn.Module]] = None  # builds the model afresh (the model file's factory)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

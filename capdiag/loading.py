@@ -223,9 +223,11 @@ def make_subject(
         model.to(dev)  # capdiag built this model, so moving it (and casting it) is ours to do
         if dtype is not None:
             model.to(dtype)
-    return subject_from_model(model, mf.hints, name=mf.name, sample_batch=mf.sample_batch, loss_fn=mf.loss_fn,
-                              bleu_fn=mf.bleu_fn, user_file=_file(mf), seed=seed, batch_size=batch_size,
-                              progress=progress, where=f"CAPDIAG in {mf.path}")
+    s = subject_from_model(model, mf.hints, name=mf.name, sample_batch=mf.sample_batch, loss_fn=mf.loss_fn,
+                           bleu_fn=mf.bleu_fn, user_file=_file(mf), seed=seed, batch_size=batch_size,
+                           progress=progress, where=f"CAPDIAG in {mf.path}")
+    s.rebuild = lambda: mf.factory(**(model_kwargs or {}))
+    return s
 
 
 def subject_from_model(

@@ -32,32 +32,40 @@ from .finding import Location
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _CAPDIAG_DIR = str(Path(__file__).resolve().parent)
 _LIBRARY_DIRS: Optional[tuple] = None
+_OURS = (_CAPDIAG_DIR + "/",)  # capdiag's engine; extended with capdiag.checks on first use
 
 
 def _library_dirs() -> tuple:
-    """Code that is not the user's (torch, capdiag's engine and checks, the standard library), and
-    capdiag's reference models, which are (they stand in for a user's model file)."""
+    """Code that is not the user's (torch, capdiag's engine and checks, the standard library, installed
+    packages: a model from transformers is named by the user's line that called it), and capdiag's
+    reference models, which are (they stand in for a user's model file)."""
     global _LIBRARY_DIRS
     if _LIBRARY_DIRS is None:
         import sysconfig
 
         from .blame import _dirs
 
+        paths = sysconfig.get_paths()  # the standard library and installed packages (site-packages)
         libs = (_TORCH_DIR, _CAPDIAG_DIR, *_dirs(["capdiag.checks", "torchvision"]),
-                str(Path(sysconfig.get_paths()["stdlib"]).resolve()))
+                *{str(Path(paths[k]).resolve()) for k in ("stdlib", "purelib", "platlib")})
         _LIBRARY_DIRS = tuple(d + "/" for d in libs), tuple(d + "/" for d in _dirs(["capdiag.models"]))
+        global _OURS
+        _OURS = (_CAPDIAG_DIR + "/", *(d + "/" for d in _dirs(["capdiag.checks"])))
     return _LIBRARY_DIRS
 
 
 def user_frame(depth: int = 2) -> Optional[tuple]:
     """``(file, line)`` of the innermost frame on the stack that is the user's code (a model file,
-    ``capdiag.models``, transformers' modeling code), or None."""
+    ``capdiag.models``, transformers' modeling code), or None when capdiag itself made the call (the
+    walk stops at capdiag's own frames: a script that called capdiag is not the model)."""
     libs, models = _library_dirs()
     f = sys._getframe(depth)
     while f is not None:
         name = f.f_code.co_filename
         if not name.startswith("<") and (name.startswith(models) or not name.startswith(libs)):
             return name, f.f_lineno
+        if name.startswith(_OURS):
+            return None
         f = f.f_back
     return None
 
@@ -69,8 +77,10 @@ class Op:
     func: str
     module: str  # dotted name of the innermost module running ("" = the model's own forward)
     site: Optional[tuple]  # (file, line) of the user's code that ran it
-    inputs: list  # keys of the tensors it read: ("op", i, slot) or ("input", name)
+    inputs: list  # keys of the tensors it read: ("op", i, slot), ("input", name) or ("param", name)
     outputs: list  # its tensor outputs (detached)
+    writes: Optional[str] = None  # the model input it modified in place
+    cuts_grad: bool = False  # read a tensor that requires grad, returned none that does (detach, no_grad)
 
 
 @dataclass
@@ -79,6 +89,13 @@ class Trace:
     sinks: set = field(default_factory=set)  # keys of tensors the model returned
     inputs: dict = field(default_factory=dict)  # name -> the tensor the model received (a copy)
     complete: bool = True  # False when max_bytes stopped the recording
+    keys: dict = field(default_factory=dict, repr=False)  # id(tensor) -> key, while the trace runs
+    module_outputs: list = field(default_factory=list)  # (module name, keys of its output), in completion order
+
+    def returned(self, out) -> None:
+        """Mark what a traced call returned as the output (a model's generate() calls its forward
+        as ``self.forward``, which no module hook sees)."""
+        self.sinks.update(self.keys[id(t)] for t in _tensors(out, []) if id(t) in self.keys)
 
 
 def _tensors(x, out):
@@ -105,15 +122,19 @@ class _Recorder(TorchFunctionMode):
         if not self.trace.complete:
             return out
         outs = [t for t in _tensors(out, []) if t.layout == torch.strided]
-        if not outs or getattr(func, "__name__", "") in ("__get__", "__set__", "detach"):
+        if not outs or getattr(func, "__name__", "") in ("__get__", "__set__"):
             return out
-        reads = [self.keys[id(t)] for t in _tensors((args, kwargs or {}), []) if id(t) in self.keys]
+        read = _tensors((args, kwargs or {}), [])
+        reads = [self.keys[id(t)] for t in read if id(t) in self.keys]
+        writes = next((self.keys[id(t)][1] for t in outs if self.keys.get(id(t), ("",))[0] == "input"), None)
+        cuts = torch.is_grad_enabled() is False or (any(t.requires_grad for t in read) and not any(t.requires_grad for t in outs))
         i = len(self.trace.ops)
         self.keep.extend(outs)  # alive until the trace ends: ids stay unique
         for slot, t in enumerate(outs):  # an in-place op's result is its input: later reads see this op
             self.keys[id(t)] = ("op", i, slot)
         self.trace.ops.append(Op(getattr(func, "__name__", str(func)), self.stack[-1] if self.stack else "",
-                                 user_frame(), reads, [t.detach().clone() for t in outs]))
+                                 user_frame(), reads, [t.detach().clone() for t in outs], writes,
+                                 cuts and any(t.requires_grad for t in read)))
         self.budget -= sum(t.numel() * t.element_size() for t in outs)
         if self.budget < 0:
             self.trace.complete = False
@@ -125,7 +146,9 @@ def traced(model: torch.nn.Module, inputs: dict, max_bytes: int = 1 << 30):
     """Record the torch operations run inside the block; ``inputs`` maps names to the tensors the
     model receives (their keys are ``("input", name)``). Every hook is removed in ``finally``."""
     trace, stack, keep = Trace(inputs={n: t.detach().clone() for n, t in inputs.items()}), [], []
-    keys = {id(t): ("input", name) for name, t in inputs.items()}
+    keys = trace.keys
+    keys.update({id(p): ("param", n) for n, p in model.named_parameters()})
+    keys.update({id(t): ("input", name) for name, t in inputs.items()})
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -135,6 +158,7 @@ def traced(model: torch.nn.Module, inputs: dict, max_bytes: int = 1 << 30):
     def post(m, args, out):
         if stack:
             stack.pop()
+        trace.module_outputs.append((names[m], [keys[id(t)] for t in _tensors(out, []) if id(t) in keys]))
         if m is model:
             trace.sinks.update(keys[id(t)] for t in _tensors(out, []) if id(t) in keys)
 
@@ -148,6 +172,7 @@ def traced(model: torch.nn.Module, inputs: dict, max_bytes: int = 1 << 30):
         for h in handles:
             h.remove()
         keep.clear()
+        trace.keys = {}
 
 
 def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.Tensor], bool]) -> Optional[Op]:
@@ -166,7 +191,7 @@ def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.
     def dirty(key) -> bool:
         if key[0] == "input":
             return key[1] in dirty_inputs
-        return key[1] < n and bad[key[1]]
+        return key[0] == "op" and key[1] < n and bad[key[1]]
 
     # Which violations reach the output: backwards over consumers (a sink is a returned tensor).
     consumers: dict = {}
@@ -191,39 +216,247 @@ def _safe(violates, x, y) -> bool:
         return False
 
 
-def localize_pair(cap, a: tuple, b: tuple, violates: Callable, evidence: str, train: bool = False,
-                  seed: Optional[int] = 0) -> Optional[Location]:
-    """Trace the forwards of batches ``a`` and ``b`` (``(images, captions)`` each) in ``train``/eval
-    mode, seeded alike (``seed=None``: not reseeded, so randomness shows), and locate where
-    ``violates`` first holds. The model is left as it was (modes, RNG, hooks)."""
+def trace_pair(cap, a: tuple, b: tuple, train: bool = False, seed: Optional[int] = 0, generate: bool = False) -> list:
+    """Traced forwards (or ``generate`` calls) of batches ``a`` and ``b`` (``(images, captions)`` each)
+    in ``train``/eval mode, seeded alike (``seed=None``: not reseeded, so randomness shows). The model
+    is left as it was (modes, RNG, hooks)."""
     from .state import in_mode, seeded
 
     traces = []
     for images, captions in (a, b):
+        images, captions = images.clone(), captions.clone()  # the model may edit what it is given
         with torch.no_grad(), in_mode(cap.model, train), (seeded(seed) if seed is not None else contextlib.nullcontext()), \
                 traced(cap.model, {"images": images, "captions": captions}) as trace:
-            cap.call(images, captions)
+            trace.returned(cap.model.generate(images, max_len=cap.spec.max_len) if generate else cap.call(images, captions))
         traces.append(trace)
-    return locate(first_violation(*traces, violates), cap.model, evidence)
+    return traces
+
+
+def localize_pair(cap, a: tuple, b: tuple, violates: Callable, evidence: str, train: bool = False,
+                  seed: Optional[int] = 0) -> Optional[Location]:
+    """Where ``violates`` first holds between the traced forwards of batches ``a`` and ``b``."""
+    return locate(first_violation(*trace_pair(cap, a, b, train, seed), violates), cap.model, evidence)
+
+
+def dependence_dies(a: Trace, b: Trace, changed: Callable[[torch.Tensor, torch.Tensor], bool],
+                    within: tuple = ()) -> tuple:
+    """Where an input stops mattering: ``(op, "dies")`` for the first operation on the way to the output
+    that reads a tensor the perturbation changed and writes one of the same dtype and rank that it did
+    not change (``torch.zeros_like(features)``, ``x * 0``, tokens replaced by a constant, a shift that
+    moves the changed position away); ``(None, "unread")`` when no operation on the way to the output
+    reads the changed input. ``within``: only operations of these modules (and their submodules) count."""
+    n = 0
+    for oa, ob in zip(a.ops, b.ops):
+        if oa.func != ob.func or len(oa.outputs) != len(ob.outputs):
+            break
+        n += 1
+    dirty_in = {name for name in a.inputs if name in b.inputs and _safe(changed, a.inputs[name], b.inputs[name])}
+    dirty = [[_safe(changed, x, y) for x, y in zip(a.ops[i].outputs, b.ops[i].outputs)] for i in range(n)]
+
+    def read(key):  # the tensor behind a key, and whether it changed
+        if key[0] == "input":
+            return a.inputs.get(key[1]), key[1] in dirty_in
+        if key[0] == "op" and key[1] < n:
+            return a.ops[key[1]].outputs[key[2]], dirty[key[1]][key[2]]
+        return None, False
+
+    _, feeds = _graph(a)
+    read_any = False
+    for i in range(n):
+        ins = [read(k) for k in a.ops[i].inputs]
+        changed_in = [t for t, d in ins if d and t is not None]
+        if not feeds[i] or not changed_in:
+            continue
+        read_any = True
+        if within and not any(a.ops[i].module == m or a.ops[i].module.startswith(m + ".") for m in within):
+            continue
+        for out, d in zip(a.ops[i].outputs, dirty[i]):
+            if not d and any(t.dtype == out.dtype and t.dim() == out.dim() for t in changed_in):
+                return a.ops[i], "dies"
+    return None, ("unread" if not read_any else "unknown")
+
+
+def forward_location(model: torch.nn.Module, evidence: str) -> Location:
+    """The user's ``forward`` of the model itself."""
+    import linecache
+
+    try:
+        fn = type(model).forward
+        file, line = inspect.getsourcefile(fn), inspect.getsourcelines(fn)[1]
+    except (TypeError, OSError):
+        return Location(f"({type(model).__name__})", evidence=evidence)
+    return Location(f"({type(model).__name__})", file, line, evidence, linecache.getline(file, line).strip() or None)
+
+
+def at_position(t: int, T: int, tol: float) -> Callable:
+    """Position ``t`` differs (a tensor without a time axis: any difference)."""
+    def changed(x, y):
+        d = axis(x, (T, T - 1), (1, 0, 2))
+        if d is None or x.shape != y.shape:
+            return differs(x, y, tol)
+        return t < x.shape[d] and differs(x.select(d, t), y.select(d, t), tol)
+    return changed
+
+
+def trace_call(cap, images, captions, train: bool = False, seed: int = 0, grad: bool = False,
+               protect: bool = True) -> Trace:
+    """One traced forward (``grad``: with autograd on, so ``Op.cuts_grad`` means something;
+    ``protect=False``: the model receives the tensors themselves, so ``Op.writes`` can show)."""
+    from .state import in_mode, seeded
+
+    with torch.set_grad_enabled(grad), in_mode(cap.model, train), seeded(seed), \
+            traced(cap.model, {"images": images, "captions": captions}) as trace:
+        cap.call(images, captions, protect=protect)
+    return trace
+
+
+def first_op(trace: Trace, pred: Callable[[Op], bool]) -> Optional[Op]:
+    return next((op for op in trace.ops if pred(op)), None)
+
+
+def in_module(op: Op, name: str) -> bool:
+    return op.module == name or op.module.startswith(name + ".") or not name
+
+
+def first_nonfinite(trace: Trace) -> Optional[Op]:
+    """The first operation whose NaN/inf output reaches the model's output through non-finite
+    operations, while its inputs were finite (a -inf attention mask that attention absorbs is not it)."""
+    consumers, _ = _graph(trace)
+    bad = [not all(bool(torch.isfinite(t).all()) for t in op.outputs if t.is_floating_point()) for op in trace.ops]
+    sinks = {k[1] for k in trace.sinks if k[0] == "op"}
+    reaches = [False] * len(bad)
+    for i in range(len(bad) - 1, -1, -1):
+        reaches[i] = bad[i] and (i in sinks or any(reaches[j] for j in consumers.get(i, ())))
+    return next((op for i, op in enumerate(trace.ops)
+                 if reaches[i] and not any(bad[k[1]] for k in op.inputs if k[0] == "op")), None)
+
+
+def largest_gain(trace: Trace) -> Optional[Op]:
+    """The operation on the way to the output that scales its input up the most (RMS of its output over
+    the largest RMS of the floating-point tensors it read from earlier operations), when that gain
+    is above 10x; else the operation that produced the output."""
+    _, feeds = _graph(trace)
+    rms = [max((float(t.float().pow(2).mean().sqrt()) for t in op.outputs if t.is_floating_point() and t.numel()),
+               default=0.0) for op in trace.ops]
+    best, gain = None, 10.0
+    for i, op in enumerate(trace.ops):
+        ins = [rms[k[1]] for k in op.inputs if k[0] == "op" and trace.ops[k[1]].outputs[k[2]].is_floating_point()]
+        if feeds[i] and ins and max(ins) > 0 and rms[i] / max(ins) > gain:
+            best, gain = op, rms[i] / max(ins)
+    if best is None:
+        sinks = sorted(k[1] for k in trace.sinks if k[0] == "op")
+        best = trace.ops[sinks[0]] if sinks else None
+    return best
+
+
+def _graph(trace: Trace) -> tuple:
+    """(consumers of each op, ops from which a returned tensor can be reached)."""
+    consumers: dict = {}
+    for i, op in enumerate(trace.ops):
+        for key in op.inputs:
+            if key[0] == "op":
+                consumers.setdefault(key[1], []).append(i)
+    feeds = [False] * len(trace.ops)
+    sinks = {k[1] for k in trace.sinks if k[0] == "op"}
+    for i in range(len(trace.ops) - 1, -1, -1):
+        feeds[i] = i in sinks or any(feeds[j] for j in consumers.get(i, ()))
+    return consumers, feeds
+
+
+def _zero(op: Op) -> bool:
+    return all(t.is_floating_point() and not bool(t.any()) for t in op.outputs)
+
+
+def gradient_cut(trace: Trace, params: set) -> tuple:
+    """Where parameters ``params`` (names) lose their path to the loss in a grad-enabled trace:
+    ``(op, how)`` with ``how`` one of "cut" (a detach or no_grad op on the way to the output),
+    "zeroed" (an all-zero output of non-zero inputs on the way: the gradient that passes is zero),
+    "dead end" (their branch never reaches the output: ``op`` is its last operation) or
+    "never called" (no operation read them: ``op`` is None)."""
+    consumers, feeds = _graph(trace)
+    start = [i for i, op in enumerate(trace.ops) if any(k[0] == "param" and k[1] in params for k in op.inputs)]
+    if not start:
+        return None, "never called"
+    seen, todo = set(start), list(start)
+    while todo:  # everything computed from them
+        for j in consumers.get(todo.pop(), ()):
+            if j not in seen:
+                seen.add(j)
+                todo.append(j)
+    on_way = sorted(i for i in seen if feeds[i])
+    cut = next((trace.ops[i] for i in on_way if trace.ops[i].cuts_grad), None)
+    if cut is not None:
+        return cut, "cut"
+    # Where zeros start on the way (x * 0, zeros_like(features), a ReLU dead for every input): an all-zero
+    # output of an operation that read something and nothing all-zero. Searched over what feeds the
+    # parameters' branch too: images replaced by zeros before the encoder zero its gradient as well.
+    upstream, todo = set(), [i for i in seen]
+    while todo:
+        for k in trace.ops[todo.pop()].inputs:
+            if k[0] == "op" and k[1] not in upstream:
+                upstream.add(k[1])
+                todo.append(k[1])
+    for i in sorted(upstream | set(on_way)):
+        op = trace.ops[i]
+        reads = [k for k in op.inputs if k[0] in ("op", "input")]
+        if _zero(op) and reads and not op.func.startswith("new_") and not any(
+                k[0] == "op" and _zero(trace.ops[k[1]]) for k in reads):
+            return op, "zeroed"
+    if not on_way:
+        return trace.ops[max(seen)], "dead end"
+    return None, "unknown"
+
+
+def dead_module(trace: Trace, op: Op) -> Optional[str]:
+    """The outermost module whose output is the dead end ``op`` produced (or computed from it)."""
+    i = trace.ops.index(op)
+    best = None
+    for name, keys in trace.module_outputs:  # outer modules complete later
+        if any(k[0] == "op" and k[1] >= i for k in keys) and not any(k[0] == "op" and k[1] > i for k in keys):
+            best = name
+    return best
+
+
+def module_location(model: torch.nn.Module, name: str, evidence: str) -> Location:
+    """A module's own location, for modules no operation points at: the line of the user's class that
+    assigns it (``self.aux_head = nn.Linear(...)``), else its class definition."""
+    import linecache
+    import re
+
+    file = line = None
+    try:
+        mod = model.get_submodule(name) if name else model
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        attr = name.rsplit(".", 1)[-1]
+        src, first = inspect.getsourcelines(type(owner))
+        hit = next((i for i, text in enumerate(src) if re.search(rf"self\.{re.escape(attr)}\s*(:[^=]*)?=", text)), None)
+        if name and hit is not None:  # where the owner builds it
+            file, line = inspect.getsourcefile(type(owner)), first + hit
+        else:  # its class definition
+            file, line = inspect.getsourcefile(type(mod)), inspect.getsourcelines(type(mod))[1]
+    except (TypeError, OSError, AttributeError):
+        pass
+    code = linecache.getline(file, line).strip() if file and line else None
+    return Location(name or f"({type(model).__name__})", file, line, evidence, code or None)
+
+
+def _is_library(path: str) -> bool:
+    libs, models = _library_dirs()
+    path = str(Path(path).resolve()) if path else path
+    return bool(path) and path.startswith(libs) and not path.startswith(models)
 
 
 def locate(op: Optional[Op], model: torch.nn.Module, evidence: str) -> Optional[Location]:
     """A ``Location`` for the origin ``op``: its module and the user's line that ran it."""
     if op is None:
         return None
-    file, line = op.site if op.site else (None, None)
-    if file is None:  # nothing of the user's on the stack: the module's class definition
-        try:
-            mod = model.get_submodule(op.module) if op.module else model
-            file, line = inspect.getsourcefile(type(mod)), inspect.getsourcelines(type(mod))[1]
-        except (TypeError, OSError, AttributeError):
-            pass
-    code = None
-    if file and line:
-        import linecache
+    if op.site is None:  # nothing of the user's on the stack: the module's class definition
+        return module_location(model, op.module, f"{evidence} (in {op.func})")
+    import linecache
 
-        code = linecache.getline(file, line).strip() or None
-    return Location(op.module or f"({type(model).__name__}.forward)", file, line, f"{evidence} (in {op.func})", code)
+    file, line = op.site
+    code = linecache.getline(file, line).strip() or None
+    return Location(op.module or f"({type(model).__name__})", file, line, f"{evidence} (in {op.func})", code)
 
 
 # ---- predicates: how a pair of tensors breaks a property ------------------------------------------
@@ -328,3 +561,120 @@ def real_positions_differ(real: torch.Tensor, tol: float) -> Callable:
 def any_difference(tol: float) -> Callable:
     """Two runs of the same input differ at all."""
     return lambda x, y: differs(x, y, tol)
+
+
+# ---- who wrote a parameter: rerunning the user's build ------------------------------------------
+
+@dataclass(frozen=True)
+class Write:
+    func: str  # the in-place op (uniform_, normal_, copy_, ...)
+    site: Optional[tuple]  # (file, line) of the innermost user frame
+    via: Optional[tuple]  # (file, line) of the user's call into Module.apply, when the write came through it
+
+
+def _user_frames(depth: int = 2) -> tuple:
+    """(innermost user frame, the user frame that called ``Module.apply``) on the current stack."""
+    libs, models = _library_dirs()
+    f, inner, via, after_apply = sys._getframe(depth), None, None, False
+    while f is not None:
+        name = f.f_code.co_filename
+        user = not name.startswith("<") and (name.startswith(models) or not name.startswith(libs))
+        if user and inner is None:
+            inner = (name, f.f_lineno)
+        if user and after_apply and via is None:
+            via = (name, f.f_lineno)
+        if f.f_code.co_name == "apply" and name.startswith(_TORCH_DIR):
+            after_apply = True
+        f = f.f_back
+    return inner, via
+
+
+_NOT_WRITES = {"requires_grad_", "share_memory_", "retain_grad_"}  # in-place in name only: values stay
+
+
+class _WriteRecorder(TorchFunctionMode):
+    def __init__(self, writes: dict):
+        super().__init__()
+        self.writes = writes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        inplace = (name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES) or \
+            (name.startswith("__i") and name.endswith("__"))  # x *= s
+        if inplace and args and isinstance(args[0], torch.Tensor):
+            inner, via = _user_frames()
+            self.writes[id(args[0])] = Write(name, inner, via)  # the last write wins
+        return func(*args, **(kwargs or {}))
+
+
+def traced_build(build: Callable[[], torch.nn.Module]) -> tuple:
+    """Run ``build()`` recording the last in-place write to every tensor: ``(model, {param name: Write})``.
+    Only in-place writes reach parameters after construction (``nn.init.*``, ``load_state_dict``'s
+    ``copy_``, ``.data.mul_``), so the last one says who set the final value."""
+    writes: dict = {}
+    with _WriteRecorder(writes):
+        model = build()
+    return model, {n: writes[id(p)] for n, p in model.named_parameters() if id(p) in writes}
+
+
+def who_wrote(build: Callable[[], torch.nn.Module], module: str, tensors: list) -> Optional[Location]:
+    """The user's line that last wrote most of ``tensors`` (parameter names under ``module``) in a
+    fresh ``build()``; None when nothing of the user's wrote them."""
+    import collections
+    import linecache
+
+    _, writes = traced_build(build)
+    sites = collections.Counter((w.site, w.via, w.func) for n, w in writes.items() if n in tensors and w.site)
+    if not sites:
+        return None
+    (site, via, func), n = sites.most_common(1)[0]
+    inner = f"{Path(site[0]).name}:{site[1]}: {linecache.getline(site[0], site[1]).strip()}"
+    if via is not None and via != site:  # the line to fix is the apply() that carried the init this far
+        return Location(module, via[0], via[1], f"{n} of the {len(tensors)} tensors were last written by {func} "
+                        f"in {inner}", linecache.getline(via[0], via[1]).strip() or None)
+    return Location(module, site[0], site[1], f"{n} of the {len(tensors)} tensors were last written here ({func})",
+                    linecache.getline(site[0], site[1]).strip() or None)
+
+
+def where_image_dies(cap, images: torch.Tensor, captions: torch.Tensor, seed: int = 0,
+                     generate: bool = False, within: tuple = ()) -> Optional[Location]:
+    """Along the image path, where the output stops depending on the image: eval-mode forwards (or
+    ``generate`` calls) of the batch and of the batch with its images rolled by one are compared.
+    None when every stage still depends on the image (a model that reads its image but has learned
+    to ignore it has no single place to point at)."""
+    if images.shape[0] < 2:
+        return None
+    a, b = trace_pair(cap, (images, captions), (images.roll(1, 0), captions), False, seed, generate)
+    op, how = dependence_dies(a, b, any_difference(1e-6), within)
+    call = "generate()" if generate else "forward"
+    if how == "unread" and not within:
+        return forward_location(cap.model, f"no operation of {call} on the way to the output reads the images")
+    return locate(op, cap.model, f"reads image-dependent values in {call}, but its output no longer depends on the image")
+
+
+def function_location(fn: Callable, args: tuple, evidence: str,
+                      prefer: tuple = ("cross_entropy", "nll_loss", "log_softmax", "softmax")) -> Location:
+    """Where in the user's function ``fn`` (a ``loss_fn``, a ``bleu_fn``) the result is computed: the
+    line of its first operation named in ``prefer`` (the loss itself), else of the operation that
+    produced what it returned, else its ``def`` line (pure Python, e.g. BLEU over token lists)."""
+    import linecache
+
+    trace, keep = Trace(), []
+    with torch.no_grad(), _Recorder(trace, trace.keys, [], keep, 1 << 28):
+        out = fn(*args)
+    trace.returned(out)
+    keep.clear()
+    trace.keys = {}
+    sinks = sorted(k[1] for k in trace.sinks if k[0] == "op")
+    op = first_op(trace, lambda o: o.func in prefer and o.site is not None) or \
+        (trace.ops[sinks[-1]] if sinks and trace.ops[sinks[-1]].site else None)
+    name = getattr(fn, "__qualname__", getattr(fn, "__name__", "the function"))
+    if op is not None:
+        file, line = op.site
+        return Location(name, file, line, f"{evidence} (in {op.func})", linecache.getline(file, line).strip() or None)
+    try:
+        target = inspect.unwrap(getattr(fn, "__func__", fn))
+        file, line = inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
+    except (TypeError, OSError):
+        return Location(name, evidence=evidence)
+    return Location(name, file, line, evidence, linecache.getline(file, line).strip() or None)

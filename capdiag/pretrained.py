@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -96,6 +96,7 @@ class FreshnessReport:
     n_bn: int
     n_bn_default: int
     examples: list
+    fresh_names: list = field(default_factory=list)  # parameter names (within the module) that look fresh
 
     @property
     def fraction_fresh(self) -> float:
@@ -110,7 +111,7 @@ class FreshnessReport:
 def freshness(module: nn.Module) -> FreshnessReport:
     """How much of a module looks freshly initialized (weights and BatchNorm layers)."""
     n = fresh = nbn = bndef = 0
-    examples = []
+    examples, names = [], []
     for mname, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.affine:
             nbn += 1
@@ -122,9 +123,10 @@ def freshness(module: nn.Module) -> FreshnessReport:
             match = fresh_init_match(w)
             if match:
                 fresh += 1
+                names.append(f"{mname}.weight" if mname else "weight")
                 if len(examples) < 5:
                     examples.append(f"{mname or type(m).__name__}.weight ~ {match}")
-    return FreshnessReport(n, fresh, nbn, bndef, examples)
+    return FreshnessReport(n, fresh, nbn, bndef, examples, names)
 
 
 KNOWN_BACKBONES = (

@@ -17,6 +17,7 @@ from capdiag.ablation import true_pass
 from capdiag.attention import attention_modules, attention_stats, judged_rows, per_token_maps
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import first_op, in_module, locate, trace_call, where_image_dies
 from capdiag.registry import register_check
 
 
@@ -58,6 +59,9 @@ class AttentionMaps(Check):
                 metrics,
                 "The softmax runs over the wrong dimension (batch or time instead of regions): use "
                 "softmax(scores, dim=-1) over the region axis.", artifacts,
+                location=locate(first_op(trace_call(cap, images, captions, seed=s.seed),
+                                         lambda op: in_module(op, n) and "softmax" in op.func), cap.model,
+                                f"normalizes the attention weights of {n}"),
             )
         if s.live:  # attention is legitimately diffuse early in training: only the softmax axis is judged
             return self.finding(Status.PASS, f"{len(stats)} attention modules sum to one ({source})", metrics)
@@ -68,6 +72,7 @@ class AttentionMaps(Check):
                 f"after training ({source})", metrics,
                 "Scores are constant across regions: a missing tanh/score projection, scores multiplied by "
                 "zero, or a temperature so high the softmax flattens.", artifacts,
+                location=where_image_dies(cap, images, captions, s.seed, within=tuple(stats)),
             )
         if all(st["max_pairwise_tv"] < self.identical_tv for st in stats.values()):
             return self.finding(

@@ -23,6 +23,7 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import where_image_dies
 from capdiag.hooks import captured_outputs, replaced_output
 from capdiag.probe import input_grad, reentrant_refusal, rel_diff, tolerance
 from capdiag.registry import register_check
@@ -165,6 +166,7 @@ class Attribution(Check):
                 metrics,
                 "The words come from the caption prefix alone: the image does not reach the decoder in a way "
                 "that matters. See image_ablation, pretrained_guard and gradient_flow for where it is lost.", artifacts,
+                location=where_image_dies(cap, s.learned().images, s.learned().captions, s.seed),
             )
         return self.finding(
             Status.PASS, f"image share of attribution {overall:.0%} (per word {min(img_shares):.0%}-{max(img_shares):.0%}){note}",
@@ -228,4 +230,5 @@ class Attribution(Check):
             Status.FAIL, f"generated words owe nothing to the image: {why}, and replacing the image leaves every "
             f"word's score unchanged (relative {moved:.1g})", metrics,
             "The image does not reach the decoder: features zeroed, detached into nothing, or the wrong variable "
-            "passed. See image_ablation, pretrained_guard and gradient_flow for where it is lost.")
+            "passed. See image_ablation, pretrained_guard and gradient_flow for where it is lost.",
+            location=where_image_dies(cap, s.learned().images, s.learned().captions, s.seed))

@@ -13,6 +13,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import at_position, dependence_dies, forward_location, locate, trace_pair
 from capdiag.probe import (RANDOM_EVAL, logits_in, rel_diff, replace_tokens, subject_eval_is_random,
                            subject_train_reproducible, tolerance_same_shape)
 from capdiag.registry import register_check
@@ -68,6 +69,7 @@ class CaptionDependence(Check):
                 metrics,
                 "forward() decodes free-running when not self.training. Keep forward teacher-forced in both "
                 "modes and put free-running decoding in generate(); otherwise validation loss is not comparable.",
+                location=self._where(s, positions[len(positions) // 2], False),
             )
         if not (verdicts["eval"] and verdicts["train"]):
             return self.finding(
@@ -78,6 +80,7 @@ class CaptionDependence(Check):
                 "The decoder does not read its caption input at the right position: check that the token "
                 "embedding feeds the decoder, and that captions are shifted once (input captions[:, :-1], "
                 "target captions[:, 1:]), not twice.",
+                location=self._where(s, positions[len(positions) // 2], verdicts["eval"]),
             )
         return self.finding(
             Status.PASS,
@@ -85,3 +88,16 @@ class CaptionDependence(Check):
             f"and eval ({metrics['fraction_dependent_eval']:.0%}) mode",
             metrics,
         )
+
+    def _where(self, s: Subject, t: int, train: bool):
+        """Where caption token ``t`` stops mattering on its way to the logits (or that nothing reads it)."""
+        cap = s.captioner
+        where = torch.zeros_like(s.captions, dtype=torch.bool)
+        where[:, t] = True
+        caps = replace_tokens(cap, s.captions, where, torch.Generator().manual_seed(s.seed + 1))
+        a, b = trace_pair(cap, (s.images, s.captions), (s.images, caps), train, s.seed)
+        op, how = dependence_dies(a, b, at_position(t, s.captions.shape[1], 1e-6))
+        mode = "train" if train else "eval"
+        if how == "unread":
+            return forward_location(cap.model, f"no operation reads the caption tokens in {mode} mode")
+        return locate(op, cap.model, f"reads caption token {t} ({mode} mode), but its output no longer depends on it")

@@ -15,6 +15,7 @@ import torch
 from capdiag.ablation import generated
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import where_image_dies
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
 
@@ -46,5 +47,6 @@ class DecodingConsistency(Check):
                 metrics,
                 "generate() runs the decoder differently from forward(): compare masks (causal mask in beam "
                 "search), the image features passed, the start token, and how hidden state/caches are carried.",
+                location=where_image_dies(cap, images, captions, s.seed, generate=True),
             )
         return self.finding(Status.PASS, f"generate() and teacher-forced forward agree on {agree:.0%} of tokens", metrics)

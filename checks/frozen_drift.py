@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import module_location
 from capdiag.optim import Adam
 from capdiag.pretrained import DriftWatcher, frozen_modules, is_running_stat
 from capdiag.registry import register_check
@@ -77,6 +78,8 @@ class FrozenDrift(Check):
             "the frozen module in eval mode (override train(): super().train(mode); self.encoder.eval(); return "
             "self) or use torchvision.ops.FrozenBatchNorm2d; keep frozen parameters out of the optimizer.",
             {"moved": moved},
+            location=module_location(cap.model, owners[0], f"frozen, yet {worst} moved in one training step")
+            if owners else None,
         )
 
     def _since_start(self, s: Subject):

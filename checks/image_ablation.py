@@ -17,6 +17,7 @@ from capdiag.ablation import ALL_KINDS, ablation_losses, ablation_metrics, gener
 from capdiag.check import Check, Subject
 from capdiag.data import empirical_blind_floor
 from capdiag.finding import Status
+from capdiag.localize import where_image_dies
 from capdiag.registry import register_check
 
 LIVE_KINDS = ("shuffled_images", "zeroed_features")  # during training: two extra no-grad forwards
@@ -62,7 +63,7 @@ class ImageAblation(Check):
                 Status.FAIL,
                 f"image reliance {score:.2f}: shuffling images across the batch moves the loss from "
                 f"{losses['true']:.3f} to only {losses['shuffled_images']:.3f} ({source})",
-                metrics, hint, artifacts,
+                metrics, hint, artifacts, location=where_image_dies(cap, images, captions, s.seed),
             )
         if distinct <= 1 / len(gen) + 1e-9 and len(gen) > 1:
             return self.finding(
@@ -70,6 +71,7 @@ class ImageAblation(Check):
                 f"although the teacher-forced loss relies on them (reliance {score:.2f})", metrics,
                 "generate() does not pass the image to the decoder (or uses a cached/zero image state). "
                 "Compare it line by line with forward().", artifacts,
+                location=where_image_dies(cap, images, captions, s.seed, generate=True),
             )
         return self.finding(
             Status.PASS,

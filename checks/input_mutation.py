@@ -11,6 +11,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import first_op, locate, trace_call
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
 
@@ -23,7 +24,7 @@ class InputMutation(Check):
 
     def run(self, s: Subject):
         cap = s.captioner
-        changed = []
+        changed, where = [], None
         calls = [("forward (train)", True, False), ("forward (eval)", False, False)]
         if cap.has_generate:
             calls.append(("generate", False, True))
@@ -38,10 +39,15 @@ class InputMutation(Check):
             if not torch.equal(captions, ref_c):
                 n = int((captions != ref_c).sum())
                 changed.append(f"captions by {label} ({n} tokens)")
+            if changed and where is None and not gen:
+                trace = trace_call(cap, s.images.clone(), s.captions.clone(), train, s.seed, protect=False)
+                where = locate(first_op(trace, lambda op: op.writes is not None), cap.model,
+                               "modifies the caller's input tensor in place")
         if changed:
             return self.finding(
                 Status.FAIL, "inputs modified in place: " + "; ".join(changed), {"n_mutations": len(changed)},
                 "Replace in-place ops on inputs (x.sub_(), x /= s, x[...] = v, torch.clamp_(x)) with "
                 "out-of-place ones (x = x - mean), or clone the input first.",
+                location=where,
             )
         return self.finding(Status.PASS, f"images and captions unchanged after {len(calls)} calls", {"n_mutations": 0})

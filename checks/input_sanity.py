@@ -23,6 +23,7 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import first_op, locate, trace_call
 from capdiag.registry import register_check
 from capdiag.state import in_mode
 
@@ -138,10 +139,17 @@ class InputSanity(Check):
             problems += caption_problems(cap, s.captions)
         artifacts = batch_preview(s)
         if problems:
+            where_from = None
+            if any("normalization applied twice" in p for p in problems):  # the model's own code does it again
+                trace = trace_call(cap, s.images.clone(), s.captions.clone(), seed=s.seed, protect=False)
+                where_from = locate(first_op(trace, lambda op: ("input", "images") in op.inputs
+                                             and not op.func.startswith("new_")), cap.model,
+                                    "the model's first operation on the already normalized images")
             return self.finding(
                 Status.FAIL, "; ".join(problems), metrics,
                 "Feed the network what it was built for: float images normalized once with the encoder's "
                 "mean/std (ImageNet for torchvision weights), captions as BOS ... EOS pad pad.", artifacts,
+                location=where_from,
             )
         if entry is None:
             return self.finding(Status.PASS, "captions well formed" + notes[0], metrics, artifacts=artifacts)

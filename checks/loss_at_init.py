@@ -12,6 +12,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import first_nonfinite, largest_gain, locate, trace_call, who_wrote
 from capdiag.probe import first_nonfinite_module, logits_in, untrained_batchnorm
 from capdiag.registry import register_check
 
@@ -46,6 +47,8 @@ class LossAtInit(Check):
                     Status.FAIL, f"loss is {loss} in {tag} mode; first non-finite output: {where}", metrics,
                     "Look for log of zero/negative values, division by zero, overflow in half precision, "
                     "or uninitialized (torch.empty) weights in that module.",
+                    location=locate(first_nonfinite(trace_call(cap, s.images, s.captions, train, s.seed)), cap.model,
+                                    "first operation whose output is NaN/inf while its inputs are finite"),
                 )
             mask = cap.target_mask(s.captions)
             maxp = torch.softmax(logits, -1).amax(-1)[mask].mean()
@@ -80,6 +83,7 @@ class LossAtInit(Check):
                 metrics,
                 "The output layer is initialized too large (or logits are scaled up). Use the default or a "
                 "small-std init for the vocabulary projection; check custom init functions and logit scaling.",
+                location=self._scaled_up(s, tag == "train"),
             )
         if excess > self.warn_excess:
             return self.finding(
@@ -91,3 +95,14 @@ class LossAtInit(Check):
             below += (f"; eval mode gives {metrics['loss_eval']:.3g} only because BatchNorm running statistics "
                       "are still at their initial values")
         return self.finding(Status.PASS, f"loss at init {loss:.2f}{' (train mode)' if bn_untrained else ''} vs ln(V)={ln_v:.2f}{below}", metrics)
+
+    def _scaled_up(self, s: Subject, train: bool):
+        """The operation that scales its input up the most on the way to the logits; when the model can be
+        rebuilt, the user's line that last wrote that module's weights (a custom init, a ``.mul_``)."""
+        cap = s.captioner
+        op = largest_gain(trace_call(cap, s.images, s.captions, train, s.seed))
+        where = locate(op, cap.model, "scales its input up the most on the way to the logits")
+        if op is None or not op.module or s.rebuild is None:
+            return where
+        names = [f"{op.module}.{n}" for n, _ in cap.model.get_submodule(op.module).named_parameters()]
+        return who_wrote(s.rebuild, op.module, names) or where

@@ -16,6 +16,7 @@ import torch
 from capdiag.captioner import extract_logits
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import function_location
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
 
@@ -86,5 +87,6 @@ class LossSanity(Check):
                 "Use F.cross_entropy(logits, targets, ignore_index=pad_id) (or mask by the real-token mask) with "
                 "the default mean reduction, on raw logits; with pad == eos, mask by position after the first "
                 "EOS rather than by id.",
+                location=function_location(fn, (logits, captions), "computes the loss"),
             )
         return self.finding(Status.PASS, "loss_fn ignores padding, averages, and takes logits", metrics)

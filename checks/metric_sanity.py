@@ -13,6 +13,7 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import function_location
 from capdiag.metrics import bleu4
 from capdiag.registry import register_check
 
@@ -57,6 +58,7 @@ class MetricSanity(Check):
                 metrics,
                 "Strip BOS, EOS and padding (cut at the first EOS) before scoring; padding counted as words "
                 "changes BLEU with the batch's padding. Compare with nltk.translate.bleu_score.corpus_bleu.",
+                location=function_location(cap.bleu_fn, (refs, hyps), "computes the score"),
             )
         return self.finding(Status.PASS, f"bleu_fn agrees with nltk corpus BLEU-4 ({expected:.4f})", metrics)
 

@@ -24,6 +24,7 @@ from typing import Optional
 from capdiag.ablation import generated
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import where_image_dies
 from capdiag.metrics import bleu4, exact_match
 from capdiag.registry import register_check
 from capdiag.training import RECIPE, eval_loss, fit_copy, fit_recipe
@@ -67,6 +68,7 @@ class Overfit(Check):
             (s.data.decode(r) if s.data else str(r), s.data.decode(h) if s.data else str(h)) for r, h in zip(refs[:6], hyps[:6])
         ]
         sweep_curves: dict = {}
+        where = None  # set where the diagnosis is "cannot see the image" and a point on the image path shows it
         low = recipe.low(final, floor)
         passed = low and em >= self.min_exact_match
         if fit.interrupted:
@@ -91,10 +93,11 @@ class Overfit(Check):
                 "Training and decoding disagree: generate() feeds the model differently than forward "
                 "(missing image, wrong start token, state not carried, mask missing at inference).")
         else:
-            status, summary, hint, sweep_curves = self._diagnose(s, cap, images, captions, fit, final, floor, metrics, recipe)
+            status, summary, hint, sweep_curves, where = self._diagnose(s, cap, images, captions, fit, final, floor,
+                                                                        metrics, recipe)
         artifacts = {"examples": examples, "losses": list(fit.losses), "blind_floor": floor,
                      "pass_loss": recipe.pass_loss, "sweep_curves": sweep_curves, "model_name": cap.name}
-        return self.finding(status, summary, metrics, hint, artifacts)
+        return self.finding(status, summary, metrics, hint, artifacts, location=where)
 
     def _diagnose(self, s, cap, images, captions, fit, final, floor, metrics, recipe):
         best_lr, best = fit.lr, final if math.isfinite(final) else float("inf")
@@ -121,11 +124,11 @@ class Overfit(Check):
             return Status.WARN, (
                 f"does not fit at lr {fit.lr:g} in {fit.steps} steps (loss {final:.3f}) but reaches {best:.4f} "
                 f"within {self.sweep_steps} steps at lr {best_lr:g}: the learning rate is off, the model can fit"), (
-                f"Train with a learning rate near {best_lr:g} (or add warm-up); rerun with --lr {best_lr:g}."), curves
+                f"Train with a learning rate near {best_lr:g} (or add warm-up); rerun with --lr {best_lr:g}."), curves, None
         if not math.isfinite(best):
             return Status.FAIL, "the loss diverges to NaN/inf at every learning rate tried", (
                 "Look for log/division of values near zero, missing gradient clipping, or an unstable custom "
-                "layer; loss_at_init and gradient_reachability locate non-finite values."), curves
+                "layer; loss_at_init and gradient_reachability locate non-finite values."), curves, None
         train_tail = fit.recent_loss
         metrics["train_mode_loss"] = train_tail
         if train_tail < 0.5 * best and train_tail < floor:
@@ -137,14 +140,14 @@ class Overfit(Check):
                 f"{floor:.3f}): the model behaves differently at inference{why}"), (
                 "Train and eval mode disagree. Usual cause: BatchNorm running statistics that do not match the "
                 "weights (a pretrained encoder whose weights a custom init overwrote while its running statistics "
-                "stayed pretrained: the forum case), or dropout/noise layers left on or off by mistake."), curves
+                "stayed pretrained: the forum case), or dropout/noise layers left on or off by mistake."), curves, None
         if best > 1.25 * floor:
             return Status.FAIL, (
                 f"the loss stays at {best:.3f}, above even the image-blind floor {floor:.3f}, at every learning rate "
                 "tried: the model does not learn the caption prior, let alone the image"), (
                 "Training does not work at all: check that parameters are not frozen by mistake, that the optimizer "
                 "gets model.parameters(), that targets are captions shifted by one, and that the loss is computed "
-                "on logits."), curves
+                "on logits."), curves, None
         if best > 0.8 * floor:
             return Status.FAIL, (
                 f"loss plateaus at {best:.3f}, at the image-blind floor {floor:.3f} ({best / floor:.0%} of it), "
@@ -152,9 +155,9 @@ class Overfit(Check):
                 "The decoder learns only the caption prior. Usual causes: image features never reach the decoder "
                 "(wrong variable passed, detached, multiplied by zero), a pretrained encoder clobbered by a custom "
                 "init, a dead ReLU after the projection, or features scaled to nothing. Run image_ablation and "
-                "gradient_flow."), curves
+                "gradient_flow."), curves, where_image_dies(fit.captioner, images, captions, s.seed)
         return Status.FAIL, (
             f"cannot memorize one batch: loss plateaus at {best:.3f} (image-blind floor {floor:.3f}) at every "
             "learning rate tried"), (
             "It uses the image partly but cannot fit: check capacity (d_model, layers), that targets are "
-            "captions shifted by one, that the loss ignores padding, and that nothing is frozen by mistake."), curves
+            "captions shifted by one, that the loss ignores padding, and that nothing is frozen by mistake."), curves, None

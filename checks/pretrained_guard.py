@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.localize import who_wrote
 from capdiag.pretrained import compare_to_reference, freshness, load_reference, looks_like_backbone
 from capdiag.registry import register_check
 
@@ -50,11 +51,19 @@ class PretrainedGuard(Check):
                     found.append((n, None, False))
         return found
 
+    def _who_wrote(self, s: Subject, suspects: list):
+        """Rebuild the model the user's way and name the line that last wrote the failing tensors."""
+        if s.rebuild is None or not suspects:
+            return None
+        module, names = suspects[0]
+        return who_wrote(s.rebuild, module, [f"{module}.{n}" for n in names])
+
     def run(self, s: Subject):
         targets = self._targets(s)
         if not targets:
             return self.skip("no pretrained modules declared (CAPDIAG['pretrained']) or detected")
         metrics, problems, warnings, notes = {}, [], [], []
+        suspects: list = []  # (module, parameter names) that failed, for the location
         for name, ref, declared in targets:
             module = s.captioner.submodule(name)
             if ref is not None:
@@ -66,6 +75,7 @@ class PretrainedGuard(Check):
                     problems.append(
                         f"{len(cmp.clobbered)} of {cmp.n_compared} tensors of {name!r} no longer resemble the "
                         f"reference weights: {ex}")
+                    suspects.append((name, [k for k, _ in cmp.clobbered]))
                     continue
                 notes.append(f"{name!r}: {len(cmp.identical)} tensors identical to the reference, "
                              f"{len(cmp.finetuned)} fine-tuned")
@@ -76,13 +86,14 @@ class PretrainedGuard(Check):
                         f"({'; '.join(fr.examples[:2])})")
                 if declared:
                     problems.append(what)
+                    suspects.append((name, fr.fresh_names))
                 else:
                     kind = looks_like_backbone(module)
                     warnings.append(f"{what}, though it is a {kind} backbone, usually used pretrained")
             elif ref is None:
                 notes.append(f"{name!r}: {fr.fraction_fresh:.0%} of weight tensors look freshly initialized")
         if problems:
-            return self.finding(Status.FAIL, "; ".join(problems), metrics, HINT)
+            return self.finding(Status.FAIL, "; ".join(problems), metrics, HINT, location=self._who_wrote(s, suspects))
         if warnings:
             return self.finding(
                 Status.WARN, "; ".join(warnings), metrics,

@@ -98,8 +98,10 @@ def subject(name: str, bug: Optional[str] = None, variant: Optional[str] = None,
 
     torch.manual_seed(seed)
     model = create(name, bug, variant, **overrides)
-    return capdiag.subject_for(model, seed=seed, loss_fn=model.loss_fn, bleu_fn=getattr(model, "bleu_fn", None),
-                               **hints_of(name, model))
+    s = capdiag.subject_for(model, seed=seed, loss_fn=model.loss_fn, bleu_fn=getattr(model, "bleu_fn", None),
+                            **hints_of(name, model))
+    s.rebuild = lambda: create(name, bug, variant, **overrides)
+    return s
 
 
 def planted() -> list:

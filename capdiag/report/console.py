@@ -30,6 +30,10 @@ def format_finding(f: Finding, color: bool = False, width: int = 0) -> str:
     head = f"{_badge(f.status, color)} {f.check:<24} "
     body = textwrap.wrap(f.summary + timing, width=max(width - 31, 40))
     lines = [head + (body[0] if body else "")] + [" " * 31 + b for b in body[1:]]
+    if f.location is not None:
+        wrap = max(width - 37, 40)
+        at = textwrap.wrap(f.location.where(), width=wrap) + textwrap.wrap(f.location.evidence, width=wrap)
+        lines += [" " * 31 + ("at:   " if i == 0 else "      ") + b for i, b in enumerate(at)]
     if f.status in (Status.FAIL, Status.WARN, Status.ERROR) and f.hint:
         for i, b in enumerate(textwrap.wrap(f.hint, width=max(width - 37, 40))):
             lines.append(" " * 31 + ("fix:  " if i == 0 else "      ") + b)

@@ -18,6 +18,8 @@ h1{font-size:24px;margin:0 0 4px} h2{font-size:19px;margin:0} .sub{color:#59636e
 td,th{border-bottom:1px solid #d1d9e0;padding:6px 10px;text-align:left;vertical-align:top} th{background:#f0f3f6}
 section{background:#fff;border:1px solid #d1d9e0;border-radius:8px;padding:16px 20px;margin:18px 0}
 section header{display:flex;gap:12px;align-items:center;margin-bottom:8px}
+.where{background:#ffebe9;border-left:4px solid #cf222e;padding:8px 12px;margin:10px 0}
+.where code{font-size:13px}
 .hint{background:#fff8c5;border-left:4px solid #d4a72c;padding:8px 12px;margin:10px 0}
 .metrics{font:13px/1.4 ui-monospace,Menlo,monospace;width:auto} .metrics td{padding:2px 12px 2px 0;border:none}
 img{max-width:100%;border:1px solid #d1d9e0;border-radius:4px;margin:8px 0;display:block}
@@ -70,6 +72,9 @@ def render_html(report: Report, title: str = "capdiag report") -> str:
     sections = []
     for f in report.findings:
         hint = f'<div class="hint"><b>Likely cause and fix.</b> {html.escape(f.hint)}</div>' if f.hint and f.status is not Status.PASS else ""
+        if f.location is not None:
+            hint = (f'<div class="where"><b>Where it starts.</b> <code>{html.escape(f.location.where())}</code>'
+                    f"<br>{html.escape(f.location.evidence)}</div>") + hint
         sections.append(
             f'<section id="{f.check}"><header>{_badge(f.status)}<h2>{f.check}</h2></header>'
             f"<p>{html.escape(f.summary)}</p>{hint}{_metrics(f)}{_extras(f)}</section>"
