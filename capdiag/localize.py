@@ -109,6 +109,10 @@ def _tensors(x, out):
             _tensors(y, out)
     elif hasattr(x, "to_tuple"):  # a Hugging Face ModelOutput
         _tensors(x.to_tuple(), out)
+    elif hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):  # an output object (out.logits)
+        for y in vars(x).values():
+            if isinstance(y, torch.Tensor):
+                out.append(y)
     return out
 
 
@@ -121,7 +125,11 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if not self.trace.complete:
             return out
-        outs = [t for t in _tensors(out, []) if t.layout == torch.strided]
+        if getattr(func, "__name__", "") == "__setitem__" and args and isinstance(args[0], torch.Tensor):
+            out_tensors = [args[0]]  # x[i] = v writes into x and returns None: x is what it produced
+        else:
+            out_tensors = _tensors(out, [])
+        outs = [t for t in out_tensors if t.layout == torch.strided]
         if not outs or getattr(func, "__name__", "") in ("__get__", "__set__"):
             return out
         read = _tensors((args, kwargs or {}), [])
@@ -186,7 +194,8 @@ def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.
         if oa.func != ob.func or len(oa.outputs) != len(ob.outputs):
             break
         n += 1
-    bad = [any(_safe(violates, x, y) for x, y in zip(a.ops[i].outputs, b.ops[i].outputs)) for i in range(n)]
+    bad = [a.ops[i].func not in _UNINITIALIZED and any(_safe(violates, x, y) for x, y in zip(a.ops[i].outputs, b.ops[i].outputs))
+           for i in range(n)]
 
     def dirty(key) -> bool:
         if key[0] == "input":
@@ -207,6 +216,10 @@ def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.
         if reaches[i] and not any(dirty(k) for k in a.ops[i].inputs):
             return a.ops[i]
     return None
+
+
+# Their values are whatever memory held: two runs differ there without meaning anything.
+_UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided"}
 
 
 def _safe(violates, x, y) -> bool:
@@ -239,19 +252,28 @@ def localize_pair(cap, a: tuple, b: tuple, violates: Callable, evidence: str, tr
 
 
 def dependence_dies(a: Trace, b: Trace, changed: Callable[[torch.Tensor, torch.Tensor], bool],
-                    within: tuple = ()) -> tuple:
+                    within: tuple = (), floating_only: bool = False,
+                    moved: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None) -> tuple:
     """Where an input stops mattering: ``(op, "dies")`` for the first operation on the way to the output
     that reads a tensor the perturbation changed and writes one of the same dtype and rank that it did
     not change (``torch.zeros_like(features)``, ``x * 0``, tokens replaced by a constant, a shift that
-    moves the changed position away); ``(None, "unread")`` when no operation on the way to the output
-    reads the changed input. ``within``: only operations of these modules (and their submodules) count."""
+    moves the changed position away); ``(None, "unread")`` when no operation of the model reads the
+    changed input at all (what reads it but reaches nothing may be linked through Python values:
+    ``"unknown"``). The death must last: nothing computed from that output may change again (a
+    prefix prepended and sliced off later moves a position and moves it back). ``within``: only
+    operations of these modules (and their submodules) count; ``floating_only``: only floating-point
+    outputs (an argmax or a token choice legitimately ignores small changes). ``moved``: the same
+    question as ``changed`` with no tolerance; a dependence has died only where the output is exactly
+    unchanged (a tiny change under the tolerance is a weak dependence, not a dead one)."""
+    moved = moved or changed
     n = 0
     for oa, ob in zip(a.ops, b.ops):
         if oa.func != ob.func or len(oa.outputs) != len(ob.outputs):
             break
         n += 1
     dirty_in = {name for name in a.inputs if name in b.inputs and _safe(changed, a.inputs[name], b.inputs[name])}
-    dirty = [[_safe(changed, x, y) for x, y in zip(a.ops[i].outputs, b.ops[i].outputs)] for i in range(n)]
+    dirty = [[a.ops[i].func not in _UNINITIALIZED and _safe(changed, x, y) for x, y in zip(a.ops[i].outputs, b.ops[i].outputs)]
+             for i in range(n)]
 
     def read(key):  # the tensor behind a key, and whether it changed
         if key[0] == "input":
@@ -260,18 +282,42 @@ def dependence_dies(a: Trace, b: Trace, changed: Callable[[torch.Tensor, torch.T
             return a.ops[key[1]].outputs[key[2]], dirty[key[1]][key[2]]
         return None, False
 
-    _, feeds = _graph(a)
-    read_any = False
+    consumers, feeds = _graph(a)
+
+    slot_feeds = {k for k in a.sinks if k[0] == "op"}  # (op, slot) pairs from which the output is reached
+    for j in range(n - 1, -1, -1):
+        if feeds[j]:
+            slot_feeds.update(k for k in a.ops[j].inputs if k[0] == "op")
+
+    def stays_dead(i: int) -> bool:
+        """No operation computed from op i changes while nothing it reads changed: a dependence that
+        dies here does not come back downstream (a prefix prepended, then sliced off, moves a position
+        and moves it back). Changes carried in from elsewhere (the image next to dead attention scores)
+        do not count."""
+        chain = {i}
+        for j in range(i + 1, n):
+            if not any(k[0] == "op" and k[1] in chain for k in a.ops[j].inputs):
+                continue
+            chain.add(j)
+            if any(read(k)[1] for k in a.ops[j].inputs):
+                continue
+            if any(d and ("op", j, slot) in slot_feeds for slot, d in enumerate(dirty[j])):
+                return False
+        return True
+
+    read_any = False  # by the model's own code (capdiag's clone of the input does not count)
     for i in range(n):
         ins = [read(k) for k in a.ops[i].inputs]
         changed_in = [t for t, d in ins if d and t is not None]
+        read_any = read_any or bool(changed_in and a.ops[i].site)
         if not feeds[i] or not changed_in:
             continue
-        read_any = True
         if within and not any(a.ops[i].module == m or a.ops[i].module.startswith(m + ".") for m in within):
             continue
-        for out, d in zip(a.ops[i].outputs, dirty[i]):
-            if not d and any(t.dtype == out.dtype and t.dim() == out.dim() for t in changed_in):
+        for out, d, out_b in zip(a.ops[i].outputs, dirty[i], b.ops[i].outputs):
+            if d or (floating_only and not out.is_floating_point()) or _safe(moved, out, out_b):
+                continue
+            if any(t.dtype == out.dtype and t.dim() == out.dim() for t in changed_in) and stays_dead(i):
                 return a.ops[i], "dies"
     return None, ("unread" if not read_any else "unknown")
 
@@ -645,7 +691,7 @@ def where_image_dies(cap, images: torch.Tensor, captions: torch.Tensor, seed: in
     if images.shape[0] < 2:
         return None
     a, b = trace_pair(cap, (images, captions), (images.roll(1, 0), captions), False, seed, generate)
-    op, how = dependence_dies(a, b, any_difference(1e-6), within)
+    op, how = dependence_dies(a, b, any_difference(1e-6), within, floating_only=True, moved=any_difference(0.0))
     call = "generate()" if generate else "forward"
     if how == "unread" and not within:
         return forward_location(cap.model, f"no operation of {call} on the way to the output reads the images")

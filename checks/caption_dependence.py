@@ -96,7 +96,8 @@ class CaptionDependence(Check):
         where[:, t] = True
         caps = replace_tokens(cap, s.captions, where, torch.Generator().manual_seed(s.seed + 1))
         a, b = trace_pair(cap, (s.images, s.captions), (s.images, caps), train, s.seed)
-        op, how = dependence_dies(a, b, at_position(t, s.captions.shape[1], 1e-6))
+        T = s.captions.shape[1]
+        op, how = dependence_dies(a, b, at_position(t, T, 1e-6), moved=at_position(t, T, 0.0))
         mode = "train" if train else "eval"
         if how == "unread":
             return forward_location(cap.model, f"no operation reads the caption tokens in {mode} mode")

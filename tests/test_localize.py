@@ -1,0 +1,151 @@
+"""Localization: a failing check names the module and the user's line where its problem starts
+(capdiag/localize.py), judged against models/planted_sites.py; clean models get no location, and
+localizing changes nothing of the model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import capdiag
+from capdiag import ModelSnapshot
+from capdiag.localize import (at_position, causal_prefix, dependence_dies, localize_pair, trace_pair,
+                              where_image_dies)
+from capdiag.models import registry, unusual, zoo
+from capdiag.models.planted_sites import SITES, judge
+from capdiag.registry import get_check
+from capdiag.runner import run_check
+
+
+def zoo_subject(arch, bug=None):
+    s = capdiag.subject_for(zoo.make(arch, bug), **zoo.HINTS)
+    s.rebuild = lambda: zoo.make(arch, bug)  # as the CLI's model-file loader sets it
+    return s
+
+
+STRUCTURAL = [(a, bug, check) for bug, (archs, check) in zoo.BUGS.items() for a in archs]
+
+
+@pytest.mark.parametrize("arch,bug,check", STRUCTURAL, ids=[f"{a}-{b}" for a, b, _ in STRUCTURAL])
+def test_failing_structural_check_names_the_planted_module_and_line(arch, bug, check):
+    s = zoo_subject(arch, bug)
+    f = run_check(s, get_check(check))
+    assert f.status.failed, f.summary
+    module_ok, line_ok = judge(SITES[f"zoo/{bug}"], f.location, type(s.model).__name__)
+    assert module_ok and line_ok, f"{check} on {bug}: {f.location}"
+    assert f.location.file.endswith("zoo.py") and f.location.line > 0 and f.location.evidence
+
+
+@pytest.mark.parametrize("bug", ["positional_along_batch", "frozen_bn_drifts"])
+def test_unusual_twins_are_localized(bug):
+    pattern, check = unusual.BUGS[bug]
+    m = unusual.build(pattern, bug)
+    s = capdiag.subject_for(m, **m.capdiag_hints)
+    f = run_check(s, get_check(check))
+    assert f.status.failed
+    assert judge(SITES[f"unusual/{bug}"], f.location, type(m).__name__) == (True, True), f.location
+
+
+def test_pretrained_guard_names_the_apply_line_that_overwrote_the_weights():
+    pytest.importorskip("transformers")
+    s = registry.subject("clip_decoder", "xavier_init_clobbers_encoder")
+    f = run_check(s, get_check("pretrained_guard"))
+    assert f.status.failed
+    assert f.location.module == "clip" and "self.apply(xavier_init)" in f.location.code
+    assert "xavier_uniform_" in f.location.evidence  # the init line inside the function apply() called
+
+
+def test_learned_image_blindness_is_localized_to_the_line_that_drops_the_features():
+    s = zoo_subject("gru", "image_blind")
+    f = run_check(s, get_check("image_ablation"))
+    assert f.status.failed
+    assert "torch.zeros_like(regions)" in f.location.code
+
+
+@pytest.mark.parametrize("arch", zoo.ARCHS)
+def test_clean_models_get_no_location_and_the_engine_invents_none(arch):
+    """Adversarial: on clean models the engine itself must find nothing, even when asked directly
+    (transient differences a causal loop or an attention mask undoes must not become an origin)."""
+    s = zoo_subject(arch)
+    report = capdiag.run_checks(s, [c.name for c in capdiag.list_checks() if c.cheap])
+    assert not report.failed and all(f.location is None for f in report.findings)
+    T = s.captions.shape[1]
+    caps = s.captions.clone()
+    caps[:, 3:-1] = (caps[:, 3:-1] + 1) % zoo.VOCAB  # future tokens changed (specials may appear: still causal)
+    assert localize_pair(s.captioner, (s.images, s.captions), (s.images, caps), causal_prefix(2, T, 1e-4), "x") is None
+    assert where_image_dies(s.captioner, s.images, s.captions) is None
+    for t in (1, 2, 3):  # a per-step loop carries token t into later steps only weakly: weak is not dead
+        where = torch.zeros_like(s.captions, dtype=torch.bool)
+        where[:, t] = True
+        other = s.captions.clone()
+        other[where] = (other[where] + 1 - 3) % (zoo.VOCAB - 3) + 3  # another word, no special id
+        a, b = trace_pair(s.captioner, (s.images, s.captions), (s.images, other))
+        assert dependence_dies(a, b, at_position(t, T, 1e-6), moved=at_position(t, T, 0.0)) == (None, "unknown")
+
+
+@pytest.mark.parametrize("pattern", ["sorted_tutorial_lstm", "packed_lstm_bos0", "frozen_nograd_encoder", "prefix_lm",
+                                     "model_output", "beam_search", "gru_96px"])
+def test_clean_models_written_differently_get_no_image_death(pattern):
+    """Length-sorted tutorial decoders write logits with x[i] = v, packed sequences sort with
+    uninitialized buffers, output objects carry .logits, beam search goes through Python lists: none of
+    that may read as the image being dropped."""
+    m = unusual.build(pattern, None, seed=1)
+    s = capdiag.subject_for(m, seed=1, **m.capdiag_hints)
+    assert where_image_dies(s.captioner, s.images, s.captions) is None
+    if s.captioner.has_generate:
+        assert where_image_dies(s.captioner, s.images, s.captions, generate=True) is None
+
+
+def test_localizing_leaves_the_model_untouched():
+    s = zoo_subject("transformer", "no_causal_mask")
+    s.model.train()  # a mode the check does not use: it must come back
+    before = ModelSnapshot.take(s.model)
+    for check in ("causal_leak", "padding_invariance", "loss_at_init", "gradient_reachability"):
+        run_check(s, get_check(check))
+    assert before.differences(ModelSnapshot.take(s.model)) == []
+
+
+def test_localizing_survives_a_model_that_raises_on_the_traced_call():
+    from torch import nn
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = zoo.make("transformer", "no_causal_mask")
+
+        def forward(self, images, captions):
+            return self.model(images, captions)
+
+    m = Wrapper()
+    s = capdiag.subject_for(m, **{k: v for k, v in zoo.HINTS.items() if k != "image_module"})
+    before = ModelSnapshot.take(m)
+    with pytest.raises(RuntimeError):
+        from capdiag.localize import trace_call
+
+        def boom(*a):
+            raise RuntimeError("boom")
+
+        m.model.decoder.register_forward_hook(boom)
+        try:
+            trace_call(s.captioner, s.images, s.captions)
+        finally:
+            m.model.decoder._forward_hooks.clear()
+    assert before.differences(ModelSnapshot.take(m)) == []
+
+
+def test_cli_prints_and_writes_the_location(tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text("from capdiag.models import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
+                     "def build_model():\n    return zoo.make('transformer', 'no_causal_mask')\n")
+    out = tmp_path / "f.json"
+    r = subprocess.run([sys.executable, "-m", "capdiag", "check", str(model), "--only", "causal_leak,padding_invariance",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "at:   decoder.layers.0.self_attn (zoo.py:" in r.stdout
+    checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
+    loc = checks["causal_leak"]["location"]
+    assert loc["module"] == "decoder.layers.0.self_attn" and loc["file"].endswith("zoo.py") and loc["line"] > 0
+    assert "tgt_mask=mask" in loc["code"]
