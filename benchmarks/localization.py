@@ -17,7 +17,7 @@ import warnings
 import torch
 
 import capdiag
-from capdiag import localize
+from capdiag import localize, trace
 from capdiag.models import registry, unusual, zoo
 from capdiag.models.planted_sites import SITES, judge
 from capdiag.registry import get_check
@@ -60,7 +60,7 @@ class Cost:
 
     @contextlib.contextmanager
     def patched(self):
-        traced, build = localize.traced, localize.traced_build
+        traced, build = trace.traced, localize.traced_build
         cost = self
 
         @contextlib.contextmanager
@@ -81,11 +81,11 @@ class Cost:
             finally:
                 cost.seconds += time.perf_counter() - t
 
-        localize.traced, localize.traced_build = timed_trace, timed_build
+        trace.traced, localize.traced_build = timed_trace, timed_build
         try:
             yield
         finally:
-            localize.traced, localize.traced_build = traced, build
+            trace.traced, localize.traced_build = traced, build
 
 
 def main(argv=None):

@@ -17,8 +17,9 @@ from capdiag.ablation import true_pass
 from capdiag.attention import attention_modules, attention_stats, judged_rows, per_token_maps
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import first_op, in_module, locate, trace_call, where_image_dies
+from capdiag.localize import locate, where_image_dies
 from capdiag.registry import register_check
+from capdiag.trace import first_op, in_module, trace_call
 
 
 @register_check

@@ -17,11 +17,12 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import localize_pair, not_alone, not_permuted, other_samples
+from capdiag.localize import localize_pair
 from capdiag.probe import (RANDOM_EVAL, inner_positions, input_grad, judged_mask, logits_in,
                            rel_diff, replace_tokens, subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
+from capdiag.violations import not_alone, not_permuted, other_samples
 
 
 def _generated(cap, images, seed):

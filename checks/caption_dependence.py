@@ -13,10 +13,12 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import at_position, dependence_dies, forward_location, locate, trace_pair
+from capdiag.localize import dependence_dies, forward_location, locate
 from capdiag.probe import (RANDOM_EVAL, logits_in, rel_diff, replace_tokens, subject_eval_is_random,
                            subject_train_reproducible, tolerance_same_shape)
 from capdiag.registry import register_check
+from capdiag.trace import trace_pair
+from capdiag.violations import at_position
 
 
 @register_check

@@ -13,11 +13,12 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import causal_prefix, localize_pair
+from capdiag.localize import localize_pair
 from capdiag.probe import (RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
                            replace_tokens, subject_eval_is_random, subject_train_reproducible,
                            tolerance)
 from capdiag.registry import register_check
+from capdiag.violations import causal_prefix
 
 
 def _batchnorm_outside_encoder(s: Subject) -> bool:

@@ -16,10 +16,11 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import any_difference, localize_pair
+from capdiag.localize import localize_pair
 from capdiag.probe import rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import in_mode
+from capdiag.violations import any_difference
 
 
 @register_check

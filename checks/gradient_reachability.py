@@ -13,10 +13,11 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import dead_module, gradient_cut, locate, module_location, trace_call, where_image_dies
+from capdiag.localize import dead_module, gradient_cut, locate, module_location, where_image_dies
 from capdiag.probe import grads_of, param_part, traced_no_grad, trainable
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
+from capdiag.trace import trace_call
 
 
 def _module_of(name: str) -> str:

@@ -11,9 +11,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import first_op, locate, trace_call
+from capdiag.localize import locate
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
+from capdiag.trace import first_op, trace_call
 
 
 @register_check

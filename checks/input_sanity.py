@@ -23,9 +23,10 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import first_op, locate, trace_call
+from capdiag.localize import locate
 from capdiag.registry import register_check
 from capdiag.state import in_mode
+from capdiag.trace import first_op, trace_call
 
 
 def pixel_entry(s: Subject) -> tuple[Optional[torch.Tensor], str]:

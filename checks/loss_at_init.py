@@ -12,9 +12,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import first_nonfinite, largest_gain, locate, trace_call, who_wrote
+from capdiag.localize import first_nonfinite, largest_gain, locate, who_wrote
 from capdiag.probe import first_nonfinite_module, logits_in, untrained_batchnorm
 from capdiag.registry import register_check
+from capdiag.trace import trace_call
 
 
 def tied_embeddings(model: torch.nn.Module) -> bool:

@@ -13,9 +13,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import localize_pair, real_positions_differ
+from capdiag.localize import localize_pair
 from capdiag.probe import RANDOM_EVAL, logits_in, random_tokens, rel_diff, subject_eval_is_random, tolerance
 from capdiag.registry import register_check
+from capdiag.violations import real_positions_differ
 
 
 @register_check

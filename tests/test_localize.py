@@ -12,12 +12,13 @@ import torch
 
 import capdiag
 from capdiag import ModelSnapshot
-from capdiag.localize import (at_position, causal_prefix, dependence_dies, localize_pair, trace_pair,
-                              where_image_dies)
+from capdiag.localize import dependence_dies, localize_pair, where_image_dies
 from capdiag.models import registry, unusual, zoo
 from capdiag.models.planted_sites import SITES, judge
 from capdiag.registry import get_check
 from capdiag.runner import run_check
+from capdiag.trace import trace_pair
+from capdiag.violations import at_position, causal_prefix
 
 
 def zoo_subject(arch, bug=None):
@@ -123,7 +124,7 @@ def test_localizing_survives_a_model_that_raises_on_the_traced_call():
     s = capdiag.subject_for(m, **{k: v for k, v in zoo.HINTS.items() if k != "image_module"})
     before = ModelSnapshot.take(m)
     with pytest.raises(RuntimeError):
-        from capdiag.localize import trace_call
+        from capdiag.trace import trace_call
 
         def boom(*a):
             raise RuntimeError("boom")

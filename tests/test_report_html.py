@@ -40,6 +40,8 @@ def test_report_is_self_contained_with_every_section(report):
     assert {"overfit_loss", "gradient_flow", "image_ablation", "attention_words", "attribution_pixels",
             "input_batch"} <= set(imgs)
     assert "Likely cause and fix" in text and "softmax runs over the wrong dimension" in text
+    # where it starts: the softmax line of the zoo's attention, shown in the failing section only
+    assert text.count("Where it starts.") >= 1 and "alpha = torch.softmax(scores, dim=0)" in text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs it)")
