@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from .finding import Location
-from .trace import Op, Trace, _Recorder, first_op, trace_pair, traced_build
+from .trace import Op, Trace, _Recorder, first_op, trace_call, trace_pair, traced_build
 from .violations import any_difference
 
 
@@ -360,3 +360,51 @@ def function_location(fn: Callable, args: tuple, evidence: str,
     except (TypeError, OSError):
         return Location(name, evidence=evidence)
     return Location(name, file, line, evidence, linecache.getline(file, line).strip() or None)
+
+
+def owner_module(name: str) -> str:
+    """The module a parameter belongs to (``(top level)`` for the model's own)."""
+    return name.rsplit(".", 1)[0] if "." in name else "(top level)"
+
+
+def summarize_modules(names: list, limit: int = 4) -> str:
+    """``a, b, c and 2 more``: the modules that parameters ``names`` belong to."""
+    mods = sorted({owner_module(n) for n in names})
+    more = f" and {len(mods) - limit} more" if len(mods) > limit else ""
+    return ", ".join(mods[:limit]) + more
+
+
+def where_gradient_stops(s, names: list) -> Optional[Location]:
+    """Where the parameters ``names`` lose their path to the loss: a detach/no_grad or an all-zero output
+    on the way (one traced forward); else, when their branch never reaches the output or never runs, the
+    point where the image stops mattering (an image replaced by zeros or a constant: two more), else the
+    dead branch or the module never called. ``s`` is a non-live ``Subject`` (the traced forward runs the
+    model in train mode, so only under the runner's state snapshot)."""
+    from .probe import param_part
+    cap = s.captioner
+    trace = trace_call(cap, s.images, s.captions, train=True, seed=s.seed, grad=True)
+    op, how = gradient_cut(trace, set(names))
+    if how == "cut":
+        return locate(op, cap.model, f"the gradient of {summarize_modules(names, 2)} stops here")
+    if how == "zeroed":
+        return locate(op, cap.model, f"all-zero output computed from {summarize_modules(names, 2)}: the gradient back is zero")
+    enc = cap.spec.image_module
+    image_side = any(n.startswith(enc + ".") if enc else param_part(n) == "encoder" for n in names)
+    image = where_image_dies(cap, s.images, s.captions, s.seed) if image_side else None
+    if image is not None:
+        return image
+    if how == "never called":  # name the outermost module none of whose parameters are reached
+        owner, cut = owner_module(names[0]), set(names)
+        owner = "" if owner == "(top level)" else owner
+        while "." in owner:
+            parent = owner.rsplit(".", 1)[0]
+            if not all(f"{parent}.{n}" in cut for n, p in cap.model.get_submodule(parent).named_parameters() if p.requires_grad):
+                break
+            owner = parent
+        return module_location(cap.model, owner, "built (it has trainable parameters) but never called in forward")
+    if how == "dead end":
+        module = dead_module(trace, op)
+        if module:
+            return module_location(cap.model, module, "its output never reaches the logits (computed, then unused)")
+        return locate(op, cap.model, f"computed from {summarize_modules(names, 2)}, but nothing after it reaches the logits")
+    return None

@@ -19,6 +19,7 @@ from capdiag.check import Check, Subject
 from capdiag.distributed import is_sharded
 from capdiag.finding import Status
 from capdiag.gradients import IMAGE_PATH, TEXT_PATH, by_layer, gradient_metrics, gradient_rows, part_mean_abs, step_grads
+from capdiag.localize import owner_module, where_gradient_stops
 from capdiag.probe import grads_of, trainable
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
@@ -95,8 +96,10 @@ class GradientFlow(Check):
                                 "Find the op with torch.autograd.detect_anomaly(); check log/div/sqrt near zero.", artifacts)
         if bad:
             names = [L["name"] for L in bad]
+            cut = [n for n, p in cap.model.named_parameters() if p.requires_grad and owner_module(n) in names]
             return self.finding(Status.FAIL, f"{len(bad)} layers get no or all-zero gradient: {', '.join(names[:4])}", metrics,
-                                "See gradient_reachability: detached/unused modules or a dead path.", artifacts)
+                                "See gradient_reachability: detached/unused modules or a dead path.", artifacts,
+                                location=None if s.live or not cut else where_gradient_stops(s, cut))
         if ratio is not None and ratio < self.starved_ratio:
             return self.finding(
                 Status.FAIL,

@@ -13,55 +13,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import dead_module, gradient_cut, locate, module_location, where_image_dies
+from capdiag.localize import owner_module, summarize_modules, where_gradient_stops
 from capdiag.probe import grads_of, param_part, traced_no_grad, trainable
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
-from capdiag.trace import trace_call
-
-
-def _module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else "(top level)"
-
-
-def _summarize(names: list, limit: int = 4) -> str:
-    mods = sorted({_module_of(n) for n in names})
-    more = f" and {len(mods) - limit} more" if len(mods) > limit else ""
-    return ", ".join(mods[:limit]) + more
-
-
-def _where_cut(s: Subject, names: list):
-    """Where the parameters ``names`` lose their path to the loss: a detach/no_grad or an all-zero output
-    on the way (one traced forward); else, when their branch never reaches the output or never runs, the
-    point where the image stops mattering (an image replaced by zeros or a constant: two more), else the
-    dead branch or the module never called."""
-    cap = s.captioner
-    trace = trace_call(cap, s.images, s.captions, train=True, seed=s.seed, grad=True)
-    op, how = gradient_cut(trace, set(names))
-    if how == "cut":
-        return locate(op, cap.model, f"the gradient of {_summarize(names, 2)} stops here")
-    if how == "zeroed":
-        return locate(op, cap.model, f"all-zero output computed from {_summarize(names, 2)}: the gradient back is zero")
-    enc = cap.spec.image_module
-    image_side = any(n.startswith(enc + ".") if enc else param_part(n) == "encoder" for n in names)
-    image = where_image_dies(cap, s.images, s.captions, s.seed) if image_side else None
-    if image is not None:
-        return image
-    if how == "never called":  # name the outermost module none of whose parameters are reached
-        owner, cut = _module_of(names[0]), set(names)
-        owner = "" if owner == "(top level)" else owner
-        while "." in owner:
-            parent = owner.rsplit(".", 1)[0]
-            if not all(f"{parent}.{n}" in cut for n, p in cap.model.get_submodule(parent).named_parameters() if p.requires_grad):
-                break
-            owner = parent
-        return module_location(cap.model, owner, "built (it has trainable parameters) but never called in forward")
-    if how == "dead end":
-        module = dead_module(trace, op)
-        if module:
-            return module_location(cap.model, module, "its output never reaches the logits (computed, then unused)")
-        return locate(op, cap.model, f"computed from {_summarize(names, 2)}, but nothing after it reaches the logits")
-    return None
 
 
 @register_check
@@ -83,7 +38,7 @@ class GradientReachability(Check):
         # A module all of whose parameters get nothing is dead; a lone zero bias (e.g. before BatchNorm) is not.
         by_module = defaultdict(list)
         for n, _ in params:
-            by_module[_module_of(n)].append(n)
+            by_module[owner_module(n)].append(n)
         bad = set(none) | set(zero)
         dead_modules = [m for m, ns in by_module.items() if all(n in bad for n in ns)]
         parts_none = sorted({param_part(n) for n in none})
@@ -95,12 +50,12 @@ class GradientReachability(Check):
         }
         if nonfinite:
             return self.finding(
-                Status.FAIL, f"{len(nonfinite)} parameters get NaN/inf gradients, first in {_summarize(nonfinite)}", metrics,
+                Status.FAIL, f"{len(nonfinite)} parameters get NaN/inf gradients, first in {summarize_modules(nonfinite)}", metrics,
                 "Non-finite gradients usually come from log/sqrt/division of values near zero or overflow in "
                 "half precision; enable torch.autograd.detect_anomaly() once to find the op.",
                 {"nonfinite": nonfinite},
             )
-        frozen_by_no_grad = [n for n in none if _module_of(n) in no_grad_modules or
+        frozen_by_no_grad = [n for n in none if owner_module(n) in no_grad_modules or
                              any(n.startswith(m + ".") for m in no_grad_modules)]
         if none and len(frozen_by_no_grad) == len(none):
             owners = sorted(m for m in no_grad_modules if any(n.startswith(m + ".") for n in none)
@@ -119,13 +74,13 @@ class GradientReachability(Check):
             return self.finding(
                 Status.FAIL,
                 f"{len(none)} of {len(params)} trainable parameters get no gradient from the caption loss "
-                f"({', '.join(parts_none)}: {_summarize(none)})",
+                f"({', '.join(parts_none)}: {summarize_modules(none)})",
                 metrics,
                 "These parameters are cut off from the loss: a .detach() or torch.no_grad() on the image "
                 "features, a module built but never called, or a branch unused in forward. If they are meant "
                 "frozen, set requires_grad=False.",
                 {"no_grad": none},
-                location=_where_cut(s, none),
+                location=where_gradient_stops(s, none),
             )
         if dead_modules:
             return self.finding(
@@ -134,7 +89,7 @@ class GradientReachability(Check):
                 "A dead path: a ReLU after a projection whose outputs are all negative, a multiply by zero, or "
                 "features scaled to nothing. Check the init and the activation after this module.",
                 {"zero_grad": zero},
-                location=_where_cut(s, [n for n in zero if _module_of(n) in dead_modules]),
+                location=where_gradient_stops(s, [n for n in zero if owner_module(n) in dead_modules]),
             )
         if zero:
             return self.finding(
