@@ -3,8 +3,9 @@ bugs localized to the exact module (or its direct parent) and to the right sourc
 against ``capdiag.models.planted_sites``, and what localizing costs (traced forwards per failing
 check, and their share of the check's time).
 
-    python benchmarks/localization.py            # every planted bug (~2 min on 2 CPU cores)
+    python benchmarks/localization.py            # every planted bug (~1 min on 2 CPU cores)
     python benchmarks/localization.py --quick    # only the bugs quick checks catch
+    python benchmarks/localization.py --clean    # false locations: the engine asked directly on clean models
 """
 from __future__ import annotations
 
@@ -88,11 +89,53 @@ class Cost:
             trace.traced, localize.traced_build = traced, build
 
 
+def clean_sweep(seeds: int = 2) -> int:
+    """Ask the engine directly, on clean models, where a caption token (3 positions, eval and train
+    mode) or the image (forward and generate) stops mattering: every answer is a false location."""
+    from capdiag.localize import dependence_dies, where_image_dies
+    from capdiag.probe import replace_tokens
+    from capdiag.trace import trace_pair
+    from capdiag.violations import at_position
+
+    subjects = [(f"unusual/{p}/seed{sd}", lambda p=p, sd=sd: (lambda m: capdiag.subject_for(m, seed=sd, **m.capdiag_hints))(
+        unusual.build(p, None, seed=sd))) for p in unusual.PATTERNS for sd in range(seeds)]
+    subjects += [(f"reference/{n}", lambda n=n: registry.subject(n)) for n in registry.list_models()]
+    subjects += [(f"zoo/{a}", lambda a=a: capdiag.subject_for(zoo.make(a), **zoo.HINTS)) for a in zoo.ARCHS]
+    false = 0
+    for label, make in subjects:
+        s = make()
+        cap, T = s.captioner, s.captions.shape[1]
+        found = []
+        shortest = int(cap.lengths(s.captions).min())
+        for t in sorted({1, max(1, (shortest - 1) // 2), max(1, shortest - 2)}):
+            where = torch.zeros_like(s.captions, dtype=torch.bool)
+            where[:, t] = True
+            caps = replace_tokens(cap, s.captions, where, torch.Generator().manual_seed(s.seed + 1))
+            for train in (False, True):
+                a, b = trace_pair(cap, (s.images, s.captions), (s.images, caps), train, s.seed)
+                op, how = dependence_dies(a, b, at_position(t, T, 1e-6), moved=at_position(t, T, 0.0))
+                if op is not None or how == "unread":
+                    found.append(f"caption token {t} ({'train' if train else 'eval'}): {how}")
+        for gen in (False, True) if cap.has_generate else (False,):
+            loc = where_image_dies(cap, s.images, s.captions, s.seed, generate=gen)
+            if loc is not None:
+                found.append(f"image ({'generate' if gen else 'forward'}): {loc.where()}")
+        false += bool(found)
+        print(f"clean {label:45s} {'FALSE LOCATION ' + '; '.join(found) if found else 'none'}", flush=True)
+    print(f"\n{false} of {len(subjects)} clean models got a false location")
+    return false
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only bugs that quick checks catch")
+    ap.add_argument("--clean", action="store_true", help="count false locations on clean models instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.clean:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return clean_sweep()
     per = collections.defaultdict(lambda: [0, 0, 0, 0])  # check -> [failing, module right, line right, localized]
     calls, share = [], []
     start = time.perf_counter()
@@ -130,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
