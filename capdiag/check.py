@@ -54,6 +54,7 @@ class Subject:
     frozen_reference: Sequence = ()
     recipe: Any = None  # how fitted() trains its copy: a training.Recipe (None: training.RECIPE)
     rebuild: Optional[Callable[[], torch.nn.Module]] = None  # builds the model afresh (the model file's factory)
+    weights: Optional[str] = None  # the checkpoint loaded into the model (``--weights``), in words
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

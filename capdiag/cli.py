@@ -46,6 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast the built model to this dtype before checking (default: as built); bfloat16 halves "
                         "the memory of a model too big for one device in float32")
+    p.add_argument("--weights", metavar="PATH", help="load this checkpoint into the built model first (state_dict "
+                   ".pt/.pth, .safetensors, Lightning .ckpt; DDP/Lightning key prefixes removed; keys must match)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also draw the findings' plots as PNGs into this folder "
                                                "(drawn after the verdicts; default: no plots)")
@@ -103,7 +105,7 @@ def _subject(args, batch_size: int = 8):
     subject = make_subject(
         mf, device=args.device, seed=args.seed, batch_size=batch_size,
         model_kwargs=model_kwargs(args.arg), progress=sys.stderr.isatty(),
-        dtype=getattr(torch, args.precision) if args.precision else None,
+        dtype=getattr(torch, args.precision) if args.precision else None, weights=args.weights,
     )
     return mf, subject
 
@@ -146,11 +148,13 @@ def cmd_check(args) -> int:
     names = select_checks(_split(args.only), _split(args.skip), quick=args.quick)
     mf, subject = _subject(args)
     dev, precision = subject.captioner.device, str(subject.captioner.dtype).replace("torch.", "")
-    print_header(f"capdiag check {mf.path} on {dev} in {precision} (seed {args.seed})", subject.captioner.spec.assumptions)
+    loaded = f", weights {subject.weights}" if subject.weights else ""
+    print_header(f"capdiag check {mf.path} on {dev} in {precision} (seed {args.seed}){loaded}",
+                 subject.captioner.spec.assumptions)
     color = use_color(sys.stdout)
     report = run_checks(subject, [get_check(n) for n in names], on_finding=lambda f: print(format_finding(f, color), flush=True))
     report.assumptions = list(subject.captioner.spec.assumptions)
-    report.device, report.precision = str(dev), precision
+    report.device, report.precision, report.weights = str(dev), precision, subject.weights or ""
     if args.debug:
         for f in report.findings:
             if "traceback" in f.artifacts:
@@ -197,7 +201,7 @@ def main(argv: Optional[list] = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
-    from .errors import CapdiagError
+    from .errors import CapdiagError, CheckpointMismatch
     from .interrupts import interruptible
 
     from .threads import applied
@@ -210,6 +214,9 @@ def main(argv: Optional[list] = None) -> int:
                 traceback.print_exc()
             print(f"capdiag: error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        except CheckpointMismatch as e:  # a finding about the model and its checkpoint, not bad input
+            print(f"FAIL  {e}", file=sys.stderr)
+            return EXIT_FAILED
         except KeyboardInterrupt:
             print("\ncapdiag: interrupted", file=sys.stderr)
             return signals.exit_code()

@@ -27,3 +27,8 @@ class WeightsError(CapdiagError):
 
 class ClobberedWeightsError(CapdiagError):
     """Raised by ``guard_pretrained`` when code overwrote pretrained weights."""
+
+
+class CheckpointMismatch(Exception):
+    """A checkpoint's keys or shapes do not fit the built model: a finding about the model and its
+    checkpoint (exit 1), not bad input; the message names the key groups on each side."""

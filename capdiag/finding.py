@@ -97,6 +97,7 @@ class Report:
     model_name: str = ""
     device: str = ""
     precision: str = ""  # the dtype the checks ran in (float32, bfloat16, ...)
+    weights: str = ""  # the checkpoint loaded into the model, if any
 
     @property
     def failed(self) -> bool:
@@ -113,6 +114,7 @@ class Report:
             "model": self.model_name,
             "device": self.device,
             "precision": self.precision,
+            "weights": self.weights or None,
             "assumptions": list(self.assumptions),
             "counts": self.counts(),
             "checks": [f.to_dict() for f in self.findings],

@@ -210,16 +210,24 @@ def make_subject(
     model_kwargs: Optional[dict] = None,
     progress: bool = False,
     dtype: Optional[torch.dtype] = None,
+    weights: Optional[str] = None,
 ) -> Subject:
-    """Build the model of a model file (unless given) and make its ``Subject``.
+    """Build the model of a model file (unless given), load ``weights`` (a checkpoint) into it when
+    given, and make its ``Subject``.
 
     Raises:
         ModelCallError / UsageError: the model cannot be built or called as the contract says.
+        WeightsError / CheckpointMismatch: the checkpoint cannot be read / does not fit the model.
     """
+    from .checkpoints import load_checkpoint
+
+    loaded = None
     if model is None:
         dev = resolve_device(device)
         with seeded(seed):
             model = build_model(mf, model_kwargs)
+        if weights is not None:
+            loaded = load_checkpoint(model, weights)
         model.to(dev)  # capdiag built this model, so moving it (and casting it) is ours to do
         if dtype is not None:
             model.to(dtype)
@@ -227,6 +235,7 @@ def make_subject(
                            bleu_fn=mf.bleu_fn, user_file=_file(mf), seed=seed, batch_size=batch_size,
                            progress=progress, where=f"CAPDIAG in {mf.path}")
     s.rebuild = lambda: mf.factory(**(model_kwargs or {}))
+    s.weights = loaded
     return s
 
 

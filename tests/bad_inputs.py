@@ -59,4 +59,8 @@ CASES = [
     ("pickle_weights", "reference weights are a pickle of something else", GOOD
      + "CAPDIAG['pretrained'] = {'encoder': __file__.replace('model.py', 'evil.pt')}\n", ["check", "{model}"],
      "is not a plain state_dict"),
+    ("missing_checkpoint", "--weights path missing", GOOD, ["check", "{model}", "--weights", "{dir}/nope.pt"],
+     "checkpoint '"),
+    ("pickle_checkpoint", "--weights file is a pickle of something else", GOOD, ["check", "{model}", "--weights", "{dir}/evil.pt"],
+     "is not a checkpoint torch.load(weights_only=True) can read"),
 ]

@@ -65,7 +65,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     model = tmp_path / "model.py"
     if body is not None:
         model.write_text(textwrap.dedent(body))
-    if cid == "pickle_weights":
+    if cid in ("pickle_weights", "pickle_checkpoint"):
         import torch
 
         ns: dict = {}
