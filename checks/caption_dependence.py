@@ -14,8 +14,8 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import dependence_dies, forward_location, locate
-from capdiag.probe import (RANDOM_EVAL, logits_in, rel_diff, replace_tokens, subject_eval_is_random,
-                           subject_train_reproducible, tolerance_same_shape)
+from capdiag.probe import (RANDOM_EVAL, logits_in, rel_diff, replace_tokens, reused_image_features,
+                           subject_eval_is_random, subject_train_reproducible, tolerance_same_shape)
 from capdiag.registry import register_check
 from capdiag.trace import trace_pair
 from capdiag.violations import at_position
@@ -42,20 +42,21 @@ class CaptionDependence(Check):
         # A train-mode reaction only counts where an identical call reproduces itself (otherwise
         # other dropout masks make every position "react").
         modes = (False, True) if subject_train_reproducible(s) else (False,)
-        for train in modes:
-            tag = "train" if train else "eval"
-            base = logits_in(cap, s.images, s.captions, train, s.seed)
-            tol = tolerance_same_shape(base, cap.dtype)  # same shapes: any real reaction counts
-            hits = []
-            for t in positions:  # a word inside every caption: lengths, EOS and padding stay put
-                where = torch.zeros_like(s.captions, dtype=torch.bool)
-                where[:, t] = True
-                caps = replace_tokens(cap, s.captions, where, g)
-                out = logits_in(cap, s.images, caps, train, s.seed)
-                hits.append(rel_diff(base[:, t], out[:, t], dim=(1,)) > tol)  # (B,)
-            frac = float(torch.stack(hits).float().mean())
-            metrics[f"fraction_dependent_{tag}"] = frac
-            verdicts[tag] = frac >= self.min_fraction
+        with reused_image_features(cap):  # only the captions change: the image features are computed once
+            for train in modes:
+                tag = "train" if train else "eval"
+                base = logits_in(cap, s.images, s.captions, train, s.seed)
+                tol = tolerance_same_shape(base, cap.dtype)  # same shapes: any real reaction counts
+                hits = []
+                for t in positions:  # a word inside every caption: lengths, EOS and padding stay put
+                    where = torch.zeros_like(s.captions, dtype=torch.bool)
+                    where[:, t] = True
+                    caps = replace_tokens(cap, s.captions, where, g)
+                    out = logits_in(cap, s.images, caps, train, s.seed)
+                    hits.append(rel_diff(base[:, t], out[:, t], dim=(1,)) > tol)  # (B,)
+                frac = float(torch.stack(hits).float().mean())
+                metrics[f"fraction_dependent_{tag}"] = frac
+                verdicts[tag] = frac >= self.min_fraction
         if "train" not in verdicts:
             if verdicts["eval"]:
                 return self.finding(Status.PASS, f"logits react to the current token in eval mode "

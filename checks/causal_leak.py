@@ -15,8 +15,8 @@ from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import localize_pair
 from capdiag.probe import (RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
-                           replace_tokens, subject_eval_is_random, subject_train_reproducible,
-                           tolerance)
+                           replace_tokens, reused_image_features, subject_eval_is_random,
+                           subject_train_reproducible, tolerance)
 from capdiag.registry import register_check
 from capdiag.violations import causal_prefix
 
@@ -49,23 +49,24 @@ class CausalLeak(Check):
         modes = [False] + ([True] if subject_train_reproducible(s) else [])
         worst, first_leak, metrics = 0.0, None, {}
         leaked_modes = set()
-        for train in modes:
-            base = logits_in(cap, s.images, s.captions, train, s.seed)
-            tol = tolerance(base, cap.dtype)
-            for k in cuts:  # keep inputs 0..k, replace the words after k (EOS and padding stay put)
-                where = inner_positions(cap, s.captions, after=k)
-                if not where.any():
-                    continue
-                caps = replace_tokens(cap, s.captions, where, g)
-                out = logits_in(cap, s.images, caps, train, s.seed)
-                judged = judged_mask(cap, s.captions, caps)[:, : k + 1, None]  # (B, k+1, 1)
-                per_pos = rel_diff(base[:, : k + 1] * judged, out[:, : k + 1] * judged, dim=(0, 2))  # (k+1,)
-                worst = max(worst, float(per_pos.max()))
-                leaking = (per_pos > tol).nonzero()
-                if len(leaking):
-                    leaked_modes.add("train" if train else "eval")
-                if len(leaking) and first_leak is None:
-                    first_leak = (int(leaking[0]), k, "train" if train else "eval", caps, tol)
+        with reused_image_features(cap):  # only the captions change: the image features are computed once
+            for train in modes:
+                base = logits_in(cap, s.images, s.captions, train, s.seed)
+                tol = tolerance(base, cap.dtype)
+                for k in cuts:  # keep inputs 0..k, replace the words after k (EOS and padding stay put)
+                    where = inner_positions(cap, s.captions, after=k)
+                    if not where.any():
+                        continue
+                    caps = replace_tokens(cap, s.captions, where, g)
+                    out = logits_in(cap, s.images, caps, train, s.seed)
+                    judged = judged_mask(cap, s.captions, caps)[:, : k + 1, None]  # (B, k+1, 1)
+                    per_pos = rel_diff(base[:, : k + 1] * judged, out[:, : k + 1] * judged, dim=(0, 2))  # (k+1,)
+                    worst = max(worst, float(per_pos.max()))
+                    leaking = (per_pos > tol).nonzero()
+                    if len(leaking):
+                        leaked_modes.add("train" if train else "eval")
+                    if len(leaking) and first_leak is None:
+                        first_leak = (int(leaking[0]), k, "train" if train else "eval", caps, tol)
         metrics["max_rel_change_from_future_tokens"] = worst
         metrics["train_mode_judged"] = float(len(modes) == 2)
         if leaked_modes == {"train"} and _batchnorm_outside_encoder(s):

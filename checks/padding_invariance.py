@@ -14,7 +14,8 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import localize_pair
-from capdiag.probe import RANDOM_EVAL, logits_in, random_tokens, rel_diff, subject_eval_is_random, tolerance
+from capdiag.probe import (RANDOM_EVAL, logits_in, random_tokens, rel_diff, reused_image_features,
+                           subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
 from capdiag.violations import real_positions_differ
 
@@ -32,22 +33,23 @@ class PaddingInvariance(Check):
         T = caps.shape[1]
         if subject_eval_is_random(s):
             return self.skip(RANDOM_EVAL)
-        mask = cap.target_mask(caps)[..., None]  # (B, T-1, 1)
-        base = logits_in(cap, s.images, caps, False, s.seed)
-        tol = tolerance(base, cap.dtype)
-        pads = torch.full((caps.shape[0], self.extra_pad), cap.spec.pad_id, dtype=caps.dtype, device=caps.device)
-        longer = logits_in(cap, s.images, torch.cat([caps, pads], 1), False, s.seed)[:, : T - 1]
-        d_len = float(rel_diff(base * mask, longer * mask))
-        metrics = {"max_rel_change_extra_padding": d_len}
-        pad_pos = ~cap.real_mask(caps)
-        d_content = 0.0
-        if pad_pos.any():
-            g = torch.Generator().manual_seed(s.seed + 3)
-            filled = caps.clone()
-            filled[pad_pos] = random_tokens(cap, (int(pad_pos.sum()),), g).to(caps.device)
-            out = logits_in(cap, s.images, filled, False, s.seed)
-            d_content = float(rel_diff(base * mask, out * mask))
-            metrics["max_rel_change_pad_content"] = d_content
+        with reused_image_features(cap):  # only the captions change: the image features are computed once
+            mask = cap.target_mask(caps)[..., None]  # (B, T-1, 1)
+            base = logits_in(cap, s.images, caps, False, s.seed)
+            tol = tolerance(base, cap.dtype)
+            pads = torch.full((caps.shape[0], self.extra_pad), cap.spec.pad_id, dtype=caps.dtype, device=caps.device)
+            longer = logits_in(cap, s.images, torch.cat([caps, pads], 1), False, s.seed)[:, : T - 1]
+            d_len = float(rel_diff(base * mask, longer * mask))
+            metrics = {"max_rel_change_extra_padding": d_len}
+            pad_pos = ~cap.real_mask(caps)
+            d_content = 0.0
+            if pad_pos.any():
+                g = torch.Generator().manual_seed(s.seed + 3)
+                filled = caps.clone()
+                filled[pad_pos] = random_tokens(cap, (int(pad_pos.sum()),), g).to(caps.device)
+                out = logits_in(cap, s.images, filled, False, s.seed)
+                d_content = float(rel_diff(base * mask, out * mask))
+                metrics["max_rel_change_pad_content"] = d_content
         problems = []
         if d_len > tol:
             problems.append(f"appending {self.extra_pad} pad tokens changes real-position logits (relative {d_len:.2g})")
