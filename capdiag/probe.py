@@ -346,9 +346,11 @@ def reused_image_features(cap: Captioner) -> Iterator[None]:
 
     For probes that change only the captions (causal_leak, caption_dependence, padding_invariance):
     on a real-sized CNN the encoder is most of every forward, and its output cannot depend on the
-    captions. Train mode and autograd always run the module (dropout draws, BatchNorm statistics,
-    gradients); an output that is not tensors in containers is never reused. The module's own
-    ``forward`` is restored in ``finally``; its hooks run as usual on every call.
+    captions. Calls with autograd on always run the module; in train mode an output is reused only
+    when computing it drew no random numbers (dropout in the encoder would otherwise shift the masks
+    of everything after it), and eval and train outputs are kept apart. An output that is not
+    tensors in containers is never reused. The module's own ``forward`` is restored in ``finally``;
+    its hooks run as usual on every call.
     """
     module = cap.image_module()
     if module is None:
@@ -359,15 +361,18 @@ def reused_image_features(cap: Captioner) -> Iterator[None]:
     seen: list = []
 
     def forward(*args, **kwargs):
-        if module.training or torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return original(*args, **kwargs)
-        for a, k, out in seen:
-            if _same(a, args) and _same(k, kwargs):
+        for a, k, mode, out in seen:
+            if mode == module.training and _same(a, args) and _same(k, kwargs):
                 return _copied(out)
+        rng = torch.get_rng_state()
         out = original(*args, **kwargs)
         kept = _copied(out)
-        if kept is not None:
-            seen.append(([_copied(x) for x in args], {n: _copied(v) for n, v in kwargs.items()}, kept))
+        # Train mode only when the module drew no random numbers: skipping it must not shift the
+        # dropout masks of the modules after it.
+        if kept is not None and (not module.training or torch.equal(rng, torch.get_rng_state())):
+            seen.append(([_copied(x) for x in args], {n: _copied(v) for n, v in kwargs.items()}, module.training, kept))
         return out
 
     module.forward = forward

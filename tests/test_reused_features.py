@@ -45,13 +45,30 @@ def test_the_encoder_runs_once_for_caption_only_probes_and_logits_are_identical(
     try:
         with reused_image_features(cap):
             reused = [logits_in(cap, s.images, c, False, 0) for c in (s.captions, other, s.captions)]
-            train = logits_in(cap, s.images, s.captions, True, 0)  # train mode always runs the encoder
+            train = [logits_in(cap, s.images, s.captions, True, 0) for _ in range(2)]  # no dropout in it: reused
+            with torch.enable_grad():
+                logits_in(cap, s.images, s.captions, False, 0)  # autograd on: always run
     finally:
         del cap.model.encoder.net.forward
-    assert len(encoder_runs) == 2  # once in eval mode, once in train mode
+    assert len(encoder_runs) == 2  # once in eval mode, once in train mode; logits_in runs under no_grad
+    assert torch.equal(train[0], train[1])
     for a, b in zip(plain, reused):
         assert torch.equal(a, b)  # the in-place edit did not compound on a shared cached tensor
-    assert train.shape == plain[0].shape
+
+
+def test_an_encoder_that_draws_random_numbers_in_train_mode_is_not_reused():
+    s = capdiag.subject_for(zoo.make("transformer"), **zoo.HINTS)
+    cap = s.captioner
+    cap.model.encoder.net.append(nn.Dropout(0.2))  # the encoder now consumes the RNG in train mode
+    runs = []  # real runs of the encoder: its inner modules' hooks fire only then
+    hook = cap.model.encoder.net[-1].register_forward_pre_hook(lambda m, a: runs.append(m.training))
+    try:
+        with reused_image_features(cap):
+            first = logits_in(cap, s.images, s.captions, True, 0)
+            again = logits_in(cap, s.images, s.captions, True, 0)
+    finally:
+        hook.remove()
+    assert torch.equal(first, again) and len(runs) == 2
 
 
 def test_caption_only_checks_leave_the_model_untouched_and_agree_with_no_reuse(monkeypatch):
