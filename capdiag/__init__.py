@@ -13,6 +13,7 @@ _EXPORTS = {
     "Status": "capdiag.finding",
     "Finding": "capdiag.finding",
     "Report": "capdiag.finding",
+    "Location": "capdiag.finding",
     "Check": "capdiag.check",
     "Subject": "capdiag.check",
     "Captioner": "capdiag.captioner",
@@ -32,6 +33,7 @@ _EXPORTS = {
     "CapdiagWarning": "capdiag.monitor",
     "ImageIgnoredError": "capdiag.monitor",
     "guard_pretrained": "capdiag.pretrained",
+    "load_checkpoint": "capdiag.checkpoints",
     "DriftWatcher": "capdiag.pretrained",
 }
 
