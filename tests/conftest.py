@@ -8,6 +8,12 @@ from capdiag.models import zoo
 
 torch.set_num_threads(2)
 
+# torchvision's model builders import torch._dynamo, whose _inductor test operators register a
+# TORCH_LIBRARY namespace in C++. pytester's in-process runs restore sys.modules afterwards, so a first
+# import inside one of them is undone in Python but not in C++, and the next run's import fails
+# ("Only a single TORCH_LIBRARY can be used ..."). Importing it once here keeps it out of that churn.
+import torch._dynamo  # noqa: E402,F401
+
 
 @pytest.fixture
 def zoo_subject():
