@@ -11,8 +11,10 @@ condition discards transient differences that later operations undo (the future 
 loop slices out at step t > k, an attention score that the mask removes): without it a correct
 component would be blamed for a violation that starts elsewhere.
 
-Cost: one extra pair of forwards, run only for a check that failed; outputs are kept on their device
-until ``max_bytes`` (beyond it the trace stops and the origin is searched in what was recorded).
+Cost: run only for a check that failed; usually one traced pair of forwards (a single traced forward,
+or one rebuild of the model, for some checks; three forwards where a gradient check falls back to the
+image path). Recorded outputs stay on their device until ``trace.traced``'s ``max_bytes`` (beyond
+it the trace stops and the origin is searched in what was recorded).
 """
 from __future__ import annotations
 
