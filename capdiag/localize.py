@@ -29,17 +29,42 @@ from .trace import Op, Trace, _Recorder, first_op, trace_call, trace_pair, trace
 from .violations import any_difference
 
 
+def _aligned(a: Trace, b: Trace) -> int:
+    """How many operations two traces share from the start (the same functions, in the same order)."""
+    n = 0
+    for oa, ob in zip(a.ops, b.ops):
+        if oa.func != ob.func or len(oa.outputs) != len(ob.outputs):
+            break
+        n += 1
+    return n
+
+
+def _reaching(trace: Trace, bad: list) -> list:
+    """For the first ``len(bad)`` operations: bad, and reaching a returned tensor through bad operations
+    only (walked backwards over consumers)."""
+    consumers, _ = _graph(trace)
+    sinks = {k[1] for k in trace.sinks if k[0] == "op"}
+    reaches = [False] * len(bad)
+    for i in range(len(bad) - 1, -1, -1):
+        reaches[i] = bad[i] and (i in sinks or any(j < len(bad) and reaches[j] for j in consumers.get(i, ())))
+    return reaches
+
+
+def _location(module: str, file: Optional[str], line: Optional[int], evidence: str) -> Location:
+    """A ``Location`` with its source line read from ``file``."""
+    import linecache
+
+    code = (linecache.getline(file, line).strip() or None) if file and line else None
+    return Location(module, file, line, evidence, code)
+
+
 def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.Tensor], bool]) -> Optional[Op]:
     """The origin of a violation in the aligned traces ``a`` (baseline) and ``b`` (perturbed), or None.
 
     ``violates(x_a, x_b)``: whether a pair of tensors breaks the property. A model input that already
     does (a perturbed image) is no origin, and neither is an operation reading it."""
     dirty_inputs = {n for n in a.inputs if n in b.inputs and _safe(violates, a.inputs[n], b.inputs[n])}
-    n = 0
-    for oa, ob in zip(a.ops, b.ops):  # aligned while the same operations run in the same order
-        if oa.func != ob.func or len(oa.outputs) != len(ob.outputs):
-            break
-        n += 1
+    n = _aligned(a, b)
     bad = [a.ops[i].func not in _UNINITIALIZED and any(_safe(violates, x, y) for x, y in zip(a.ops[i].outputs, b.ops[i].outputs))
            for i in range(n)]
 
@@ -48,16 +73,7 @@ def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.
             return key[1] in dirty_inputs
         return key[0] == "op" and key[1] < n and bad[key[1]]
 
-    # Which violations reach the output: backwards over consumers (a sink is a returned tensor).
-    consumers: dict = {}
-    for i in range(n):
-        for key in a.ops[i].inputs:
-            if key[0] == "op":
-                consumers.setdefault(key[1], []).append(i)
-    reaches = [False] * n
-    sinks = {k[1] for k in a.sinks if k[0] == "op"}
-    for i in range(n - 1, -1, -1):
-        reaches[i] = bad[i] and (i in sinks or any(reaches[j] for j in consumers.get(i, ())))
+    reaches = _reaching(a, bad)
     for i in range(n):
         if reaches[i] and not any(dirty(k) for k in a.ops[i].inputs):
             return a.ops[i]
@@ -65,8 +81,6 @@ def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.
 
 
 # Their values are whatever memory held: two runs differ there without meaning anything.
-
-
 _UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided"}
 
 
@@ -98,11 +112,7 @@ def dependence_dies(a: Trace, b: Trace, changed: Callable[[torch.Tensor, torch.T
     question as ``changed`` with no tolerance; a dependence has died only where the output is exactly
     unchanged (a tiny change under the tolerance is a weak dependence, not a dead one)."""
     moved = moved or changed
-    n = 0
-    for oa, ob in zip(a.ops, b.ops):
-        if oa.func != ob.func or len(oa.outputs) != len(ob.outputs):
-            break
-        n += 1
+    n = _aligned(a, b)
     dirty_in = {name for name in a.inputs if name in b.inputs and _safe(changed, a.inputs[name], b.inputs[name])}
     dirty = [[a.ops[i].func not in _UNINITIALIZED and _safe(changed, x, y) for x, y in zip(a.ops[i].outputs, b.ops[i].outputs)]
              for i in range(n)]
@@ -156,25 +166,19 @@ def dependence_dies(a: Trace, b: Trace, changed: Callable[[torch.Tensor, torch.T
 
 def forward_location(model: torch.nn.Module, evidence: str) -> Location:
     """The user's ``forward`` of the model itself."""
-    import linecache
-
     try:
         fn = type(model).forward
         file, line = inspect.getsourcefile(fn), inspect.getsourcelines(fn)[1]
     except (TypeError, OSError):
-        return Location(f"({type(model).__name__})", evidence=evidence)
-    return Location(f"({type(model).__name__})", file, line, evidence, linecache.getline(file, line).strip() or None)
+        file = line = None
+    return _location(f"({type(model).__name__})", file, line, evidence)
 
 
 def first_nonfinite(trace: Trace) -> Optional[Op]:
     """The first operation whose NaN/inf output reaches the model's output through non-finite
     operations, while its inputs were finite (a -inf attention mask that attention absorbs is not it)."""
-    consumers, _ = _graph(trace)
     bad = [not all(bool(torch.isfinite(t).all()) for t in op.outputs if t.is_floating_point()) for op in trace.ops]
-    sinks = {k[1] for k in trace.sinks if k[0] == "op"}
-    reaches = [False] * len(bad)
-    for i in range(len(bad) - 1, -1, -1):
-        reaches[i] = bad[i] and (i in sinks or any(reaches[j] for j in consumers.get(i, ())))
+    reaches = _reaching(trace, bad)
     return next((op for i, op in enumerate(trace.ops)
                  if reaches[i] and not any(bad[k[1]] for k in op.inputs if k[0] == "op")), None)
 
@@ -268,7 +272,6 @@ def dead_module(trace: Trace, op: Op) -> Optional[str]:
 def module_location(model: torch.nn.Module, name: str, evidence: str) -> Location:
     """A module's own location, for modules no operation points at: the line of the user's class that
     assigns it (``self.aux_head = nn.Linear(...)``), else its class definition."""
-    import linecache
     import re
 
     file = line = None
@@ -284,8 +287,7 @@ def module_location(model: torch.nn.Module, name: str, evidence: str) -> Locatio
             file, line = inspect.getsourcefile(type(mod)), inspect.getsourcelines(type(mod))[1]
     except (TypeError, OSError, AttributeError):
         pass
-    code = linecache.getline(file, line).strip() if file and line else None
-    return Location(name or f"({type(model).__name__})", file, line, evidence, code or None)
+    return _location(name or f"({type(model).__name__})", file, line, evidence)
 
 
 def locate(op: Optional[Op], model: torch.nn.Module, evidence: str) -> Optional[Location]:
@@ -294,11 +296,7 @@ def locate(op: Optional[Op], model: torch.nn.Module, evidence: str) -> Optional[
         return None
     if op.site is None:  # nothing of the user's on the stack: the module's class definition
         return module_location(model, op.module, f"{evidence} (in {op.func})")
-    import linecache
-
-    file, line = op.site
-    code = linecache.getline(file, line).strip() or None
-    return Location(op.module or f"({type(model).__name__})", file, line, f"{evidence} (in {op.func})", code)
+    return _location(op.module or f"({type(model).__name__})", *op.site, f"{evidence} (in {op.func})")
 
 
 def who_wrote(build: Callable[[], torch.nn.Module], module: str, tensors: list) -> Optional[Location]:
@@ -314,10 +312,8 @@ def who_wrote(build: Callable[[], torch.nn.Module], module: str, tensors: list) 
     (site, via, func), n = sites.most_common(1)[0]
     inner = f"{Path(site[0]).name}:{site[1]}: {linecache.getline(site[0], site[1]).strip()}"
     if via is not None and via != site:  # the line to fix is the apply() that carried the init this far
-        return Location(module, via[0], via[1], f"{n} of the {len(tensors)} tensors were last written by {func} "
-                        f"in {inner}", linecache.getline(via[0], via[1]).strip() or None)
-    return Location(module, site[0], site[1], f"{n} of the {len(tensors)} tensors were last written here ({func})",
-                    linecache.getline(site[0], site[1]).strip() or None)
+        return _location(module, *via, f"{n} of the {len(tensors)} tensors were last written by {func} in {inner}")
+    return _location(module, *site, f"{n} of the {len(tensors)} tensors were last written here ({func})")
 
 
 def where_image_dies(cap, images: torch.Tensor, captions: torch.Tensor, seed: int = 0,
@@ -341,8 +337,6 @@ def function_location(fn: Callable, args: tuple, evidence: str,
     """Where in the user's function ``fn`` (a ``loss_fn``, a ``bleu_fn``) the result is computed: the
     line of its first operation named in ``prefer`` (the loss itself), else of the operation that
     produced what it returned, else its ``def`` line (pure Python, e.g. BLEU over token lists)."""
-    import linecache
-
     trace, keep = Trace(), []
     with torch.no_grad(), _Recorder(trace, trace.keys, [], keep, 1 << 28):
         out = fn(*args)
@@ -354,14 +348,13 @@ def function_location(fn: Callable, args: tuple, evidence: str,
         (trace.ops[sinks[-1]] if sinks and trace.ops[sinks[-1]].site else None)
     name = getattr(fn, "__qualname__", getattr(fn, "__name__", "the function"))
     if op is not None:
-        file, line = op.site
-        return Location(name, file, line, f"{evidence} (in {op.func})", linecache.getline(file, line).strip() or None)
+        return _location(name, *op.site, f"{evidence} (in {op.func})")
     try:
         target = inspect.unwrap(getattr(fn, "__func__", fn))
         file, line = inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
     except (TypeError, OSError):
-        return Location(name, evidence=evidence)
-    return Location(name, file, line, evidence, linecache.getline(file, line).strip() or None)
+        file = line = None
+    return _location(name, file, line, evidence)
 
 
 def owner_module(name: str) -> str:

@@ -45,15 +45,22 @@ def _library_dirs() -> tuple:
     return _LIBRARY_DIRS
 
 
-def user_frame(depth: int = 2) -> Optional[tuple]:
-    """``(file, line)`` of the innermost frame on the stack that is the user's code (a model file,
-    ``capdiag.models``, transformers' modeling code), or None when capdiag itself made the call (the
-    walk stops at capdiag's own frames: a script that called capdiag is not the model)."""
+def _is_user(filename: str) -> bool:
+    """Whether a frame's file is the user's code: a model file or ``capdiag.models``, not torch,
+    capdiag's engine, the standard library or an installed package."""
     libs, models = _library_dirs()
+    return not filename.startswith("<") and (filename.startswith(models) or not filename.startswith(libs))
+
+
+def user_frame(depth: int = 2) -> Optional[tuple]:
+    """``(file, line)`` of the innermost frame on the stack that is the user's code (``_is_user``), or
+    None when capdiag itself made the call (the walk stops at capdiag's own frames: a script that
+    called capdiag is not the model)."""
+    _library_dirs()  # also sets _OURS
     f = sys._getframe(depth)
     while f is not None:
         name = f.f_code.co_filename
-        if not name.startswith("<") and (name.startswith(models) or not name.startswith(libs)):
+        if _is_user(name):
             return name, f.f_lineno
         if name.startswith(_OURS):
             return None
@@ -218,11 +225,10 @@ class Write:
 
 def _user_frames(depth: int = 2) -> tuple:
     """(innermost user frame, the user frame that called ``Module.apply``) on the current stack."""
-    libs, models = _library_dirs()
     f, inner, via, after_apply = sys._getframe(depth), None, None, False
     while f is not None:
         name = f.f_code.co_filename
-        user = not name.startswith("<") and (name.startswith(models) or not name.startswith(libs))
+        user = _is_user(name)
         if user and inner is None:
             inner = (name, f.f_lineno)
         if user and after_apply and via is None:
