@@ -37,6 +37,9 @@ class Subject:
             ``training.RECIPE``); ``capdiag overfit --steps/--lr`` sets it.
         rebuild: when known, a function building the model afresh the way the user does (their
             ``build_model``): ``pretrained_guard`` reruns it to find the line that overwrote weights.
+        dataset: the user's captions and images (``--data``, a ``userdata.CaptionData`` with its
+            tokenizer and preprocessing set), or None. The batch was drawn from it; the checks of a
+            trained model draw more images from it.
 
     Shared state is explicit and order-independent: ``measured`` caches pure functions of
     (model, batch, seed); ``fitted`` is the one copy trained by ``recipe``, whichever check asks
@@ -55,11 +58,21 @@ class Subject:
     recipe: Any = None  # how fitted() trains its copy: a training.Recipe (None: training.RECIPE)
     rebuild: Optional[Callable[[], torch.nn.Module]] = None  # builds the model afresh (the model file's factory)
     weights: Optional[str] = None  # the checkpoint loaded into the model (``--weights``), in words
+    dataset: Any = None  # the user's captions and images (``--data``): a ``userdata.CaptionData``
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.captioner.model
+
+    def decode(self, ids) -> str:
+        """Token ids of this subject's batch as words for reports: the user's tokenizer, the
+        synthetic vocabulary for capdiag's own batch, else the ids themselves."""
+        if self.dataset is not None:
+            return self.dataset.tokenizer.decode(list(ids))
+        if self.data is not None and self.batch_source == "synthetic":
+            return self.data.decode(ids)
+        return " ".join(str(int(t)) for t in ids)
 
     def measured(self, key: str, compute: Callable[[], Any]) -> Any:
         """A measurement of this subject's model and batch that several checks need, computed once.
@@ -87,12 +100,13 @@ class Subject:
         from .training import Learned, is_trained
 
         if self.live:
-            return Learned(self.captioner, self.images, self.captions, "the model in training")
+            return Learned(self.captioner, self.images, self.captions, "the model in training", self.decode)
         if is_trained(self):
-            return Learned(self.captioner, self.images, self.captions, "the model as given (already trained)")
+            return Learned(self.captioner, self.images, self.captions, "the model as given (already trained)", self.decode)
         f = self.fitted()
-        batch = "one synthetic batch" if self.data is not None else "the given batch"  # see training.overfit_batch
-        return Learned(f.captioner, f.images, f.captions, f"a copy overfit on {batch}")
+        if self.data is not None:  # see training.overfit_batch
+            return Learned(f.captioner, f.images, f.captions, "a copy overfit on one synthetic batch", self.data.decode)
+        return Learned(f.captioner, f.images, f.captions, "a copy overfit on the given batch", self.decode)
 
 
 class Check(abc.ABC):

@@ -48,7 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the memory of a model too big for one device in float32")
     p.add_argument("--weights", metavar="PATH", help="load this checkpoint into the built model first (state_dict "
                    ".pt/.pth, .safetensors, Lightning .ckpt; DDP/Lightning key prefixes removed; keys must match)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", metavar="PATH", help="draw the batches from your captions and images: a COCO captions "
+                   "JSON, a Flickr captions file or a CSV (or the folder holding it and the images)")
+    p.add_argument("--tokenizer", metavar="PATH", help="with --data: a word-map JSON or a Hugging Face tokenizer "
+                   "folder (default: tokenize() in the model file)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (which images --data uses, too)")
     p.add_argument("--out", default=None, help="also draw the findings' plots as PNGs into this folder "
                                                "(drawn after the verdicts; default: no plots)")
     p.add_argument("--json", metavar="PATH", help="also write findings as JSON")
@@ -106,6 +110,7 @@ def _subject(args, batch_size: int = 8):
         mf, device=args.device, seed=args.seed, batch_size=batch_size,
         model_kwargs=model_kwargs(args.arg), progress=sys.stderr.isatty(),
         dtype=getattr(torch, args.precision) if args.precision else None, weights=args.weights,
+        data=args.data, tokenizer=args.tokenizer,
     )
     return mf, subject
 
@@ -149,12 +154,13 @@ def cmd_check(args) -> int:
     mf, subject = _subject(args)
     dev, precision = subject.captioner.device, str(subject.captioner.dtype).replace("torch.", "")
     loaded = f", weights {subject.weights}" if subject.weights else ""
+    data = subject.dataset.describe() if subject.dataset is not None else ""
     print_header(f"capdiag check {mf.path} on {dev} in {precision} (seed {args.seed}){loaded}",
-                 subject.captioner.spec.assumptions)
+                 subject.captioner.spec.assumptions, data=data)
     color = use_color(sys.stdout)
     report = run_checks(subject, [get_check(n) for n in names], on_finding=lambda f: print(format_finding(f, color), flush=True))
     report.assumptions = list(subject.captioner.spec.assumptions)
-    report.device, report.precision, report.weights = str(dev), precision, subject.weights or ""
+    report.device, report.precision, report.weights, report.data = str(dev), precision, subject.weights or "", data
     if args.debug:
         for f in report.findings:
             if "traceback" in f.artifacts:
@@ -174,7 +180,8 @@ def cmd_overfit(args) -> int:
 
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     mf, subject = _subject(args, batch_size=args.batch_size)
-    print_header(f"capdiag overfit {mf.path} on {subject.captioner.device} (seed {args.seed})", subject.captioner.spec.assumptions)
+    print_header(f"capdiag overfit {mf.path} on {subject.captioner.device} (seed {args.seed})", subject.captioner.spec.assumptions,
+                 data=subject.dataset.describe() if subject.dataset is not None else "")
     subject.progress = True
     from .training import RECIPE
 

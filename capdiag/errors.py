@@ -32,3 +32,7 @@ class ClobberedWeightsError(CapdiagError):
 class CheckpointMismatch(Exception):
     """A checkpoint's keys or shapes do not fit the built model: a finding about the model and its
     checkpoint (exit 1), not bad input; the message names the key groups on each side."""
+
+
+class DataError(CapdiagError):
+    """``--data``/``--tokenizer`` point at something capdiag cannot read as captions and images."""

@@ -98,6 +98,7 @@ class Report:
     device: str = ""
     precision: str = ""  # the dtype the checks ran in (float32, bfloat16, ...)
     weights: str = ""  # the checkpoint loaded into the model, if any
+    data: str = ""  # the user's data the checks drew their batches from (--data), in words; "" for synthetic
 
     @property
     def failed(self) -> bool:
@@ -115,6 +116,7 @@ class Report:
             "device": self.device,
             "precision": self.precision,
             "weights": self.weights or None,
+            "data": self.data or None,
             "assumptions": list(self.assumptions),
             "counts": self.counts(),
             "checks": [f.to_dict() for f in self.findings],

@@ -211,15 +211,37 @@ def make_subject(
     progress: bool = False,
     dtype: Optional[torch.dtype] = None,
     weights: Optional[str] = None,
+    data: Optional[str] = None,
+    tokenizer: Optional[str] = None,
 ) -> Subject:
     """Build the model of a model file (unless given), load ``weights`` (a checkpoint) into it when
-    given, and make its ``Subject``.
+    given, and make its ``Subject``; with ``data`` (``--data``) its batch comes from the user's
+    captions and images, tokenized by ``tokenizer`` (``--tokenizer``) or the file's ``tokenize``.
 
     Raises:
         ModelCallError / UsageError: the model cannot be built or called as the contract says.
         WeightsError / CheckpointMismatch: the checkpoint cannot be read / does not fit the model.
+        DataError: the data or tokenizer cannot be read, or the tokenizer does not fit the model.
     """
     from .checkpoints import load_checkpoint
+    from .errors import DataError
+
+    dataset, hints = None, dict(mf.hints)
+    if tokenizer is not None and data is None:
+        raise UsageError("--tokenizer is used with --data; add --data PATH (captions and images)")
+    if data is not None:
+        from .tokenizers import WordMap, load_tokenizer
+        from .userdata import read_captions
+
+        dataset = read_captions(data)
+        word_map = WordMap(tokenizer) if tokenizer and str(tokenizer).lower().endswith(".json") \
+            and not Path(tokenizer).name.startswith("tokenizer") else None
+        if word_map is not None:  # the word map fixes the special ids; hints that disagree are a mistake
+            for key, value in word_map.special_ids.items():
+                if key in hints and hints[key] != value:
+                    raise DataError(f"word map {tokenizer} has {WordMap.SPECIALS[key]} = {value} but CAPDIAG {key} = "
+                                    f"{hints[key]}; fix the hint or pass the word map the model was trained with")
+                hints[key] = value
 
     loaded = None
     if model is None:
@@ -231,9 +253,14 @@ def make_subject(
         model.to(dev)  # capdiag built this model, so moving it (and casting it) is ours to do
         if dtype is not None:
             model.to(dtype)
-    s = subject_from_model(model, mf.hints, name=mf.name, sample_batch=mf.sample_batch, loss_fn=mf.loss_fn,
-                           bleu_fn=mf.bleu_fn, user_file=_file(mf), seed=seed, batch_size=batch_size,
-                           progress=progress, where=f"CAPDIAG in {mf.path}")
+    make_tokenizer = None
+    if dataset is not None:
+        make_tokenizer = (lambda spec: word_map) if word_map is not None else \
+            (lambda spec: load_tokenizer(tokenizer, mf.module, spec))
+    s = subject_from_model(model, hints, name=mf.name, sample_batch=None if dataset is not None else mf.sample_batch,
+                           loss_fn=mf.loss_fn, bleu_fn=mf.bleu_fn, user_file=_file(mf), seed=seed,
+                           batch_size=batch_size, progress=progress, where=f"CAPDIAG in {mf.path}",
+                           dataset=dataset, tokenizer=make_tokenizer)
     s.rebuild = lambda: mf.factory(**(model_kwargs or {}))
     s.weights = loaded
     return s
@@ -252,12 +279,16 @@ def subject_from_model(
     batch_size: int = 8,
     progress: bool = False,
     where: str = "the hints",
+    dataset=None,
+    tokenizer=None,
 ) -> Subject:
     """Probe what the hints leave out and assemble a ``Subject`` for a model on its own device.
 
     The model's own ``capdiag_hints``, ``loss_fn`` and ``bleu_fn`` refine the given ones (bug
-    twins, configs). A ``sample_batch`` gives the batch; otherwise a synthetic batch is made
-    from the hints (the image size probed when not hinted).
+    twins, configs). A ``sample_batch`` gives the batch; else a ``dataset`` (the user's captions
+    and images, ``userdata.CaptionData``) with ``tokenizer(spec)`` making its tokenizer once the
+    special ids are known; else a synthetic batch is made from the hints (the image size probed
+    when not hinted).
     """
     h = merged(hints, getattr(model, "capdiag_hints", None))
     spec = caption_spec(h, model, where)
@@ -285,32 +316,75 @@ def subject_from_model(
         except UsageError:
             data = None
     else:
-        sizes = (spec.image_size,) if "image_size" in h else PROBE_SIZES
-        probe_caps = torch.tensor([[spec.bos_id, 3, 4, spec.eos_id]] * 2, device=dev)
-        first_err, logits = None, None
-        for size in sizes:
-            imgs = torch.zeros(2, 3, size, size, device=dev, dtype=cap.dtype)
-            try:
-                logits = call_forward(cap, imgs, probe_caps, user_file)
-                spec.image_size = size
-                break
-            except ModelCallError as e:
-                first_err = first_err or e
-        if logits is None:
-            tried = ", ".join(map(str, sizes))
-            raise ModelCallError(f"{first_err} [tried image sizes {tried}; set CAPDIAG['image_size']]") from first_err
-        if "image_size" not in h:
-            assumptions.append(f"image_size = {spec.image_size} (probed; set CAPDIAG['image_size'])")
+        logits = _probe_image_size(cap, spec, "image_size" in h, dev, user_file)
         _check_vocab(spec, logits, assumptions)
-        data = SyntheticCaptions.for_spec(spec)
-        images, captions = data.batch(batch_size, seed=seed, balanced=True)
-        images, captions = cap.to_inputs(images, captions)
-        # The probe used tiny inputs; make sure the real synthetic batch goes through too.
+        if dataset is not None:
+            images, captions = _data_batch(cap, spec, dataset, tokenizer, seed, batch_size, "max_len" in h)
+            try:
+                data = SyntheticCaptions.for_spec(spec)  # fitted copies of an untrained model still learn shapes
+            except UsageError:
+                data = None
+        else:
+            data = SyntheticCaptions.for_spec(spec)
+            images, captions = data.batch(batch_size, seed=seed, balanced=True)
+            images, captions = cap.to_inputs(images, captions)
+        # The probe used tiny inputs; make sure the real batch goes through too.
         call_forward(cap, images, captions, user_file)
         if "max_len" not in h:
             spec.max_len = captions.shape[1] + 4
-    return Subject(cap, images, captions, data=data, seed=seed, progress=progress,
-                   batch_source="user" if sample_batch is not None else "synthetic")
+    source = "user" if sample_batch is not None or dataset is not None else "synthetic"
+    s = Subject(cap, images, captions, data=data, seed=seed, progress=progress, batch_source=source)
+    s.dataset = dataset
+    return s
+
+
+def logits_of(cap: Captioner, spec: CaptionSpec, dev, user_file: Optional[str]) -> torch.Tensor:
+    """Logits of a two-caption probe on zero images of the spec's size (the vocabulary's width)."""
+    probe_caps = torch.tensor([[spec.bos_id, 3, 4, spec.eos_id]] * 2, device=dev)
+    imgs = torch.zeros(2, 3, spec.image_size, spec.image_size, device=dev, dtype=cap.dtype)
+    return call_forward(cap, imgs, probe_caps, user_file)
+
+
+def _probe_image_size(cap: Captioner, spec: CaptionSpec, hinted: bool, dev, user_file: Optional[str]) -> torch.Tensor:
+    """Set ``spec.image_size`` to the first size the model accepts (the hinted one only, when
+    hinted); returns that probe's logits."""
+    sizes = (spec.image_size,) if hinted else PROBE_SIZES
+    first_err = None
+    for size in sizes:
+        spec.image_size = size
+        try:
+            logits = logits_of(cap, spec, dev, user_file)
+            break
+        except ModelCallError as e:
+            first_err = first_err or e
+    else:
+        tried = ", ".join(map(str, sizes))
+        raise ModelCallError(f"{first_err} [tried image sizes {tried}; set CAPDIAG['image_size']]") from first_err
+    if not hinted:
+        spec.assumptions.append(f"image_size = {spec.image_size} (probed; set CAPDIAG['image_size'])")
+    return logits
+
+
+def _data_batch(cap: Captioner, spec: CaptionSpec, dataset, tokenizer, seed: int, n: int, max_len_hinted: bool):
+    """The probe batch drawn from the user's data (``--data``), on the model's device."""
+    from .userdata import Preprocess
+
+    dataset.tokenizer = tokenizer(spec)
+    if dataset.preprocess is None:
+        dataset.preprocess = Preprocess(spec.image_size, spec.image_mean, spec.image_std, spec.pixel_scale)
+    images, captions, _ = dataset.batch(n, seed, spec.max_len if max_len_hinted else None)
+    check_token_ids(captions, spec, dataset.tokenizer.name)
+    return cap.to_inputs(images, captions)
+
+
+def check_token_ids(captions: torch.Tensor, spec: CaptionSpec, tokenizer: str) -> None:
+    """Tokenized captions must index the model's vocabulary (a wrong tokenizer is bad input)."""
+    from .errors import DataError
+
+    top = int(captions.max())
+    if top >= spec.vocab_size or int(captions.min()) < 0:
+        raise DataError(f"{tokenizer} produced token id {top} but the model's vocabulary has {spec.vocab_size} "
+                        "tokens; pass the tokenizer the model was trained with")
 
 
 def _callable(model: nn.Module, name: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -251,6 +251,7 @@ class Learned:
     images: torch.Tensor
     captions: torch.Tensor
     source: str  # said in summaries: which model the verdict is about
+    decode: Any = None  # token ids -> words of this batch's vocabulary (for plots and summaries)
 
     def __iter__(self):  # cap, images, captions, source = s.learned()
         return iter((self.captioner, self.images, self.captions, self.source))

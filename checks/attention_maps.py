@@ -39,7 +39,8 @@ class AttentionMaps(Check):
             return self.skip("the model declares no attention over image regions (attention_modules = [])")
         if not attention_modules(s.model, hinted):
             return self.skip("no attention modules found (nn.MultiheadAttention or modules named *att*)")
-        cap, images, captions, source = s.learned()
+        learned = s.learned()
+        cap, images, captions, source = learned
         _, recs = true_pass(s, cap, images, captions)
         if not recs:
             return self.skip("attention modules exist but returned no weights during forward")
@@ -49,7 +50,7 @@ class AttentionMaps(Check):
         for n, st in stats.items():
             for k in ("max_sum_error", "normalized_entropy", "max_pairwise_tv"):
                 metrics[f"{n}.{k}"] = st[k]
-        artifacts = {"source": source} if s.live else {"source": source, **self._maps(s, cap, images, captions, recs)}
+        artifacts = {"source": source} if s.live else {"source": source, **self._maps(cap, captions, recs, learned.decode)}
         wrong_sum = [n for n, st in stats.items() if st["max_sum_error"] > self.sum_tol]
         if wrong_sum:
             n = wrong_sum[0]
@@ -90,14 +91,14 @@ class AttentionMaps(Check):
             metrics, artifacts=artifacts,
         )
 
-    def _maps(self, s, cap, images, captions, recs) -> dict:
+    def _maps(self, cap, captions, recs, decode) -> dict:
         """Per-word maps of the first image's (teacher-forced) caption, from the pass already run."""
         name = list(recs)[-1]
         rec = recs[name]
         if rec.kind == "additive" and len({w.shape[0] for w in rec.weights}) > 1:
             return {}  # a length-sorted decoder recorded fewer rows per step: no per-image map
         ids = cap.strip(captions[:1])[0] + [cap.spec.eos_id]  # query t predicts token t+1 of the caption
-        words = [("<eos>" if t == cap.spec.eos_id else (s.data.decode([t]) if s.data is not None else str(t))) for t in ids]
+        words = [("<eos>" if t == cap.spec.eos_id else decode([t])) for t in ids]
         maps = per_token_maps(rec)[0, : len(words)]
         L = maps.shape[-1]
         if int(round(L ** 0.5)) ** 2 != L:

@@ -116,7 +116,8 @@ class Attribution(Check):
             import captum.attr  # noqa: F401
         except ImportError:  # pragma: no cover - captum is a core dependency
             return self.skip("captum is not installed")
-        cap, images, captions, source = s.learned()
+        learned = s.learned()
+        cap, images, captions, source = learned
         img = images[:1]
         with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
             ids = cap.generate(img, max_len=cap.spec.max_len)
@@ -151,7 +152,7 @@ class Attribution(Check):
                                                             f"{cap.spec.image_module!r} get a gradient")
         overall = sum(img_shares) / len(img_shares)
         metrics = {"image_share": overall, "image_share_min": min(img_shares), "image_share_max": max(img_shares)}
-        words = [s.data.decode([w]) if s.data is not None else str(w) for w in cap.strip(ids)[0]] + ["<eos>"]
+        words = [learned.decode([w]) for w in cap.strip(ids)[0]] + ["<eos>"]
         artifacts = {"image_share_per_word": list(zip(words[:n_words], img_shares)), "source": source}
         if pixel_maps:
             artifacts["pixel_maps"] = [(p / p.max().clamp_min(1e-12)).cpu() for p in pixel_maps]

@@ -164,8 +164,5 @@ class InputSanity(Check):
 def batch_preview(s: Subject, n: int = 8) -> dict:
     """The first ``n`` images (de-normalized, (n, H, W, 3)) and captions, for ``viz`` to draw."""
     imgs = s.captioner.pixels(s.images[:n])
-    if s.data is not None:
-        caps = [s.data.decode(c) for c in s.captioner.strip(s.captions[:n])]
-    else:
-        caps = [" ".join(map(str, c)) for c in s.captioner.strip(s.captions[:n])]
+    caps = [s.decode(c) for c in s.captioner.strip(s.captions[:n])]
     return {"batch_images": imgs, "batch_captions": caps}

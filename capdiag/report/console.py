@@ -40,9 +40,11 @@ def format_finding(f: Finding, color: bool = False, width: int = 0) -> str:
     return "\n".join(lines)
 
 
-def print_header(title: str, assumptions: list, stream: Optional[TextIO] = None) -> None:
+def print_header(title: str, assumptions: list, stream: Optional[TextIO] = None, data: str = "") -> None:
     stream = stream or sys.stdout
     print(title, file=stream)
+    if data:
+        print(f"data: {data}", file=stream)
     if assumptions:
         print("assumed (set CAPDIAG hints in the model file to change):", file=stream)
         for a in assumptions:
