@@ -221,6 +221,41 @@ class Captioner:
                 break
         return seq
 
+    @torch.no_grad()
+    def beam(self, images: torch.Tensor, beams: int = 3, max_len: Optional[int] = None) -> list:
+        """Beam search through the teacher-forced forward: one caption per image (token lists
+        starting with BOS, through EOS), the beam of the highest mean log-probability per token
+        (length penalty 1, as Hugging Face's default). capdiag's own decoder, so greedy-vs-beam
+        agreement means the same thing for every model."""
+        max_len = max_len or self.spec.max_len
+        B, k = images.shape[0], beams
+        imgs = images.repeat_interleave(k, 0)
+        seq = torch.full((B * k, 1), self.spec.bos_id, dtype=torch.long, device=images.device)
+        score = torch.full((B, k), float("-inf"), device=images.device)
+        score[:, 0] = 0.0  # all beams start equal: keep one so the first step does not pick duplicates
+        done = torch.zeros(B * k, dtype=torch.bool, device=images.device)
+        length = torch.ones(B * k, device=images.device)
+        for _ in range(max_len - 1):
+            inp = torch.cat([seq, torch.full_like(seq[:, :1], self.spec.pad_id)], 1)
+            lp = F.log_softmax(self.logits(imgs, inp)[:, seq.shape[1] - 1].float(), -1)  # (B*k, V)
+            V = lp.shape[-1]
+            # A finished beam continues with padding at no cost, so it keeps its score.
+            lp = torch.where(done[:, None], torch.full_like(lp, float("-inf")), lp)
+            lp[done, self.spec.pad_id] = 0.0
+            cand = (score.view(B * k, 1) + lp).view(B, k * V)
+            score, idx = cand.topk(k, -1)
+            src = (idx // V) + torch.arange(B, device=images.device)[:, None] * k
+            tok = (idx % V).view(-1)
+            src = src.view(-1)
+            seq = torch.cat([seq[src], tok[:, None]], 1)
+            was_done = done[src]
+            length = length[src] + (~was_done).float()
+            done = was_done | (tok == self.spec.eos_id)
+            if bool(done.all()):
+                break
+        best = (score.view(-1) / length).view(B, k).argmax(-1) + torch.arange(B, device=images.device) * k
+        return [r[: int(length[i])] for i, r in zip(best.tolist(), seq[best].tolist())]
+
     def strip(self, ids) -> list[list[int]]:
         """Token lists without BOS, EOS and padding (for BLEU and exact match).
 

@@ -178,3 +178,39 @@ def empirical_blind_floor(captions: torch.Tensor, target_mask: torch.Tensor) -> 
                 total -= math.log(c[row[t + 1]] / sum(c.values()))
                 n += 1
     return total / max(n, 1)
+
+
+def caption_texts(s: Sample) -> list:
+    """Three differently worded reference captions of one synthetic image, as people write them."""
+    where = s.quadrant.replace("_", " ")
+    shape = s.shape + ("s" if s.count == 2 and s.shape != "cross" else "es" if s.count == 2 else "")
+    return [f"{'two' if s.count == 2 else 'one'} {s.color} {shape} on {where}",
+            f"{'two' if s.count == 2 else 'a'} {s.color} {shape} in the {where}",
+            f"{s.color} {shape} at the {where}"]
+
+
+def write_coco_folder(folder, n_images: int, seed: int = 0, image_size: int = 64, split: str = "train") -> "Path":
+    """A COCO-format captions folder of synthetic images: ``folder/images/*.png`` and
+    ``folder/captions_<split>.json`` with three reference captions per image. Returns the JSON's path.
+
+    The images are capdiag's synthetic shapes (the captions depend on them); the folder is what a
+    user's COCO-style dataset looks like, for tests and the README's walk-through."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    gen = SyntheticCaptions(len(WORDS) + 3, image_size=image_size)
+    rng = np.random.default_rng(seed + 1)
+    images, annotations = [], []
+    for i, s in enumerate(gen.samples(n_images, seed=seed)):
+        name = f"{split}_{i:06d}.png"
+        Image.fromarray((gen.render(s, rng) * 255).round().astype(np.uint8)).save(folder / "images" / name)
+        images.append({"id": i, "file_name": name, "height": image_size, "width": image_size})
+        for text in caption_texts(s):
+            annotations.append({"id": len(annotations), "image_id": i, "caption": text})
+    path = folder / f"captions_{split}.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path

@@ -41,6 +41,7 @@ def _wrap(words: list, bos: int, eos: int, max_len: Optional[int]) -> list:
 class FunctionTokenizer:
     def __init__(self, fn: Callable, decode: Optional[Callable] = None, where: str = "the model file"):
         self.fn, self._decode, self.name = fn, decode, f"tokenize() in {where}"
+        self.can_decode = decode is not None  # else captions are compared as token ids
 
     def encode(self, texts: list, max_len: Optional[int] = None) -> torch.Tensor:
         try:
@@ -82,9 +83,9 @@ class HFTokenizer:
 class WordMap:
     SPECIALS = {"pad_id": "<pad>", "bos_id": "<start>", "eos_id": "<end>"}
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, stoi: Optional[dict] = None):
         try:
-            self.stoi = {str(k): int(v) for k, v in json.loads(Path(path).read_text()).items()}
+            self.stoi = {str(k): int(v) for k, v in (stoi if stoi is not None else json.loads(Path(path).read_text())).items()}
         except (OSError, ValueError, AttributeError, TypeError) as e:
             raise DataError(f"--tokenizer {path} is not a word map (a JSON object word -> id): {e}") from None
         missing = [w for w in (*self.SPECIALS.values(), "<unk>") if w not in self.stoi]
@@ -93,6 +94,10 @@ class WordMap:
                             "<start>, <end>, <pad> and <unk>")
         self.itos = {v: k for k, v in self.stoi.items()}
         self.name = f"word map {path}"
+
+    @classmethod
+    def from_dict(cls, stoi: dict) -> "WordMap":
+        return cls("(in memory)", stoi)
 
     @property
     def special_ids(self) -> dict:

@@ -121,8 +121,9 @@ class CaptionData:
         return images, captions, [list(it.captions) for it in items]
 
 
-def read_captions(path: str) -> CaptionData:
-    """Read ``--data``: a COCO JSON, a Flickr captions file, a CSV, or a folder holding one.
+def read_captions(path: str, images: Optional[str] = None) -> CaptionData:
+    """Read ``--data``: a COCO JSON, a Flickr captions file, a CSV, or a folder holding one. The
+    image files are looked for under ``images`` when given, else beside the captions file.
 
     Raises:
         DataError: nothing readable there, or none of the listed images exists.
@@ -132,7 +133,7 @@ def read_captions(path: str) -> CaptionData:
         raise DataError(f"--data {path!r} does not exist; give a COCO captions JSON, a Flickr captions file, "
                         "a CSV, or the folder holding one and the images")
     source = p if p.is_file() else _find_captions_file(p)
-    root = p if p.is_dir() else p.parent
+    root = Path(images) if images else (p if p.is_dir() else p.parent)
     text = source.read_text(encoding="utf-8", errors="replace")
     if source.suffix.lower() == ".json":
         kind, pairs = "COCO captions JSON", _coco(text, source)

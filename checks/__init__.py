@@ -22,4 +22,6 @@ from . import (  # noqa: F401
     decoding_consistency,
     attention_maps,
     attribution,
+    caption_collapse,
+    word_grounding,
 )

@@ -50,7 +50,7 @@ class AttentionMaps(Check):
         for n, st in stats.items():
             for k in ("max_sum_error", "normalized_entropy", "max_pairwise_tv"):
                 metrics[f"{n}.{k}"] = st[k]
-        artifacts = {"source": source} if s.live else {"source": source, **self._maps(cap, captions, recs, learned.decode)}
+        artifacts = {"source": source} if s.live else {"source": source, **self._maps(cap, images, captions, recs, learned.decode)}
         wrong_sum = [n for n, st in stats.items() if st["max_sum_error"] > self.sum_tol]
         if wrong_sum:
             n = wrong_sum[0]
@@ -91,7 +91,7 @@ class AttentionMaps(Check):
             metrics, artifacts=artifacts,
         )
 
-    def _maps(self, cap, captions, recs, decode) -> dict:
+    def _maps(self, cap, images, captions, recs, decode) -> dict:
         """Per-word maps of the first image's (teacher-forced) caption, from the pass already run."""
         name = list(recs)[-1]
         rec = recs[name]

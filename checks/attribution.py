@@ -137,6 +137,10 @@ class Attribution(Check):
         try:
             with seeded(s.seed), in_mode(cap.model, False):
                 img_shares, pixel_maps = self._attribute(cap, img, ids, n_words, emb, image_layer, at, captum=True)
+        except AssertionError as e:  # captum's layer hook never fired: the image module is not called
+            if "did not obtain any outputs" not in str(e):
+                raise
+            return self._no_gradient_path(s, cap, img, ids, f"{cap.spec.image_module!r} is never called")
         except RuntimeError as e:
             if not reentrant_refusal(e):
                 raise

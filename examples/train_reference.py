@@ -3,6 +3,9 @@
     python examples/train_reference.py --model show_attend_tell --steps 600
     python examples/train_reference.py --model cnn_transformer --bug image_not_fed     # stays at the floor
     python examples/train_reference.py --model cnn_transformer --coco path/to/coco --ann captions_train2017.json
+    python examples/train_reference.py --model clip_decoder --coco data/ --ann data/captions_train.json --save run/
+        # run/model.pt (state_dict) and run/wordmap.json: capdiag check ... --weights run/model.pt
+        #   --data data/ --tokenizer run/wordmap.json
 
 A plain PyTorch loop: AdamW, linear warm-up then cosine decay, gradient clipping, label
 smoothing, bf16 autocast on GPU, validation loss and BLEU-4 (nltk, special tokens stripped)
@@ -14,7 +17,6 @@ import argparse
 import importlib
 import json
 import math
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,18 +27,19 @@ import torch.nn.functional as F
 from capdiag.captioner import Captioner, CaptionSpec
 from capdiag.data import BLIND_FLOOR, SyntheticCaptions
 from capdiag.metrics import bleu4
+from capdiag.userdata import Preprocess, read_captions
+from capdiag.tokenizers import WORD, WordMap
 
 
 class CocoFolder(torch.utils.data.Dataset):
-    """COCO-format captions (an annotations JSON + an image folder), tokenized by whitespace."""
+    """COCO-format captions (an annotations JSON + an image folder), tokenized with a word map
+    built from the captions (the tutorial's WORDMAP format, the same words capdiag's ``--tokenizer
+    wordmap.json`` reads)."""
 
     def __init__(self, root: str, ann: str, spec: CaptionSpec, max_len: int = 20):
-        from PIL import Image  # noqa: F401  (pillow comes with matplotlib)
-
-        data = json.loads(Path(ann).read_text())
-        files = {im["id"]: im["file_name"] for im in data["images"]}
-        self.items = [(Path(root) / files[a["image_id"]], a["caption"]) for a in data["annotations"]]
-        words = Counter(w for _, c in self.items for w in self.tokenize(c))
+        data = read_captions(ann, images=root)  # capdiag's own reader: the same images --data finds
+        self.items = [(it.image, c) for it in data.items for c in it.captions]
+        words = Counter(w for _, c in self.items for w in WORD.findall(c.lower()))
         # The model's special ids stay where the model expects them (GPT-2: one id for all three).
         specials = {spec.pad_id: "<pad>", spec.bos_id: "<bos>", spec.eos_id: "<eos>"}
         free = [i for i in range(spec.vocab_size) if i not in specials]
@@ -44,27 +47,22 @@ class CocoFolder(torch.utils.data.Dataset):
         self.itos = dict(specials)
         self.itos[self.unk] = "<unk>"
         self.itos.update(zip(free[1:], (w for w, _ in words.most_common(len(free) - 1))))
-        self.stoi = {w: i for i, w in self.itos.items() if i not in specials}
-        self.spec, self.size, self.max_len = spec, spec.image_size, max_len
-
-    @staticmethod
-    def tokenize(text: str) -> list:
-        return re.findall(r"[a-z]+", text.lower())
+        self.word_map = {w: i for i, w in self.itos.items() if i not in specials}
+        self.word_map.update({"<pad>": spec.pad_id, "<start>": spec.bos_id, "<end>": spec.eos_id})
+        self.tokenizer = WordMap.from_dict(self.word_map)
+        # The preprocessing capdiag's --data applies too (resize the shorter side, center crop).
+        self.preprocess = Preprocess(spec.image_size, spec.image_mean, spec.image_std, spec.pixel_scale)
+        self.spec, self.max_len = spec, max_len
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         path, caption = self.items[i]
-        img = Image.open(path).convert("RGB").resize((self.size, self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255  # (3, S, S)
-        x = (x - torch.tensor(self.spec.image_mean).view(3, 1, 1)) / torch.tensor(self.spec.image_std).view(3, 1, 1)
-        words = [self.stoi.get(w, self.unk) for w in self.tokenize(caption)][: self.max_len - 2]
-        ids = [self.spec.bos_id] + words + [self.spec.eos_id]
+        x = self.preprocess(path)
+        ids = self.tokenizer.encode([caption], self.max_len)[0]
         caps = torch.full((self.max_len,), self.spec.pad_id, dtype=torch.long)
-        caps[: len(ids)] = torch.tensor(ids)
+        caps[: len(ids)] = ids
         return x, caps
 
     def decode(self, ids) -> str:
@@ -92,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--coco", default=None, help="image folder of a COCO-format dataset")
     ap.add_argument("--ann", default=None, help="its captions annotations JSON")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", default=None, help="folder for model.pt (the state_dict) and, with --coco, wordmap.json")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +102,11 @@ def main(argv=None):
     cap = Captioner(model, spec)
     if args.coco:
         ds = CocoFolder(args.coco, args.ann, spec)
-        loader = iter(torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True))
+        def epochs():  # as many passes over the data as the steps need
+            while True:
+                yield from torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True)
+        loader = epochs()
+
         def train_batch(step):
             return next(loader)
         val = next(iter(torch.utils.data.DataLoader(ds, batch_size=64)))
@@ -143,6 +146,13 @@ def main(argv=None):
                   f"(image-blind floor {BLIND_FLOOR:.3f})  val BLEU-4 {results['bleu4']:.3f}", flush=True)
             for r, h in list(zip(refs, hyps))[:3]:
                 print(f"    ref: {decode(r):<40} greedy: {decode(h)}")
+    if args.save:
+        out = Path(args.save)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out / "model.pt")
+        if args.coco:
+            (out / "wordmap.json").write_text(json.dumps(ds.word_map))
+        print(f"saved {out / 'model.pt'}" + (f" and {out / 'wordmap.json'}" if args.coco else ""))
     return results
 
 
