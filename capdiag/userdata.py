@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -203,10 +204,14 @@ def _text_captions(text: str, source: Path) -> tuple:
 
 
 def _image_index(root: Path) -> dict:
+    """File name -> path of every image below ``root``; symlinked folders are followed (datasets
+    are often linked in from a shared disk)."""
     index: dict = {}
-    for f in sorted(root.rglob("*")):
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-            index.setdefault(f.name, f)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                index.setdefault(name, Path(dirpath) / name)
     return index
 
 
