@@ -40,6 +40,9 @@ class ModelFile:
     sample_batch: Optional[Callable] = None
     loss_fn: Optional[Callable] = None
     bleu_fn: Optional[Callable] = None
+    tokenizer_folder: Optional[str] = None  # a Hugging Face folder's own tokenizer (for --data)
+    crop: bool = True  # --data images: resize and center-crop (False: squash, as ViT/BLIP processors do)
+    built: Optional[nn.Module] = None  # a model the loader already built (a Hugging Face folder), used once
 
     @property
     def name(self) -> str:
@@ -78,6 +81,10 @@ def load_model_file(target: str, factory: str = "build_model") -> ModelFile:
     Raises:
         ModelFileError: missing file, syntax/import error, or no factory; message says how to fix it.
     """
+    from .hf_folder import is_hf_folder, model_file
+
+    if is_hf_folder(target):
+        return model_file(target)
     path = Path(target)
     is_module_name = not target.endswith(".py") and not path.exists() and all(
         p.isidentifier() for p in target.split(".")
@@ -97,7 +104,8 @@ def load_model_file(target: str, factory: str = "build_model") -> ModelFile:
             if not path.is_file():
                 raise ModelFileError(
                     f"model file {target!r} not found; pass the path to a .py file that defines build_model()"
-                    if not path.is_dir() else f"{target!r} is a folder; pass the path to a .py file inside it"
+                    if not path.is_dir() else f"{target!r} is a folder without config.json; pass a .py file defining "
+                    "build_model() or a Hugging Face folder saved with save_pretrained()"
                 )
             mod_name = f"capdiag_user_model_{abs(hash(str(path.resolve())))}"
             spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -234,6 +242,7 @@ def make_subject(
         from .userdata import read_captions
 
         dataset = read_captions(data)
+        dataset.crop = mf.crop
         word_map = WordMap(tokenizer) if tokenizer and str(tokenizer).lower().endswith(".json") \
             and not Path(tokenizer).name.startswith("tokenizer") else None
         if word_map is not None:  # the word map fixes the special ids; hints that disagree are a mistake
@@ -246,8 +255,11 @@ def make_subject(
     loaded = None
     if model is None:
         dev = resolve_device(device)
-        with seeded(seed):
-            model = build_model(mf, model_kwargs)
+        if mf.built is not None and not model_kwargs:
+            model, mf.built = mf.built, None
+        else:
+            with seeded(seed):
+                model = build_model(mf, model_kwargs)
         if weights is not None:
             loaded = load_checkpoint(model, weights)
         model.to(dev)  # capdiag built this model, so moving it (and casting it) is ours to do
@@ -256,7 +268,7 @@ def make_subject(
     make_tokenizer = None
     if dataset is not None:
         make_tokenizer = (lambda spec: word_map) if word_map is not None else \
-            (lambda spec: load_tokenizer(tokenizer, mf.module, spec))
+            (lambda spec: load_tokenizer(tokenizer, mf.module, spec, mf.tokenizer_folder))
     s = subject_from_model(model, hints, name=mf.name, sample_batch=None if dataset is not None else mf.sample_batch,
                            loss_fn=mf.loss_fn, bleu_fn=mf.bleu_fn, user_file=_file(mf), seed=seed,
                            batch_size=batch_size, progress=progress, where=f"CAPDIAG in {mf.path}",
@@ -371,7 +383,7 @@ def _data_batch(cap: Captioner, spec: CaptionSpec, dataset, tokenizer, seed: int
 
     dataset.tokenizer = tokenizer(spec)
     if dataset.preprocess is None:
-        dataset.preprocess = Preprocess(spec.image_size, spec.image_mean, spec.image_std, spec.pixel_scale)
+        dataset.preprocess = Preprocess(spec.image_size, spec.image_mean, spec.image_std, spec.pixel_scale, dataset.crop)
     images, captions, _ = dataset.batch(n, seed, spec.max_len if max_len_hinted else None)
     check_token_ids(captions, spec, dataset.tokenizer.name)
     return cap.to_inputs(images, captions)

@@ -95,6 +95,7 @@ class CaptionData:
     missing: list = field(default_factory=list)
     tokenizer: object = None
     preprocess: Optional[Preprocess] = None
+    crop: bool = True  # how the model's images are resized (see Preprocess); the model file decides
 
     def describe(self) -> str:
         n_caps = sum(len(i.captions) for i in self.items)

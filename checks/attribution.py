@@ -37,9 +37,14 @@ def _logp(cap, images, ids, t):
 
 
 def _logp_with(cap, layer, value, images, ids, t):
-    """``_logp`` with ``layer``'s output replaced by ``value``."""
-    with replaced_output(layer, lambda o: value):
+    """``_logp`` with ``layer``'s output replaced by ``value`` (a copy: models that add to their
+    embeddings in place, as BLIP's text embeddings do, must not write into the leaf)."""
+    with replaced_output(layer, lambda o: value.clone()):
         return _logp(cap, images, ids, t)
+
+
+def _inplace_on_leaf(e: RuntimeError) -> bool:
+    return "leaf Variable that requires grad is being used in an in-place operation" in str(e)
 
 
 def token_embedding(cap, images: torch.Tensor, ids: torch.Tensor):
@@ -142,9 +147,10 @@ class Attribution(Check):
                 raise
             return self._no_gradient_path(s, cap, img, ids, f"{cap.spec.image_module!r} is never called")
         except RuntimeError as e:
-            if not reentrant_refusal(e):
+            if not (reentrant_refusal(e) or _inplace_on_leaf(e)):
                 raise
-            # Reentrant checkpointing refuses autograd.grad: the same sums through .backward() on a copy.
+            # Reentrant checkpointing refuses autograd.grad, and captum's layer hook hands the model a
+            # leaf that in-place code cannot add to: the same sums through .backward() on a copy.
             twin = cap.with_model(copy.deepcopy(cap.model))
             names = dict((m, n) for n, m in cap.model.named_modules())
             emb2 = twin.submodule(names[emb]) if emb is not None else None
