@@ -26,7 +26,7 @@ EVIL_WEIGHTS = (
 # (id, what the user did, model.py body or None, argv with {model}/{dir}, expected message excerpt)
 CASES = [
     ("missing_file", "model file does not exist", None, ["check", "{dir}/nope.py"], "not found; pass the path to a .py file"),
-    ("folder", "a folder instead of a file", None, ["check", "{dir}"], "is a folder; pass the path to a .py file"),
+    ("folder", "a folder instead of a file", None, ["check", "{dir}"], "is a folder without config.json; pass a .py file"),
     ("no_module", "unknown module name", None, ["check", "no_such_pkg.model"], "no model file or module 'no_such_pkg.model'"),
     ("syntax", "syntax error in the file", "def build_model(:\n    pass\n", ["check", "{model}"], "syntax error"),
     ("import", "import error inside the file", "import definitely_not_a_module_xyz\n", ["check", "{model}"],
@@ -63,4 +63,11 @@ CASES = [
      "checkpoint '"),
     ("pickle_checkpoint", "--weights file is a pickle of something else", GOOD, ["check", "{model}", "--weights", "{dir}/evil.pt"],
      "is not a checkpoint torch.load(weights_only=True) can read"),
+    ("missing_data", "--data path missing", GOOD, ["check", "{model}", "--data", "{dir}/nope"], "does not exist; give a COCO"),
+    ("data_no_tokenizer", "--data without a tokenizer", GOOD, ["check", "{model}", "--data", "{dir}/coco"],
+     "--data needs a tokenizer"),
+    ("tokenizer_no_data", "--tokenizer without --data", GOOD, ["check", "{model}", "--tokenizer", "{dir}/wm.json"],
+     "--tokenizer is used with --data"),
+    ("hf_unknown", "a Hugging Face folder of another model type", None, ["check", "{dir}/bert"],
+     "config.json has model_type 'bert'"),
 ]

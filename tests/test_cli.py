@@ -71,6 +71,13 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         ns: dict = {}
         exec(EVIL_WEIGHTS, ns)
         torch.save(ns["Evil"](), tmp_path / "evil.pt")
+    if cid == "data_no_tokenizer":
+        from capdiag.data import write_coco_folder
+
+        write_coco_folder(tmp_path / "coco", 4, image_size=32)
+    if cid == "hf_unknown":
+        (tmp_path / "bert").mkdir()
+        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     argv = [a.replace("{model}", str(model)).replace("{dir}", str(tmp_path)) for a in argv]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2, (out, err)
