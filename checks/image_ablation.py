@@ -77,6 +77,6 @@ class ImageAblation(Check):
             Status.PASS,
             f"image reliance {score:.2f}: loss {losses['true']:.3f} with true images vs "
             f"{losses['shuffled_images']:.3f} shuffled, {losses['zeroed_images']:.3f} zeroed; "
-            f"{distinct:.0%} distinct generated captions",
+            f"{distinct:.0%} distinct generated captions ({source})",
             metrics, artifacts=artifacts,
         )
