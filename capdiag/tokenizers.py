@@ -42,6 +42,7 @@ class FunctionTokenizer:
     def __init__(self, fn: Callable, decode: Optional[Callable] = None, where: str = "the model file"):
         self.fn, self._decode, self.name = fn, decode, f"tokenize() in {where}"
         self.can_decode = decode is not None  # else captions are compared as token ids
+        self.unk_id = None  # not known for a user's function
 
     def encode(self, texts: list, max_len: Optional[int] = None) -> torch.Tensor:
         try:
@@ -70,6 +71,7 @@ class HFTokenizer:
             raise DataError(f"no Hugging Face tokenizer in {folder} ({type(e).__name__}); give a folder saved with "
                             "tokenizer.save_pretrained()") from None
         self.bos, self.eos, self.pad = bos, eos, pad
+        self.unk_id = self.tok.unk_token_id  # None for byte-level BPE (GPT-2), which has no unknown words
         self.name = f"Hugging Face {type(self.tok).__name__} from {folder}"
 
     def encode(self, texts: list, max_len: Optional[int] = None) -> torch.Tensor:
@@ -93,6 +95,7 @@ class WordMap:
             raise DataError(f"word map {path} has no {', '.join(missing)}; the tutorial format needs "
                             "<start>, <end>, <pad> and <unk>")
         self.itos = {v: k for k, v in self.stoi.items()}
+        self.unk_id = self.stoi["<unk>"]
         self.name = f"word map {path}"
 
     @classmethod

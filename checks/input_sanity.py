@@ -111,6 +111,7 @@ def pixel_problems(st: dict, given: torch.Tensor, spec) -> list:
 class InputSanity(Check):
     name = "input_sanity"
     catches = "0-255 or unnormalized images, double normalization, malformed captions (no BOS/EOS, ids out of range)"
+    max_unknown: float = 0.2  # --data captions: more words than this mapped to the unknown token warns
 
     def run(self, s: Subject):
         cap = s.captioner
@@ -152,6 +153,15 @@ class InputSanity(Check):
                 "mean/std (ImageNet for torchvision weights), captions as BOS ... EOS pad pad.", artifacts,
                 location=where_from,
             )
+        unknown = unknown_rate(s)
+        if unknown is not None:
+            metrics["unknown_word_rate"] = unknown
+            if unknown > self.max_unknown:
+                return self.finding(
+                    Status.WARN, f"{unknown:.0%} of the caption words in the batch are unknown to {s.dataset.tokenizer.name} "
+                    f"(its unknown token): the model cannot learn or be judged on words it never sees", metrics,
+                    "Pass the tokenizer the model was trained with (--tokenizer), or rebuild the word map from these "
+                    "captions; a word map from another dataset maps most words to <unk>.", artifacts)
         if entry is None:
             return self.finding(Status.PASS, "captions well formed" + notes[0], metrics, artifacts=artifacts)
         return self.finding(
@@ -159,6 +169,16 @@ class InputSanity(Check):
                          f"{metrics['image_max']:.2f}]; captions well formed",
             metrics, artifacts=artifacts,
         )
+
+
+def unknown_rate(s: Subject) -> Optional[float]:
+    """Fraction of the batch's real target tokens that are the tokenizer's unknown token (``--data``
+    only, and only for tokenizers that have one); None otherwise."""
+    unk = getattr(s.dataset.tokenizer, "unk_id", None) if s.dataset is not None else None
+    if unk is None or unk in s.captioner.spec.special_ids:
+        return None
+    targets, mask = s.captions[:, 1:], s.captioner.target_mask(s.captions)
+    return float(((targets == unk) & mask).sum()) / max(int(mask.sum()), 1)
 
 
 def batch_preview(s: Subject, n: int = 8) -> dict:

@@ -321,3 +321,17 @@ def test_trained_model_checks_skip_untrained_models_and_runs_without_data(folder
     s = make_subject(mf, weights=str(trained_zoo(folder, None)))
     f = run_checks(s, [get_check("caption_collapse")]).findings[0]
     assert f.status.value == "skip" and "--data" in f.summary
+
+
+def test_captions_mostly_unknown_to_the_word_map_warn_in_input_sanity(folder, tmp_path):
+    _images(tmp_path, ["cat.jpg", "cup.jpg"])
+    (tmp_path / "captions.csv").write_text("image,caption\ncat.jpg,an orange cat sitting on a wooden floor\n"
+                                           "cup.jpg,a white cup of coffee on a saucer\n")
+    mf = load_model_file(str(folder / "model.py"))
+    s = make_subject(mf, data=str(tmp_path), tokenizer=str(folder / "data" / "wordmap.json"))
+    f = run_checks(s, [get_check("input_sanity")]).findings[0]
+    assert f.status.value == "warn" and "of the caption words in the batch are unknown" in f.summary
+    assert f.metrics["unknown_word_rate"] > 0.6
+    clean = make_subject(mf, data=str(folder / "data"), tokenizer=str(folder / "data" / "wordmap.json"))
+    g = run_checks(clean, [get_check("input_sanity")]).findings[0]
+    assert g.status.value == "pass" and g.metrics["unknown_word_rate"] < 0.2
