@@ -68,6 +68,18 @@ def captured_attention(model: nn.Module, names: Optional[list] = None) -> Iterat
             return output
         return hook
 
+    def declared_post(name):
+        def hook(module, args, output):
+            # A declared cross-attention module of a library model (a transformers GPT-2 or BERT
+            # decoder's crossattention, run with eager attention) returns (output, weights) with
+            # per-head weights (B, H, T, L) over the L image tokens.
+            w = output[-1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 4 and bool((w >= 0).all()):
+                records.setdefault(name, AttentionRecord(name, "cross")).weights.append(w.detach())
+            else:
+                additive_post(name)(module, args, output)
+        return hook
+
     def additive_post(name):
         def hook(module, args, output):
             if isinstance(output, (tuple, list)):
@@ -89,7 +101,7 @@ def captured_attention(model: nn.Module, names: Optional[list] = None) -> Iterat
                 handles.append(m.register_forward_pre_hook(mha_pre(n), with_kwargs=True))
                 handles.append(m.register_forward_hook(mha_post(n)))
             else:
-                handles.append(m.register_forward_hook(additive_post(n)))
+                handles.append(m.register_forward_hook((declared_post if names is not None else additive_post)(n)))
         yield records
     finally:
         for h in handles:

@@ -12,7 +12,8 @@ The hints come from the folder:
   (GPT-2's pad == bos == eos included), BLIP ends captions with [SEP], GIT with its eos;
 - image size, mean, std and resizing from ``preprocessor_config.json`` (the image processor), or
   the vision config's image size when there is none;
-- the image module (the vision tower) and, when ``--data`` is given, the tokenizer saved in the
+- the image module (the vision tower), the decoder's cross-attention modules (read with eager
+  attention, which returns the weights) and, when ``--data`` is given, the tokenizer saved in the
   folder.
 
 Offline only: weights are read with ``local_files_only=True``.
@@ -120,8 +121,12 @@ def folder_hints(folder: str, kind: str, inner: nn.Module) -> tuple:
     if missing:
         raise ModelFileError(f"{folder}: the config sets no {' or '.join(missing)} token id; set it in config.json "
                              "or generation_config.json")
+    # Cross-attention over the image tokens (GIT has none: its image tokens share the self-attention).
+    cross = [f"inner.{n}" for n, _ in inner.named_modules() if n.endswith("crossattention")
+             or n.endswith("crossattention.self")]
+    cross = [n for n in cross if f"{n}.self" not in cross]  # BLIP: the .self inside returns the weights
     hints = dict(vocab_size=int(text.vocab_size), bos_id=int(bos), eos_id=int(eos), pad_id=int(pad),
-                 image_module=KINDS[kind][1], attention_modules=[])
+                 image_module=KINDS[kind][1], attention_modules=cross)
     size = proc.get("crop_size") if proc.get("do_center_crop") else proc.get("size")
     if isinstance(size, dict):
         size = _first(size.get("height"), size.get("shortest_edge"), size.get("width"))
@@ -156,7 +161,9 @@ def model_file(folder: str):
     def build_model():
         try:
             with _quiet():
-                inner = cls.from_pretrained(folder, local_files_only=True)
+                # Eager attention returns the attention weights attention_maps reads (SDPA does
+                # not); the same computation, written out.
+                inner = cls.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
         except OSError as e:
             raise ModelFileError(f"cannot load {KINDS[kind][0]} from {folder}: {e}".splitlines()[0]) from None
         if kind == "vision-encoder-decoder" and getattr(inner.encoder, "pooler", None) is not None:

@@ -90,6 +90,8 @@ def test_clean_folder_passes_every_applicable_check(folders, tmp_path, capsys, k
     ran = {c for c, st in statuses.items() if st == "pass"}
     assert {"causal_leak", "batch_independence", "padding_invariance", "gradient_reachability", "overfit",
             "image_ablation", "decoding_consistency", "attribution"} <= ran
+    if kind != "git":  # GIT has no cross-attention: its image tokens share the self-attention
+        assert "attention_maps" in ran
 
 
 def test_folder_hints_read_special_ids_and_preprocessing(folders):
@@ -100,6 +102,9 @@ def test_folder_hints_read_special_ids_and_preprocessing(folders):
     assert ved.hints["image_mean"] == (0.5, 0.5, 0.5) and ved.hints["image_size"] == 32 and not ved.crop
     assert (blp.hints["bos_id"], blp.hints["eos_id"], blp.hints["pad_id"]) == (1, 2, 0)
     assert blp.hints["image_module"] == "inner.vision_model"
+    assert ved.hints["attention_modules"] == ["inner.decoder.transformer.h.0.crossattention"]
+    assert blp.hints["attention_modules"] == ["inner.text_decoder.bert.encoder.layer.0.crossattention.self"]
+    assert gt.hints["attention_modules"] == []
     assert gt.crop and gt.hints["image_module"] == "inner.git.image_encoder"
 
 
