@@ -25,3 +25,18 @@ def test_cli_sets_threads_but_respects_omp_num_threads():
     code = ("import torch, capdiag.threads as t; n = t.apply(); print(n, torch.get_num_threads())")
     out = procs.run([sys.executable, "-c", code], timeout=120, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
     assert out == ["None", "1"]
+
+
+def test_busy_cores_sees_work_running_now_not_the_last_minutes_average():
+    import subprocess
+    import time
+
+    from capdiag.threads import busy_cores
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 20: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores(0.2) >= 0.5  # one core spinning
+    finally:
+        spin.kill()
+        spin.wait()
