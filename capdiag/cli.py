@@ -187,6 +187,7 @@ def cmd_overfit(args) -> int:
 
     # An explicit --steps is the user's budget: no time limit cuts it.
     subject.recipe = dataclasses.replace(RECIPE, steps=args.steps, lr=args.lr or RECIPE.lr, batch_size=args.batch_size,
+                                         start_lr=None if args.lr else RECIPE.start_lr,
                                          time_budget=None)
     check = get_check("overfit")
     finding = run_check(subject, check)

@@ -30,6 +30,13 @@ from capdiag.registry import register_check
 from capdiag.training import RECIPE, eval_loss, fit_copy, fit_recipe
 
 
+def _restart_note(fit, recipe) -> str:
+    """Says when the copy gave up its larger start rate and began again (see training.fit_copy)."""
+    if not fit.abandoned_steps:
+        return f" at lr {fit.lr:g}"
+    return f" at lr {fit.lr:g} (after {fit.abandoned_steps} steps at {recipe.start_lr:g}, too slow, were given up)"
+
+
 @register_check
 @dataclass
 class Overfit(Check):
@@ -52,6 +59,8 @@ class Overfit(Check):
         cap = s.captioner
         shared = s.recipe or RECIPE
         knobs = {k: v for k, v in (("steps", self.steps), ("lr", self.lr), ("batch_size", self.batch_size)) if v is not None}
+        if self.lr is not None:
+            knobs["start_lr"] = None  # a given rate is used as given
         recipe = dataclasses.replace(shared, **knobs)
         fitted = s.fitted() if recipe == shared else fit_recipe(s, recipe)
         fit, images, captions, floor, final = fitted.fit, fitted.images, fitted.captions, fitted.floor, fitted.final_loss
@@ -59,7 +68,7 @@ class Overfit(Check):
         hyps = cap.strip(generated(s, fit.captioner, images, captions.shape[1] + 2))
         em, bleu = exact_match(refs, hyps), bleu4(refs, hyps)
         metrics = {
-            "final_loss": final, "blind_floor": floor, "steps_run": fit.steps, "lr": recipe.lr,
+            "final_loss": final, "blind_floor": floor, "steps_run": fit.steps + fit.abandoned_steps, "lr": fit.lr,
             "exact_match": em, "bleu4": bleu, "loss_over_floor": final / floor if floor > 0 else float("nan"),
             "interrupted": float(fit.interrupted), "step_budget": fit.budget_steps,
             "seconds_per_step": fit.seconds_per_step, **fitted.bn_metrics,
@@ -76,7 +85,7 @@ class Overfit(Check):
                 f"exact match {em:.0%}"), "Partial result; rerun with more patience for a verdict."
         elif passed:
             status, summary, hint = Status.PASS, (
-                f"memorized {len(refs)} captions in {fit.steps} steps: loss {final:.4f} "
+                f"memorized {len(refs)} captions in {fit.steps} steps{_restart_note(fit, recipe)}: loss {final:.4f} "
                 f"(floor {floor:.3f}), exact match {em:.0%}, BLEU-4 {bleu:.2f}{fitted.bn_note}"), ""
         elif fit.time_limited and not low and not fit.diverged:
             status, summary, hint = Status.WARN, (

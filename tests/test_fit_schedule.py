@@ -1,0 +1,48 @@
+"""The fitted copy's start rate: a larger rate while progress is fast, a restart at the recipe's
+rate when it is slow within the first steps (training.fit_copy's start_lr)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import capdiag
+from capdiag.models import zoo
+from capdiag.training import RECIPE, START_WINDOW, fit_copy, overfit_batch
+
+
+def _fit(model, hints, start_lr, steps=200):
+    s = capdiag.subject_for(model, **hints)
+    images, captions = overfit_batch(s, 16)
+    return fit_copy(s.captioner, images, captions, steps, RECIPE.lr, 0, 0.005, start_lr=start_lr, eval_stop=0.05), s
+
+
+def test_a_fast_start_rate_is_kept_and_memorizes_in_fewer_steps():
+    fast, _ = _fit(zoo.make("gru"), zoo.HINTS, 3e-3, steps=400)
+    slow, _ = _fit(zoo.make("gru"), zoo.HINTS, None, steps=400)
+    assert fast.lr == 3e-3 and fast.abandoned_steps == 0
+    assert fast.steps < slow.steps  # 150 vs 390 steps measured
+
+
+class Stalling(nn.Module):
+    """Tokens through a sign-sensitive bottleneck: Adam's large early steps at 3e-3 stall it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(zoo.VOCAB, 8)
+        self.img = nn.Linear(3, 8)
+        self.out = nn.Linear(8, zoo.VOCAB)
+
+    def forward(self, images, captions):
+        h = self.emb(captions) + self.img(images.mean((2, 3)))[:, None]
+        return self.out(torch.tanh(100 * h))  # saturates: large steps leave it stuck
+
+
+def test_a_slow_start_restarts_from_the_weights_at_the_recipe_rate():
+    hints = {k: v for k, v in zoo.HINTS.items() if k != "image_module"}
+    fit, s = _fit(Stalling(), hints, 3e-3, steps=120)
+    assert 20 <= fit.abandoned_steps <= START_WINDOW and fit.lr == RECIPE.lr
+    assert len(fit.losses) + fit.abandoned_steps <= 120  # one budget for both
+    # The restart began from the user's weights, not from where the large steps led.
+    first = float(s.captioner.loss(*overfit_batch(s, 16)).detach())
+    assert abs(fit.losses[0] - first) < 1e-4
