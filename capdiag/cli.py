@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: short sweep)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="captions to memorize (default 16, cut to 8 when a "
+                   "model is too slow for --steps in the time budget; given, it is used as given)")
     p = sub.add_parser("list", help="list every check and the bug it catches")
     p.add_argument("--markdown", action="store_true", help="as the README's table")
     return parser
@@ -174,19 +175,20 @@ def cmd_overfit(args) -> int:
     from .report.console import format_finding, print_header, use_color
     from .runner import run_check
 
+    from .training import RECIPE
+
     started = time.perf_counter()
     if args.steps < 1:
         from .errors import UsageError
 
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
-    mf, subject = _subject(args, batch_size=args.batch_size)
+    mf, subject = _subject(args, batch_size=args.batch_size or RECIPE.batch_size)
     print_header(f"capdiag overfit {mf.path} on {subject.captioner.device} (seed {args.seed})", subject.captioner.spec.assumptions,
                  data=subject.dataset.describe() if subject.dataset is not None else "")
     subject.progress = True
-    from .training import RECIPE
-
     # An explicit --steps is the user's budget: no time limit cuts it.
-    subject.recipe = dataclasses.replace(RECIPE, steps=args.steps, lr=args.lr or RECIPE.lr, batch_size=args.batch_size,
+    subject.recipe = dataclasses.replace(RECIPE, steps=args.steps, lr=args.lr or RECIPE.lr, batch_size=args.batch_size or RECIPE.batch_size,
+                                         min_batch=None if args.batch_size else RECIPE.min_batch,
                                          start_lr=None if args.lr else RECIPE.start_lr,
                                          time_budget=None)
     check = get_check("overfit")

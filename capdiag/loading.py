@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from .hints import caption_spec, check_keys, merged
 from .state import in_mode, preserved_attributes, seeded
 
 PROBE_SIZES = (64, 224, 32, 128, 96, 256, 299, 384)
+SLOW_FORWARD = 0.25  # seconds for one eval forward of the probe batch above which it is cut ...
+SMALL_BATCH = 4  # ... to this many samples
 
 
 @dataclass
@@ -238,13 +241,12 @@ def make_subject(
     if tokenizer is not None and data is None:
         raise UsageError("--tokenizer is used with --data; add --data PATH (captions and images)")
     if data is not None:
-        from .tokenizers import WordMap, load_tokenizer
+        from .tokenizers import WordMap, is_word_map, load_tokenizer
         from .userdata import read_captions
 
         dataset = read_captions(data)
         dataset.crop = mf.crop
-        word_map = WordMap(tokenizer) if tokenizer and str(tokenizer).lower().endswith(".json") \
-            and not Path(tokenizer).name.startswith("tokenizer") else None
+        word_map = WordMap(tokenizer) if is_word_map(tokenizer) else None
         if word_map is not None:  # the word map fixes the special ids; hints that disagree are a mistake
             for key, value in word_map.special_ids.items():
                 if key in hints and hints[key] != value:
@@ -341,7 +343,15 @@ def subject_from_model(
             images, captions = data.batch(batch_size, seed=seed, balanced=True)
             images, captions = cap.to_inputs(images, captions)
         # The probe used tiny inputs; make sure the real batch goes through too.
+        started = time.perf_counter()
         call_forward(cap, images, captions, user_file)
+        took = time.perf_counter() - started
+        if took > SLOW_FORWARD and images.shape[0] > SMALL_BATCH:
+            # Every probe costs a few forwards of this batch: a model this slow gets the smallest batch
+            # the checks need (two samples to mix, one more to move), and says so.
+            assumptions.append(f"probe batch of {SMALL_BATCH} images, not {images.shape[0]}: a forward of "
+                               f"{images.shape[0]} takes {took:.2f} s here")
+            images, captions = images[:SMALL_BATCH], captions[:SMALL_BATCH]
         if "max_len" not in h:
             spec.max_len = captions.shape[1] + 4
     source = "user" if sample_batch is not None or dataset is not None else "synthetic"

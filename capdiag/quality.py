@@ -10,7 +10,6 @@ reference word's loss rises when the image is swapped for another one.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -20,8 +19,8 @@ from .ablation import ablation_losses, derangement, image_reliance
 from .loading import check_token_ids
 from .metrics import bleu4_multi, cider_d
 from .state import in_mode, seeded
+from .tokenizers import WORD
 
-WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 CHUNK = 32  # images per generate/forward call: bounded memory on a real-sized model
 
 

@@ -120,6 +120,11 @@ class WordMap:
         return " ".join(self.itos.get(int(t), f"<{int(t)}>") for t in ids)
 
 
+def is_word_map(path: Optional[str]) -> bool:
+    """A ``--tokenizer`` that names a word-map JSON (a Hugging Face ``tokenizer.json`` is not one)."""
+    return bool(path) and Path(path).suffix.lower() == ".json" and not Path(path).name.startswith("tokenizer")
+
+
 def load_tokenizer(path: Optional[str], model_module=None, spec=None, hf_folder: Optional[str] = None):
     """The tokenizer ``--data`` uses: ``--tokenizer PATH`` (a word-map JSON or a Hugging Face
     folder), else the model file's ``tokenize``, else the tokenizer inside a Hugging Face model folder.
@@ -129,7 +134,7 @@ def load_tokenizer(path: Optional[str], model_module=None, spec=None, hf_folder:
     """
     if path:
         p = Path(path)
-        if p.is_file() and p.suffix.lower() == ".json" and not p.name.startswith("tokenizer"):
+        if p.is_file() and is_word_map(path):
             return WordMap(path)
         if p.exists():
             folder = str(p if p.is_dir() else p.parent)

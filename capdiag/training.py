@@ -30,6 +30,8 @@ class FitResult:
     seconds_per_step: float = float("nan")
     eval_loss: Optional[float] = None  # the eval-mode loss the memorized stop measured last (model unchanged since)
     abandoned_steps: int = 0  # steps of a start at a larger rate given up for a restart at ``lr`` (not in losses)
+    images: Optional[torch.Tensor] = None  # the batch trained on when the loop shrank it (None: the one given)
+    captions: Optional[torch.Tensor] = None
 
     @property
     def steps(self) -> int:
@@ -60,6 +62,7 @@ def fit_copy(
     eval_stop: Optional[float] = None,
     time_budget: Optional[float] = None,
     start_lr: Optional[float] = None,
+    min_batch: Optional[int] = None,
 ) -> FitResult:
     """Train a deep copy with Adam on one fixed batch; stop early at ``stop_loss``, or on a
     plateau: no 2 % improvement of the best loss within ``patience`` steps (a model that
@@ -71,6 +74,9 @@ def fit_copy(
     steps, and the loop stops as soon as that is below it too: memorized, the verdict is certain.
     ``time_budget``: seconds the loop may take; after 3 steps the step budget shrinks to what fits
     (at least 30 steps), so a large model on CPU gets an answer in minutes and says which budget.
+    ``min_batch``: before cutting the step budget, a batch larger than this is cut to its first
+    ``min_batch`` samples (``result.images``/``captions``): half the batch buys twice the steps, and
+    memorizing 8 captions says as much about the model as memorizing 16.
     ``start_lr``: a larger rate to begin with. A slow stretch within the first ``START_WINDOW``
     steps (the best loss of 10 steps above ``SLOW`` times the best before them) restarts training
     from the model's weights at ``lr``; a rate that passes the window is kept. CNN and small
@@ -94,15 +100,23 @@ def fit_copy(
         bar = tqdm(total=steps, desc=desc, unit="step", leave=False, dynamic_ncols=True)
     twin.model.train()  # our own copy: its BatchNorm statistics must keep what training taught them
     started = time.perf_counter()
+    measure_at = 4  # steps 1-3 are timed; again after the batch shrinks
     with seeded(seed):
         try:
             step = 0
             while step < result.budget_steps:
                 step += 1
-                if step == 4 and not result.abandoned_steps:
-                    result.seconds_per_step = (time.perf_counter() - started) / 3
+                if step == measure_at and not result.abandoned_steps:
+                    now = time.perf_counter()
+                    result.seconds_per_step = (now - started) / 3
                     if time_budget is not None and result.seconds_per_step * steps > time_budget:
-                        result.budget_steps = max(30, int(time_budget / result.seconds_per_step))
+                        if min_batch and images.shape[0] > min_batch:
+                            images, captions = result.images, result.captions = images[:min_batch], captions[:min_batch]
+                            if floor is not None:
+                                floor = empirical_blind_floor(captions.cpu(), twin.target_mask(captions).cpu())
+                            measure_at, started = step + 3, now
+                        else:
+                            result.budget_steps = max(30, int(time_budget / result.seconds_per_step))
                 opt.zero_grad()
                 loss = twin.loss(images, captions)
                 value = float(loss.detach())
@@ -203,6 +217,7 @@ class Recipe:
     lr: float = 1e-3
     start_lr: Optional[float] = 3e-3  # begun with while progress is fast (see fit_copy); None: lr throughout
     batch_size: int = 16
+    min_batch: Optional[int] = 8  # a model too slow for the step budget trains on this many (None: never cut)
     pass_loss: float = 0.05
     bn_mismatch: float = 1.0
     time_budget: Optional[float] = 120.0  # seconds for the training loop (None: the step budget alone)
@@ -246,7 +261,10 @@ def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
     floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
     fit = fit_copy(cap, images, captions, recipe.steps, recipe.lr, s.seed, recipe.stop_loss, s.progress,
                    "overfit", floor=floor, eval_stop=recipe.pass_loss, time_budget=recipe.time_budget,
-                   start_lr=recipe.start_lr)
+                   start_lr=recipe.start_lr, min_batch=recipe.min_batch)
+    if fit.images is not None:  # the loop cut the batch to fit the time budget: judge what it trained on
+        images, captions = fit.images, fit.captions
+        floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
     if fit.diverged:
         final = float("nan")
     else:

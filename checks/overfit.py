@@ -90,7 +90,8 @@ class Overfit(Check):
         elif fit.time_limited and not low and not fit.diverged:
             status, summary, hint = Status.WARN, (
                 f"no verdict within the time budget: {fit.steps} steps at {fit.seconds_per_step:.2f} s/step "
-                f"(of {recipe.steps}) took the loss to {final:.3f} (image-blind floor {floor:.3f})"), (
+                f"(of {recipe.steps}) on {len(refs)} captions{' (cut from ' + str(recipe.batch_size) + ')' if fit.images is not None else ''} "
+                f"took the loss to {final:.3f} (image-blind floor {floor:.3f})"), (
                 f"The model is too slow here to memorize a batch in {recipe.time_budget:g} s. Rerun "
                 f"`capdiag overfit --steps {recipe.steps}` (about {recipe.steps * fit.seconds_per_step / 60:.0f} min "
                 "here) or on a GPU for the verdict.")

@@ -46,3 +46,41 @@ def test_a_slow_start_restarts_from_the_weights_at_the_recipe_rate():
     # The restart began from the user's weights, not from where the large steps led.
     first = float(s.captioner.loss(*overfit_batch(s, 16)).detach())
     assert abs(fit.losses[0] - first) < 1e-4
+
+
+def test_a_model_too_slow_for_the_budget_trains_on_half_the_batch():
+    import dataclasses
+
+    from capdiag.training import fit_recipe
+
+    s = capdiag.subject_for(zoo.make("gru"), **zoo.HINTS)
+    recipe = dataclasses.replace(RECIPE, time_budget=1e-6, steps=40)  # every model is "too slow" for this
+    fitted = fit_recipe(s, recipe)
+    assert fitted.images.shape[0] == recipe.min_batch == fitted.captions.shape[0]
+    assert fitted.fit.time_limited and fitted.fit.budget_steps == 30
+    unlimited = fit_recipe(s, dataclasses.replace(recipe, min_batch=None))
+    assert unlimited.images.shape[0] == recipe.batch_size
+
+
+class SlowForward(nn.Module):
+    """A zoo captioner whose forward takes 0.1 s per sample, as a 60M model's does on a CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = zoo.make("gru")
+
+    def forward(self, images, captions):
+        import time
+
+        time.sleep(0.1 * images.shape[0])
+        return self.inner(images, captions)
+
+
+def test_a_slow_model_gets_a_smaller_probe_batch_and_says_so():
+    from capdiag.loading import SMALL_BATCH
+
+    s = capdiag.subject_for(SlowForward(), **{**zoo.HINTS, "image_module": "inner.encoder"})
+    assert s.images.shape[0] == SMALL_BATCH == s.captions.shape[0]
+    assert any(a.startswith(f"probe batch of {SMALL_BATCH} images, not 8") for a in s.captioner.spec.assumptions)
+    fast = capdiag.subject_for(zoo.make("gru"), **zoo.HINTS)
+    assert fast.images.shape[0] == 8
