@@ -30,6 +30,15 @@ from capdiag.registry import register_check
 from capdiag.training import RECIPE, eval_loss, fit_copy, fit_recipe
 
 
+def reproduced(exact_match: float, n: int, min_exact_match: float) -> bool:
+    """Greedy decoding reproduces the memorized captions: at least ``min_exact_match`` of them, or all
+    but one of 8 or more. One caption off at a loss below the pass level is a near tie of greedy
+    decoding, not a decoding bug (which misses most captions); with the 8 captions a slow model
+    trains on, the 90 % bar alone would fail it for that one caption."""
+    misses = round((1 - exact_match) * n)
+    return exact_match >= min_exact_match or (misses == 1 and n >= 8)
+
+
 def _restart_note(fit, recipe) -> str:
     """Says when the copy gave up its larger start rate and began again (see training.fit_copy)."""
     if not fit.abandoned_steps:
@@ -78,7 +87,7 @@ class Overfit(Check):
         sweep_curves: dict = {}
         where = None  # set where the diagnosis is "cannot see the image" and a point on the image path shows it
         low = recipe.low(final, floor)
-        passed = low and em >= self.min_exact_match
+        passed = low and reproduced(em, len(refs), self.min_exact_match)
         if fit.interrupted:
             status, summary, hint = Status.WARN, (
                 f"interrupted after {fit.steps} steps: loss {final:.4f} (image-blind floor {floor:.3f}), "

@@ -84,3 +84,10 @@ def test_a_slow_model_gets_a_smaller_probe_batch_and_says_so():
     assert any(a.startswith(f"probe batch of {SMALL_BATCH} images, not 8") for a in s.captioner.spec.assumptions)
     fast = capdiag.subject_for(zoo.make("gru"), **zoo.HINTS)
     assert fast.images.shape[0] == 8
+
+
+def test_one_near_tie_among_eight_captions_still_counts_as_reproduced():
+    from capdiag.checks.overfit import reproduced
+
+    assert reproduced(7 / 8, 8, 0.9) and reproduced(15 / 16, 16, 0.9)
+    assert not reproduced(6 / 8, 8, 0.9) and not reproduced(3 / 4, 4, 0.9) and not reproduced(0.0, 16, 0.9)
