@@ -41,9 +41,10 @@ class ImageAblation(Check):
         ln_v = math.log(cap.spec.vocab_size)
         metrics = ablation_metrics(losses)
         score = metrics["image_reliance"]
+        shown = round(score, 2) + 0.0  # for the summaries: no "-0.00"
         if s.live:  # the training monitor judges the history of these numbers, not one verdict
             return self.finding(Status.PASS if score >= self.min_reliance else Status.WARN,
-                                f"image reliance {score:.2f} ({source})", metrics)
+                                f"image reliance {shown:.2f} ({source})", metrics)
         gen = cap.strip(generated(s, cap, images, captions.shape[1] + 2))
         distinct = len({tuple(g) for g in gen}) / len(gen)
         metrics["generate_distinct_fraction"] = distinct
@@ -61,21 +62,21 @@ class ImageAblation(Check):
         if score < self.min_reliance:
             return self.finding(
                 Status.FAIL,
-                f"image reliance {score:.2f}: shuffling images across the batch moves the loss from "
+                f"image reliance {shown:.2f}: shuffling images across the batch moves the loss from "
                 f"{losses['true']:.3f} to only {losses['shuffled_images']:.3f} ({source})",
                 metrics, hint, artifacts, location=where_image_dies(cap, images, captions, s.seed),
             )
         if distinct <= 1 / len(gen) + 1e-9 and len(gen) > 1:
             return self.finding(
                 Status.FAIL, f"generate() returns the same caption for all {len(gen)} different images "
-                f"although the teacher-forced loss relies on them (reliance {score:.2f})", metrics,
+                f"although the teacher-forced loss relies on them (reliance {shown:.2f})", metrics,
                 "generate() does not pass the image to the decoder (or uses a cached/zero image state). "
                 "Compare it line by line with forward().", artifacts,
                 location=where_image_dies(cap, images, captions, s.seed, generate=True),
             )
         return self.finding(
             Status.PASS,
-            f"image reliance {score:.2f}: loss {losses['true']:.3f} with true images vs "
+            f"image reliance {shown:.2f}: loss {losses['true']:.3f} with true images vs "
             f"{losses['shuffled_images']:.3f} shuffled, {losses['zeroed_images']:.3f} zeroed; "
             f"{distinct:.0%} distinct generated captions ({source})",
             metrics, artifacts=artifacts,

@@ -42,7 +42,7 @@ class WordGrounding(Check):
             return self.skip(f"no word occurs {self.min_count} times in the captions of {q.n} images")
         ranked = sorted(judged.items(), key=lambda kv: -kv[1][0])
         grounded = [w for w, (rise, _) in ranked if rise >= self.grounded_rise]
-        show = lambda items: ", ".join(f"{w!r} {r:+.2f}" for w, (r, _) in items)  # noqa: E731
+        show = lambda items: ", ".join(f"{w!r} {round(r, 2) + 0.0:+.2f}" for w, (r, _) in items)  # noqa: E731
         metrics = {"words_judged": float(len(judged)), "words_grounded": float(len(grounded)),
                    "max_word_rise": ranked[0][1][0], "grounded_fraction": len(grounded) / len(judged)}
         artifacts = {"word_rise": [(w, r, c) for w, (r, c) in ranked]}

@@ -42,6 +42,24 @@ def test_report_is_self_contained_with_every_section(report):
     assert "Likely cause and fix" in text and "softmax runs over the wrong dimension" in text
     # where it starts: the softmax line of the zoo's attention, shown in the failing section only
     assert text.count("Where it starts.") >= 1 and "alpha = torch.softmax(scores, dim=0)" in text
+    assert "on cpu &middot; float32" in text  # what was judged, under the title
+
+
+def test_report_header_names_the_weights_and_the_data(tmp_path):
+    import torch
+
+    from capdiag.data import write_coco_folder
+    from capdiag.models import zoo
+
+    (tmp_path / "model.py").write_text(MODEL)
+    torch.save(zoo.make("lstm").state_dict(), tmp_path / "w.pt")
+    write_coco_folder(tmp_path / "coco", 8, image_size=32)
+    wm = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3}
+    (tmp_path / "wm.json").write_text(__import__("json").dumps(wm))
+    main(["check", str(tmp_path / "model.py"), "--quick", "--only", "causal_leak", "--weights", str(tmp_path / "w.pt"),
+          "--data", str(tmp_path / "coco"), "--tokenizer", str(tmp_path / "wm.json"), "--report", str(tmp_path / "html")])
+    text = (tmp_path / "html" / "report.html").read_text()
+    assert "weights " in text and "w.pt" in text and "data: COCO captions JSON" in text and "8 images, 24 captions" in text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs it)")

@@ -55,6 +55,15 @@ def _extras(f: Finding) -> str:
     if f.artifacts.get("image_share_per_word"):
         rows = "".join(f"<tr><td>{html.escape(w)}</td><td>{s:.0%}</td></tr>" for w, s in f.artifacts["image_share_per_word"])
         out.append(f"<table><tr><th>generated word</th><th>image share of attribution</th></tr>{rows}</table>")
+    if f.artifacts.get("captions"):  # caption_collapse: what the trained model says about the user's images
+        rows = "".join(f"<tr><td>{html.escape(g)}</td><td>{html.escape(r)}</td></tr>" for g, r in f.artifacts["captions"])
+        out.append(f"<table><tr><th>generated caption</th><th>references (first two)</th></tr>{rows}</table>")
+    if f.artifacts.get("word_rise"):  # word_grounding: the most and the least image-dependent words
+        ranked = f.artifacts["word_rise"]
+        shown = ranked if len(ranked) <= 12 else ranked[:8] + ranked[-4:]
+        rows = "".join(f"<tr><td>{html.escape(str(w))}</td><td>{round(r, 2) + 0.0:+.2f}</td><td>{c}</td></tr>" for w, r, c in shown)
+        out.append(f"<table><tr><th>word</th><th>loss rise with another image (nats)</th><th>occurrences</th></tr>"
+                   f"{rows}</table>")
     for k, v in f.artifacts.items():
         if k.endswith("_png"):
             out.append(_img(v))
@@ -82,6 +91,10 @@ def render_html(report: Report, title: str = "capdiag report") -> str:
     assumptions = "".join(f"<li>{html.escape(a)}</li>" for a in report.assumptions)
     assume_html = f'<div class="assume">Assumed (set CAPDIAG hints to change):<ul>{assumptions}</ul></div>' if assumptions else ""
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    # What was judged: the device and precision, the checkpoint loaded, the data the batches came from.
+    facts = [f"on {report.device}" if report.device else "", report.precision,
+             f"weights {report.weights}" if report.weights else "", f"data: {report.data}" if report.data else ""]
+    when = " &middot; ".join([when] + [html.escape(x) for x in facts if x])
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head>"
         f"<body><main><h1>capdiag: {html.escape(report.model_name)}</h1>"
