@@ -1,7 +1,8 @@
 """``capdiag check FOLDER`` on Hugging Face captioners saved with save_pretrained(): tiny random
 VisionEncoderDecoder (ViT + GPT-2, pad == bos == eos), BLIP and GIT folders pass every applicable
 check; a folder whose generation config starts captions with another token than training fails
-decoding_consistency; --data uses the tokenizer saved in the folder. Offline: tiny configs."""
+decoding_consistency, one whose image processor was saved without its 1/255 rescale fails
+input_sanity; --data uses the tokenizer saved in the folder. Offline: tiny configs."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ WORDS = "one two a in at the on red green blue yellow magenta cyan circle circle
         "triangles cross crosses top bottom left right".split()
 
 
-def vit_gpt2(path: Path, generation_start: int | None = None) -> Path:
+def vit_gpt2(path: Path, generation_start: int | None = None, rescale: bool = True) -> Path:
     """The vit-gpt2 recipe in miniature: GPT-2's one special token is BOS, EOS and padding."""
     dec = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=V - 1,
                         eos_token_id=V - 1, pad_token_id=V - 1)
@@ -33,7 +34,9 @@ def vit_gpt2(path: Path, generation_start: int | None = None) -> Path:
     if generation_start is not None:  # generate() starts from another token than training did
         model.generation_config.decoder_start_token_id = generation_start
     model.save_pretrained(path)
-    tf.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    # rescale=False: a processor saved without its 1/255 rescale feeds the encoder raw 0-255 pixels.
+    tf.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                         do_rescale=rescale).save_pretrained(path)
     return path
 
 
@@ -73,7 +76,8 @@ def save_word_tokenizer(path: Path, specials: dict) -> None:
 def folders(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf")
     out = {"vit_gpt2": vit_gpt2(root / "vit_gpt2"), "blip": blip(root / "blip"), "git": git(root / "git"),
-           "start_token": vit_gpt2(root / "start_token", generation_start=5)}
+           "start_token": vit_gpt2(root / "start_token", generation_start=5),
+           "raw_pixels": vit_gpt2(root / "raw_pixels", rescale=False)}
     save_word_tokenizer(out["vit_gpt2"], dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                               pad_token="<|endoftext|>"))
     return out
@@ -112,6 +116,12 @@ def test_generation_start_token_differing_from_training_fails_decoding_consisten
     code = main(["check", str(folders["start_token"]), "--only", "decoding_consistency"])
     out = capsys.readouterr().out
     assert code == 1 and "FAIL  decoding_consistency" in out, out
+
+
+def test_a_processor_saved_without_its_rescale_fails_input_sanity(folders, capsys):
+    code = main(["check", str(folders["raw_pixels"]), "--quick"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL  input_sanity" in out and "raw 0-255 pixels" in out, out
 
 
 def test_data_uses_the_folders_own_tokenizer(folders, tmp_path, capsys):
