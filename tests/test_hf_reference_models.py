@@ -161,3 +161,21 @@ def test_dual_transfer_takes_any_torchvision_encoder(encoder):
     assert model.capdiag_hints["pretrained"] == []  # torchvision trunks are random offline
     ids = model.eval().generate(images, max_len=5)
     assert (ids[:, 0] == dual_transfer.CAPDIAG["bos_id"]).all()
+
+
+@pytest.mark.slow  # two fits of the dual-transfer model: ~25 s on 2 cores
+def test_a_start_rate_that_kills_the_image_path_is_never_what_the_checks_judge():
+    """dual_transfer on 8 captions keeps the 3e-3 start rate through its first 40 steps, then sits at
+    the caption prior with its image path dead (exactly image-independent): the run the checks
+    judge is trained again at 1e-3, where it memorizes the batch through the image."""
+    import dataclasses
+
+    from capdiag.ablation import ablation_losses
+    from capdiag.training import RECIPE, fit_recipe
+
+    family = FAMILIES["dual_transfer"]
+    _needs_lite0(family)
+    fitted = fit_recipe(_subject(family), dataclasses.replace(RECIPE, batch_size=8))
+    assert fitted.fit.lr == RECIPE.lr and fitted.fit.abandoned_steps > 0
+    losses = ablation_losses(fitted.captioner, fitted.images, fitted.captions, 0, ("shuffled_images",))
+    assert fitted.final_loss < RECIPE.pass_loss and losses["shuffled_images"] > 10 * losses["true"]
