@@ -260,8 +260,11 @@ class Fitted:
         return self.fit.captioner
 
 
-def _batch(fit: FitResult, images, captions) -> tuple:
-    return (fit.images, fit.captions) if fit.images is not None else (images, captions)
+def _floor(fit: FitResult, floor: float, cap: Captioner) -> float:
+    """The image-blind floor of the batch the loop trained on (it may have cut the batch)."""
+    if fit.captions is None:
+        return floor
+    return empirical_blind_floor(fit.captions.cpu(), cap.target_mask(fit.captions).cpu())
 
 
 def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
@@ -274,12 +277,12 @@ def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
     fit = fit_copy(cap, images, captions, recipe.steps, recipe.lr, s.seed, recipe.stop_loss, s.progress,
                    "overfit", floor=floor, eval_stop=recipe.pass_loss, time_budget=recipe.time_budget,
                    start_lr=recipe.start_lr, min_batch=recipe.min_batch)
-    if fit.lr > recipe.lr and not fit.interrupted and not recipe.low(
-            fit.eval_loss if fit.eval_loss is not None else eval_loss(fit.captioner, *_batch(fit, images, captions), s.seed),
-            floor):
-        # The start rate was kept but the copy did not memorize: a large rate can also kill an image
-        # path (dead ReLUs in an adapter: the copy then sits at the caption prior). No verdict rests on
-        # it: the copy is trained again, at the recipe's rate only, as capdiag always did.
+    if fit.lr > recipe.lr and not fit.interrupted and \
+            not recipe.low(fit.recent_loss, _floor(fit, floor, cap)):
+        # The start rate was kept but even train mode did not memorize: a large rate can also kill an
+        # image path (dead ReLUs in an adapter: the copy then sits at the caption prior). No verdict
+        # rests on it: the copy is trained again, at the recipe's rate only, as capdiag always did.
+        # (Train mode memorized but eval mode not is a mode problem the rate has nothing to do with.)
         again = fit_copy(cap, images, captions, recipe.steps, recipe.lr, s.seed, recipe.stop_loss, s.progress,
                          "overfit", floor=floor, eval_stop=recipe.pass_loss, time_budget=recipe.time_budget,
                          min_batch=recipe.min_batch)
