@@ -81,7 +81,7 @@ def fit_copy(
     steps (the best loss of 10 steps above ``SLOW`` times the best before them) restarts training
     from the model's weights at ``lr``; a rate that passes the window is kept. A model too slow for
     its step budget restarts at ``lr`` at once (no second run fits its budget), and ``fit_recipe``
-    trains again at ``lr`` when a kept start rate did not memorize: no verdict rests on the larger
+    trains again at ``lr`` when a kept start rate did not memorize in train mode: no verdict rests on the larger
     rate, which can also kill an image path (dual_transfer on 8 captions: dead at 3e-3, memorized
     in 60 steps at 1e-3). CNN and small
     recurrent captioners memorize 1.5-3x faster at 3e-3 than at 1e-3, while GPT-2-style decoders
