@@ -260,11 +260,11 @@ class Fitted:
         return self.fit.captioner
 
 
-def _floor(fit: FitResult, floor: float, cap: Captioner) -> float:
-    """The image-blind floor of the batch the loop trained on (it may have cut the batch)."""
-    if fit.captions is None:
-        return floor
-    return empirical_blind_floor(fit.captions.cpu(), cap.target_mask(fit.captions).cpu())
+def _trained_on(fit: FitResult, images, captions, floor: float, cap: Captioner) -> tuple:
+    """``(images, captions, floor)`` of the batch the loop trained on (it may have cut the batch)."""
+    if fit.images is None:
+        return images, captions, floor
+    return fit.images, fit.captions, empirical_blind_floor(fit.captions.cpu(), cap.target_mask(fit.captions).cpu())
 
 
 def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
@@ -278,7 +278,7 @@ def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
                    "overfit", floor=floor, eval_stop=recipe.pass_loss, time_budget=recipe.time_budget,
                    start_lr=recipe.start_lr, min_batch=recipe.min_batch)
     if fit.lr > recipe.lr and not fit.interrupted and \
-            not recipe.low(fit.recent_loss, _floor(fit, floor, cap)):
+            not recipe.low(fit.recent_loss, _trained_on(fit, images, captions, floor, cap)[2]):
         # The start rate was kept but even train mode did not memorize: a large rate can also kill an
         # image path (dead ReLUs in an adapter: the copy then sits at the caption prior). No verdict
         # rests on it: the copy is trained again, at the recipe's rate only, as capdiag always did.
@@ -288,9 +288,7 @@ def fit_recipe(s, recipe: Recipe = RECIPE) -> Fitted:
                          min_batch=recipe.min_batch)
         again.abandoned_steps += fit.steps + fit.abandoned_steps
         fit = again
-    if fit.images is not None:  # the loop cut the batch to fit the time budget: judge what it trained on
-        images, captions = fit.images, fit.captions
-        floor = empirical_blind_floor(captions.cpu(), cap.target_mask(captions).cpu())
+    images, captions, floor = _trained_on(fit, images, captions, floor, cap)  # judge what the copy trained on
     if fit.diverged:
         final = float("nan")
     else:
