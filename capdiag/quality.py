@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ablation import ablation_losses, derangement, image_reliance
+from .ablation import derangement, image_reliance
 from .loading import check_token_ids
 from .metrics import bleu4_multi, cider_d
 from .state import in_mode, seeded
@@ -32,7 +32,8 @@ class QualitySample:
     greedy: list  # per image: the generated caption as a word (or id) list
     beam: list  # per image: capdiag's beam-3 caption, same units
     greedy_text: list  # per image: the generated caption as shown to the user
-    losses: dict = field(default_factory=dict)  # image ablation on this sample: true / shuffled_images
+    token_losses: dict = field(default_factory=dict)  # "true" / "shuffled_images": (n, T-1) per-token losses
+    losses: dict = field(default_factory=dict)  # their means over real targets: image_ablation's two losses
 
     @property
     def n(self) -> int:
@@ -58,7 +59,12 @@ def quality_sample(s, n: int = 64) -> QualitySample:
                 chunk = images[i:i + CHUNK]
                 greedy += cap.strip(cap.generate(chunk, max_len=max_len))
                 beam += cap.strip(cap.beam(chunk, 3, max_len))
-            losses = ablation_losses(cap, images, captions, s.seed, ("shuffled_images",))
+        # One pass with the true images and one with each image swapped for another: image reliance
+        # (ablation's definition, on these images) and word_reliance both come from these losses.
+        with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
+            logits = {"true": cap.logits(images, captions), "shuffled_images": cap.logits(derangement(images), captions)}
+        tokens = {k: cap.token_losses(v, captions) for k, v in logits.items()}
+        losses = {k: float(cap.loss_from_logits(v, captions)) for k, v in logits.items()}
         text = [data.tokenizer.decode(g) for g in greedy]
         if decodes:
             as_units = lambda ids: _words(data.tokenizer.decode(ids))  # noqa: E731
@@ -67,7 +73,7 @@ def quality_sample(s, n: int = 64) -> QualitySample:
             as_units = list
             references = [cap.strip(data.tokenizer.encode(rs)) for rs in refs]
         return QualitySample(images, captions, references, [as_units(g) for g in greedy],
-                             [as_units(b) for b in beam], text, losses)
+                             [as_units(b) for b in beam], text, tokens, losses)
 
     return s.measured(("quality_sample", n), compute)
 
@@ -103,14 +109,11 @@ def top_caption_text(q: QualitySample) -> str:
     return next(t for g, t in zip(q.greedy, q.greedy_text) if tuple(g) == top)
 
 
-@torch.no_grad()
-def word_reliance(s, cap, images: torch.Tensor, captions: torch.Tensor, decode) -> dict:
+def word_reliance(q: QualitySample, cap, decode) -> dict:
     """Per word (as decoded): mean rise of its token loss when each image is swapped for another
     one (``derangement``), over its occurrences as a real target, and the occurrence count.
     Returns ``{word: (mean_rise, count)}``."""
-    with seeded(s.seed), in_mode(cap.model, False):
-        true = cap.token_losses(cap.logits(images, captions), captions)
-        shuffled = cap.token_losses(cap.logits(derangement(images), captions), captions)
+    captions, true, shuffled = q.captions, q.token_losses["true"], q.token_losses["shuffled_images"]
     mask = cap.target_mask(captions)
     rise, n = defaultdict(float), Counter()
     special = cap.spec.special_ids

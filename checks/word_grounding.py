@@ -36,7 +36,7 @@ class WordGrounding(Check):
         if q.images.shape[0] < 2:
             return self.skip("needs at least 2 images to swap")
         cap = s.captioner
-        per_word = word_reliance(s, cap, q.images, q.captions, s.dataset.tokenizer.decode)
+        per_word = word_reliance(q, cap, s.dataset.tokenizer.decode)
         judged = {w: v for w, v in per_word.items() if v[1] >= self.min_count}
         if not judged:
             return self.skip(f"no word occurs {self.min_count} times in the captions of {q.n} images")
