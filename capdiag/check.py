@@ -74,6 +74,12 @@ class Subject:
             return self.data.decode(ids)
         return " ".join(str(int(t)) for t in ids)
 
+    @property
+    def fitted_decode(self) -> Callable:
+        """``decode`` for the batch the fitted copy trains on: the synthetic vocabulary when capdiag
+        makes one (see training.overfit_batch), else this subject's own."""
+        return self.data.decode if self.data is not None else self.decode
+
     def measured(self, key: str, compute: Callable[[], Any]) -> Any:
         """A measurement of this subject's model and batch that several checks need, computed once.
 
@@ -104,9 +110,8 @@ class Subject:
         if is_trained(self):
             return Learned(self.captioner, self.images, self.captions, "the model as given (already trained)", self.decode)
         f = self.fitted()
-        if self.data is not None:  # see training.overfit_batch
-            return Learned(f.captioner, f.images, f.captions, "a copy overfit on one synthetic batch", self.data.decode)
-        return Learned(f.captioner, f.images, f.captions, "a copy overfit on the given batch", self.decode)
+        batch = "one synthetic batch" if self.data is not None else "the given batch"  # see training.overfit_batch
+        return Learned(f.captioner, f.images, f.captions, f"a copy overfit on {batch}", self.fitted_decode)
 
 
 class Check(abc.ABC):

@@ -82,8 +82,7 @@ class Overfit(Check):
             "interrupted": float(fit.interrupted), "step_budget": fit.budget_steps,
             "seconds_per_step": fit.seconds_per_step, **fitted.bn_metrics,
         }
-        decode = s.data.decode if s.data is not None else s.decode  # see training.overfit_batch
-        examples = [(decode(r), decode(h)) for r, h in zip(refs[:6], hyps[:6])]
+        examples = [(s.fitted_decode(r), s.fitted_decode(h)) for r, h in zip(refs[:6], hyps[:6])]
         sweep_curves: dict = {}
         where = None  # set where the diagnosis is "cannot see the image" and a point on the image path shows it
         low = recipe.low(final, floor)
