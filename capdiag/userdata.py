@@ -134,9 +134,10 @@ def read_captions(path: str, images: Optional[str] = None) -> CaptionData:
     if not p.exists():
         raise DataError(f"--data {path!r} does not exist; give a COCO captions JSON, a Flickr captions file, "
                         "a CSV, or the folder holding one and the images")
-    source = p if p.is_file() else _find_captions_file(p)
+    source, text = (p, None) if p.is_file() else _find_captions_file(p)
     root = Path(images) if images else (p if p.is_dir() else p.parent)
-    text = source.read_text(encoding="utf-8", errors="replace")
+    if text is None:
+        text = source.read_text(encoding="utf-8", errors="replace")
     if source.suffix.lower() == ".json":
         kind, pairs = "COCO captions JSON", _coco(text, source)
     else:
@@ -160,14 +161,18 @@ def read_captions(path: str, images: Optional[str] = None) -> CaptionData:
     return CaptionData(items, kind, source, missing)
 
 
-def _find_captions_file(folder: Path) -> Path:
+def _find_captions_file(folder: Path) -> tuple:
+    """``(path, its text when already read, else None)`` of the captions file in ``folder``: a COCO
+    JSON's text is read once, here, not again by the caller (a COCO train JSON is ~90 MB)."""
     candidates = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in (".json", ".txt", ".csv", ".tsv", ".token"))
     for f in candidates:  # a COCO JSON first: it is unambiguous
-        if f.suffix.lower() == ".json" and '"annotations"' in f.read_text(encoding="utf-8", errors="replace")[:10_000_000]:
-            return f
+        if f.suffix.lower() == ".json":
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if '"annotations"' in text:
+                return f, text
     for f in candidates:
         if f.suffix.lower() != ".json":
-            return f
+            return f, None
     raise DataError(f"no captions file in {folder}: expected a COCO captions JSON, a Flickr captions .txt "
                     "or a CSV with image and caption columns")
 
