@@ -12,6 +12,7 @@ MAX collective; nothing is gathered.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Mapping, Optional, Sequence
@@ -153,3 +154,73 @@ def gradient_metrics(rows: list) -> dict:
     if img is not None and txt:
         metrics["image_over_text_grad"] = img / txt
     return metrics
+
+
+# ---- frozen in effect --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NoGradModule:
+    """A module none of whose trainable parameters gets a gradient from the caption loss.
+
+    ``deliberate`` when the model itself says the module is not trained: its forward runs under
+    ``torch.no_grad()``/``inference_mode``, or the model's own ``train()`` keeps it in eval mode (a
+    fixed feature extractor behind ``.detach()``). Otherwise the cut may be a bug (a detached image
+    path) and gradient checks judge it as one."""
+
+    module: str
+    how: str
+    deliberate: bool
+    params: tuple
+
+
+def train_step_grads(s) -> tuple:
+    """``(grads, no_grad_modules)``: the gradient of capdiag's loss on the subject's batch for every
+    trainable parameter (None where none arrives), in train mode, seeded, and the modules whose
+    forward ran with autograd off. Measured once per subject; gradient_reachability, gradient_flow
+    and frozen_drift read it."""
+    from .probe import grads_of, traced_no_grad
+    from .state import in_mode, seeded
+
+    def compute():
+        cap = s.captioner
+        with in_mode(cap.model, True), seeded(s.seed), traced_no_grad(cap.model) as no_grad:
+            grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
+        return grads, frozenset(no_grad)
+
+    return s.measured("train_step_grads", compute)
+
+
+def modules_without_gradient(model: torch.nn.Module, none: set, no_grad_modules) -> list:
+    """The largest submodules all of whose trainable parameters are in ``none`` (get no gradient),
+    each with how it is cut off and whether the model does that on purpose (see ``NoGradModule``)."""
+    from .state import in_mode
+
+    with in_mode(model, True):  # the model's own train(): a frozen trunk may keep itself in eval
+        kept_eval = {n for n, m in model.named_modules() if not m.training}
+    out: list = []
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(o.module + ".") for o in out):
+            continue
+        own = [f"{name}.{n}" for n, p in m.named_parameters() if p.requires_grad]
+        if not own or not all(n in none for n in own):
+            continue
+        under = name in no_grad_modules or any(name.startswith(g + ".") for g in no_grad_modules)
+        if under:
+            how, deliberate = "runs under torch.no_grad()", True
+        elif name in kept_eval:
+            how, deliberate = "is cut from the loss (detached) and kept in eval mode by the model's train()", True
+        else:
+            how, deliberate = "gets no gradient from the caption loss", False
+        out.append(NoGradModule(name, how, deliberate, tuple(own)))
+    return out
+
+
+def frozen_in_effect(s) -> list:
+    """``modules_without_gradient`` for a subject's model and batch (``train_step_grads``)."""
+    from .probe import trainable
+
+    def compute():
+        grads, no_grad = train_step_grads(s)
+        none = {n for n, _ in trainable(s.captioner.model) if grads.get(n) is None}
+        return modules_without_gradient(s.captioner.model, none, no_grad) if none else []
+
+    return s.measured("frozen_in_effect", compute)

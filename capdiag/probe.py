@@ -267,7 +267,12 @@ def input_grad(cap: Captioner, loss_of: Callable[[Captioner, torch.Tensor], torc
 
     with in_mode(cap.model, train), seeded(seed):
         x1 = x.detach().clone().requires_grad_(True)
-        loss = loss_of(cap, x1)
+        try:
+            loss = loss_of(cap, x1)
+        except RuntimeError:
+            if not refuses_grad_inputs(cap, loss_of, x):
+                raise
+            return None  # the forward cannot take images that require grad: they get none
         if not loss.requires_grad:
             return None
         try:
@@ -280,6 +285,19 @@ def input_grad(cap: Captioner, loss_of: Callable[[Captioner, torch.Tensor], torc
         x2 = x.detach().clone().requires_grad_(True)
         loss_of(twin, x2).backward()
     return x2.grad
+
+
+def refuses_grad_inputs(cap: Captioner, loss_of: Callable, x: torch.Tensor) -> bool:
+    """Whether the forward raised only because ``x`` required grad: some models ``copy_`` their
+    images into a view made under ``torch.no_grad()`` (a padded canvas), which autograd forbids for
+    an input that requires grad but allows for a plain one. Such a model is legal; its pixels simply
+    cannot carry a gradient, and checks fall back to what they do for a no-grad encoder."""
+    try:
+        with torch.no_grad():
+            loss_of(cap, x.detach().clone())
+    except Exception:  # noqa: BLE001 - it fails either way: the original error is the model's own
+        return False
+    return True
 
 
 def trainable(model: nn.Module) -> list:

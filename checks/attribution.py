@@ -36,11 +36,24 @@ def _logp(cap, images, ids, t):
     return torch.log_softmax(out[:, t].float(), -1).gather(1, ids[:, t + 1 : t + 2].expand(out.shape[0], 1)).squeeze(1)
 
 
-def _logp_with(cap, layer, value, images, ids, t):
-    """``_logp`` with ``layer``'s output replaced by ``value`` (a copy: models that add to their
-    embeddings in place, as BLIP's text embeddings do, must not write into the leaf)."""
+def _logp_with(cap, layer, value, images, ids, t, at_input: bool = False):
+    """``_logp`` with ``layer``'s output (or first input) replaced by ``value`` (a copy: models that
+    add to their embeddings in place, as BLIP's text embeddings do, must not write into the leaf)."""
+    if at_input:
+        handle = layer.register_forward_pre_hook(lambda m, args: (value.clone(),) + tuple(args[1:]))
+        try:
+            return _logp(cap, images, ids, t)
+        finally:
+            handle.remove()
     with replaced_output(layer, lambda o: value.clone()):
         return _logp(cap, images, ids, t)
+
+
+def _plain_output(cap, layer, images, ids) -> bool:
+    """Whether ``layer`` returns a plain tensor (else it is attributed at its first input)."""
+    with captured_outputs({"layer": layer}) as out, torch.no_grad():
+        cap.logits(images, ids)
+    return bool(out["layer"]) and isinstance(out["layer"][0], torch.Tensor)
 
 
 def _inplace_on_leaf(e: RuntimeError) -> bool:
@@ -99,8 +112,17 @@ def ig_by_backward(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return (x - baseline) * total / n_steps
 
 
-def layer_output(cap, layer, images, ids) -> torch.Tensor:
-    """The (first tensor) output of ``layer`` in one eval-mode forward."""
+def layer_output(cap, layer, images, ids, at_input: bool = False) -> torch.Tensor:
+    """The (first tensor) output, or first input, of ``layer`` in one eval-mode forward."""
+    if at_input:
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if not seen else None)
+        try:
+            with torch.no_grad():
+                cap.logits(images, ids)
+        finally:
+            handle.remove()
+        return seen[0]
     with captured_outputs({"layer": layer}) as out, torch.no_grad():
         cap.logits(images, ids)
     o = out["layer"][0]
@@ -138,7 +160,8 @@ class Attribution(Check):
         if gx is None or not bool(gx.abs().sum() > 0):
             if image_layer is None or image_layer is cap.model:
                 return self._no_gradient_path(s, cap, img, ids, "pixels get no gradient and no image_module is declared")
-            at = f"the output of {cap.spec.image_module!r} (pixels get no gradient)"
+            side = "output" if _plain_output(cap, image_layer, img, ids) else "input"
+            at = f"the {side} of {cap.spec.image_module!r} (pixels get no gradient)"
         try:
             with seeded(s.seed), in_mode(cap.model, False):
                 img_shares, pixel_maps = self._attribute(cap, img, ids, n_words, emb, image_layer, at, captum=True)
@@ -191,10 +214,14 @@ class Attribution(Check):
 
         base_ids = ids.clone()
         base_ids[:, 1:] = cap.spec.pad_id
+        # A module returning a tuple, dict or ModelOutput (a DETR backbone's (features, positions), a
+        # vision tower's dict) is attributed at its input instead: captum's layer hooks take tensors.
+        at_input = at.startswith("the input")
         if not captum:  # layer outputs on the input and on its baseline, for ig_by_backward
             emb_out = (layer_output(cap, emb, img, ids), layer_output(cap, emb, img, base_ids)) if emb is not None else None
             if at != "pixels":
-                img_out = (layer_output(cap, image_layer, img, ids), layer_output(cap, image_layer, torch.zeros_like(img), ids))
+                img_out = (layer_output(cap, image_layer, img, ids, at_input),
+                           layer_output(cap, image_layer, torch.zeros_like(img), ids, at_input))
         shares, maps = [], []
         for t in range(n_words):
             if at == "pixels" and captum:
@@ -204,10 +231,13 @@ class Attribution(Check):
                 a_img = ig_by_backward(lambda x: _logp(cap, x, ids, t), img, torch.zeros_like(img), self.n_steps)
             elif captum:
                 lig_img = LayerIntegratedGradients(lambda x: _logp(cap, x, ids, t), image_layer)
-                a_img = _unused_is_zero(lambda: lig_img.attribute(img.clone(), n_steps=self.n_steps), None)
+                a_img = _unused_is_zero(lambda: lig_img.attribute(img.clone(), n_steps=self.n_steps,
+                                                                  attribute_to_layer_input=at_input), None)
+                a_img = a_img[0] if isinstance(a_img, (tuple, list)) else a_img
                 a_img = a_img if a_img is not None else torch.zeros(1)
             else:
-                a_img = ig_by_backward(lambda o: _logp_with(cap, image_layer, o, img, ids, t), img_out[0], img_out[1], self.n_steps)
+                a_img = ig_by_backward(lambda o: _logp_with(cap, image_layer, o, img, ids, t, at_input), img_out[0],
+                                       img_out[1], self.n_steps)
             txt_mass = 0.0
             if emb is not None:
                 if captum:

@@ -8,7 +8,9 @@ module that a step changes (an optimizer over all parameters with weight decay, 
 
 One training step (``model.train()``, forward, backward, Adam over the trainable parameters) on a
 deep copy, then the same comparison the training monitor makes (``capdiag.pretrained.DriftWatcher``)
-over the modules that are frozen or declared pretrained and frozen. A pretrained module that
+over the modules that are frozen: ``requires_grad=False``, or never reached by the loss's gradient
+(run under ``torch.no_grad()``, behind ``.detach()``: the PyTorch tutorial freezes its ResNet that way,
+and never calls ``eval()`` on it). A pretrained module that
 trains (``requires_grad=True``) is being fine-tuned: its changes are the point, not drift.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.gradients import frozen_in_effect
 from capdiag.localize import module_location
 from capdiag.optim import Adam
 from capdiag.pretrained import DriftWatcher, frozen_modules, is_running_stat
@@ -29,7 +32,7 @@ from capdiag.state import seeded
 @dataclass
 class FrozenDrift(Check):
     name = "frozen_drift"
-    catches = "frozen (requires_grad=False) modules that still change in training: BatchNorm statistics of an encoder not kept in eval()"
+    catches = "frozen modules (requires_grad=False, or run under no_grad/detached) that still change in training: BatchNorm statistics of an encoder not kept in eval()"
     live = True
     lr: float = 1e-3
 
@@ -42,9 +45,14 @@ class FrozenDrift(Check):
             return self._since_start(s)
         if not any(p.requires_grad for p in cap.model.parameters()):
             return self.skip("the model has no trainable parameters: nothing trains, nothing can drift")
-        names = frozen_modules(cap.model)
+        # Frozen however it is done: requires_grad_(False), or never reached by a gradient (run under
+        # no_grad, behind .detach()): nothing trains such a module, so nothing may change it.
+        declared = frozen_modules(cap.model)
+        cut = {m.module: m.how for m in frozen_in_effect(s)
+               if not any(m.module == d or m.module.startswith(d + ".") for d in declared)}
+        names = declared + sorted(cut)
         if not names:
-            return self.skip("no frozen modules (every module has trainable parameters)")
+            return self.skip("no frozen modules (every module has trainable parameters that get a gradient)")
         twin = cap.with_model(copy.deepcopy(cap.model))
         watchers = [DriftWatcher(twin.submodule(n), n) for n in names]
         params = [p for p in twin.model.parameters() if p.requires_grad]
@@ -69,12 +77,13 @@ class FrozenDrift(Check):
         if weights:
             parts.append(f"{len(weights)} frozen weights changed")
         owners = sorted({n for n in names if any(k.startswith(n + ".") for k in moved)})
+        why = "; ".join(f"{o} {cut[o]} (requires_grad=True), so nothing trains it" for o in owners if o in cut)
         return self.finding(
             Status.FAIL,
             f"frozen module {', '.join(repr(o) for o in owners[:3])} changed in one training step: {' and '.join(parts)} "
-            f"(largest: {worst}, relative {moved[worst]:.2g})",
+            f"(largest: {worst}, relative {moved[worst]:.2g}){'; ' + why if why else ''}",
             metrics,
-            "requires_grad=False does not stop BatchNorm from updating its running statistics in train mode. Keep "
+            "Neither requires_grad=False nor torch.no_grad() stops BatchNorm from updating its running statistics in train mode. Keep "
             "the frozen module in eval mode (override train(): super().train(mode); self.encoder.eval(); return "
             "self) or use torchvision.ops.FrozenBatchNorm2d; keep frozen parameters out of the optimizer.",
             {"moved": moved},

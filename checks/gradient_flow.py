@@ -18,9 +18,10 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.distributed import is_sharded
 from capdiag.finding import Status
-from capdiag.gradients import IMAGE_PATH, TEXT_PATH, by_layer, gradient_metrics, gradient_rows, part_mean_abs, step_grads
+from capdiag.gradients import (IMAGE_PATH, TEXT_PATH, by_layer, frozen_in_effect, gradient_metrics, gradient_rows,
+                                part_mean_abs, step_grads, train_step_grads)
 from capdiag.localize import owner_module, where_gradient_stops
-from capdiag.probe import grads_of, trainable
+from capdiag.probe import trainable
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
 
@@ -70,8 +71,7 @@ class GradientFlow(Check):
             if all(r["flag"] == "none" for r in rows):
                 return self.skip("no parameter has a .grad yet (call after backward, before zero_grad)")
             return self._live(rows)
-        with in_mode(cap.model, True), seeded(s.seed):
-            grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
+        grads, _ = train_step_grads(s)
         rows = gradient_rows(named, grads, cap.spec.image_module)
         for r, ratio in zip(rows, update_ratios(s, grads).values()):
             r["update_ratio"] = ratio
@@ -94,6 +94,14 @@ class GradientFlow(Check):
             names = [L["name"] for L in bad if L["flag"] == "nonfinite"]
             return self.finding(Status.FAIL, f"NaN/inf gradients in {len(names)} layers: {', '.join(names[:4])}", metrics,
                                 "Find the op with torch.autograd.detect_anomaly(); check log/div/sqrt near zero.", artifacts)
+        # A trunk the model itself keeps out of training (no_grad, or detached and held in eval mode by
+        # its train()) gets no gradient by design: named in a warning, as gradient_reachability does.
+        frozen = [m for m in frozen_in_effect(s) if m.deliberate]
+        by_design = [L for L in bad if L["flag"] == "none" and any(
+            L["name"] == m.module or L["name"].startswith(m.module + ".") for m in frozen)]
+        bad = [L for L in bad if L not in by_design]
+        if by_design:
+            metrics["n_layers_frozen_by_design"] = len(by_design)
         if bad:
             names = [L["name"] for L in bad]
             cut = [n for n, p in cap.model.named_parameters() if p.requires_grad and owner_module(n) in names]
@@ -110,6 +118,12 @@ class GradientFlow(Check):
                 "(custom init over pretrained layers), features multiplied by ~0 or detached, a dead ReLU after the "
                 "projection. The plot shows where the gradient dies.", artifacts,
             )
+        if by_design:
+            return self.finding(
+                Status.WARN, f"{len(by_design)} layers get no gradient by design: "
+                f"{'; '.join(f'{m.module} {m.how}' for m in frozen[:3])}; the rest of the model gets gradient",
+                metrics, "Legal for a fixed feature extractor; if it is meant to fine-tune, remove the no_grad() or "
+                ".detach() that cuts it off (see gradient_reachability).", artifacts)
         odd = [L["name"] for L in layers if L["flag"] in ("vanishing", "exploding")]
         band_lo, band_hi = self.band
         # Judged only where there is a gradient to speak of: a bias before a softmax (shift-invariant)

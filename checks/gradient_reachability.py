@@ -2,7 +2,9 @@
 
 Catches a detached image path (``features.detach()``, encoder run under ``no_grad`` while
 meant to fine-tune), dead projections (all-zero gradient), modules that are built but never
-used, and NaN/inf gradients. One train-mode backward of capdiag's caption loss.
+used, and NaN/inf gradients. One train-mode backward of capdiag's caption loss. A module the
+model keeps out of training on purpose (run under ``no_grad``, or detached and kept in eval mode
+by its own ``train()``) is frozen in effect: a warning that names it, not a failure.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import owner_module, summarize_modules, where_gradient_stops
-from capdiag.probe import grads_of, param_part, traced_no_grad, trainable
+from capdiag.gradients import frozen_in_effect, train_step_grads
+from capdiag.probe import param_part, trainable
 from capdiag.registry import register_check
-from capdiag.state import in_mode, seeded
 
 
 @register_check
@@ -30,8 +32,7 @@ class GradientReachability(Check):
         params = trainable(cap.model)
         if not params:
             return self.skip("the model has no trainable parameters")
-        with in_mode(cap.model, True), seeded(s.seed), traced_no_grad(cap.model) as no_grad_modules:
-            grads = grads_of(cap, lambda: cap.loss(s.images, s.captions))
+        grads, _ = train_step_grads(s)
         none = [n for n, _ in params if grads.get(n) is None]
         nonfinite = [n for n, _ in params if grads.get(n) is not None and not bool(torch.isfinite(grads[n]).all())]
         zero = [n for n, _ in params if grads.get(n) is not None and n not in nonfinite and not bool(grads[n].any())]
@@ -55,19 +56,16 @@ class GradientReachability(Check):
                 "half precision; enable torch.autograd.detect_anomaly() once to find the op.",
                 {"nonfinite": nonfinite},
             )
-        frozen_by_no_grad = [n for n in none if owner_module(n) in no_grad_modules or
-                             any(n.startswith(m + ".") for m in no_grad_modules)]
-        if none and len(frozen_by_no_grad) == len(none):
-            owners = sorted(m for m in no_grad_modules if any(n.startswith(m + ".") for n in none)
-                            and not any(m.startswith(o + ".") for o in no_grad_modules))
+        cut = frozen_in_effect(s)
+        if none and all(m.deliberate for m in cut) and sum(len(m.params) for m in cut) == len(none):
             return self.finding(
                 Status.WARN,
-                f"{len(none)} trainable parameters get no gradient because {', '.join(owners[:3])} runs under "
-                f"torch.no_grad(): frozen in effect, though requires_grad=True",
+                f"{len(none)} trainable parameters get no gradient because "
+                f"{'; '.join(f'{m.module} {m.how}' for m in cut[:3])}: frozen in effect, though requires_grad=True",
                 metrics,
                 "Legal for a fixed feature extractor. If it is meant to stay frozen, say so with "
                 "requires_grad_(False) (optimizers and capdiag then know); if it is meant to fine-tune, remove the "
-                "torch.no_grad() around it.",
+                "torch.no_grad() or .detach() that cuts it off.",
                 {"no_grad": none},
             )
         if none:

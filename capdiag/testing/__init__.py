@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from .finding import Finding, Status
+from ..finding import Finding, Status
 
 
 class CheckFailed(AssertionError):
@@ -16,8 +16,8 @@ class CheckFailed(AssertionError):
 
 
 def run(name: str, subject, **options) -> Finding:
-    from .registry import get_check
-    from .runner import run_check
+    from ..registry import get_check
+    from ..runner import run_check
 
     return run_check(subject, get_check(name, **options))
 
