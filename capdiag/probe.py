@@ -19,7 +19,7 @@ def tolerance(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> float:
     CNN+Transformer moved by 7.7e-4 on an H100 when pad columns were appended. Real bugs move
     logits by 1e-2 and more. Half precision: ~1e-3 per op.
     """
-    if (dtype or t.dtype) in (torch.float16, torch.bfloat16):  # the model's dtype, not the upcast logits'
+    if (dtype or t.dtype) in HALF:  # the precision the model computes in (see compute_dtype), not the logits'
         return 2e-2
     return 5e-3 if t.device.type == "cuda" else 1e-4
 
@@ -28,7 +28,57 @@ def tolerance_same_shape(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -
     """Tolerance for "changed" between two passes of identical shapes: the same kernels run, so
     anything above rounding noise is a real dependence (used where a loose tolerance would hide
     one, e.g. logits dominated by huge untrained features)."""
-    return 1e-3 if (dtype or t.dtype) in (torch.float16, torch.bfloat16) else 1e-6
+    return 1e-3 if (dtype or t.dtype) in HALF else 1e-6
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@torch.no_grad()
+def compute_dtype(cap: Captioner, images: torch.Tensor, captions: torch.Tensor) -> torch.dtype:
+    """The precision the forward actually computes in: the half dtype when any module returns half
+    tensors (``torch.autocast`` inside forward, bf16/fp16 parameters), else the parameters' dtype.
+    Tolerances follow this, not the parameter dtype: a float32 model that runs its decoder under
+    bf16 autocast changes its logits by ~5e-3 with the batch size alone."""
+    seen: set = set()
+
+    def hook(m, i, o):
+        for t in tensors_in(o):
+            if t.is_floating_point():
+                seen.add(t.dtype)
+
+    handles = [m.register_forward_hook(hook) for m in cap.model.modules()]
+    try:
+        with in_mode(cap.model, False), seeded(0):
+            cap.logits(images[:2], captions[:2])
+    finally:
+        for h in handles:
+            h.remove()
+    half = [d for d in HALF if d in seen]
+    return half[0] if half else cap.dtype
+
+
+def precision(s) -> torch.dtype:
+    """``compute_dtype`` of a subject's model on its batch, measured once per subject."""
+    return s.measured("compute_dtype", lambda: compute_dtype(s.captioner, s.images, s.captions))
+
+
+def tensors_in(x, depth: int = 0):
+    """Every tensor in a module output or input: tensors, tuples/lists, dicts, ModelOutputs and
+    objects holding tensors in attributes (a NestedTensor's ``tensors``), a few levels deep."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif depth > 4:
+        return
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from tensors_in(v, depth + 1)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from tensors_in(v, depth + 1)
+    elif hasattr(x, "__dict__") and not isinstance(x, nn.Module):
+        for v in vars(x).values():
+            yield from tensors_in(v, depth + 1)
 
 
 def untrained_batchnorm(model) -> bool:
@@ -115,18 +165,18 @@ def train_mode_reproducible(cap: Captioner, images, captions, seed: int) -> bool
     return bool(torch.equal(a, b))
 
 
-def eval_is_random(cap: Captioner, images, captions, seed: int) -> bool:
+def eval_is_random(cap: Captioner, images, captions, seed: int, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether eval-mode logits change with the RNG seed (dropout or sampling left on at inference).
     Then any comparison of two different inputs mixes in other random draws: structural probes
     skip and leave the finding to eval_determinism."""
     a = logits_in(cap, images, captions, False, seed)
     b = logits_in(cap, images, captions, False, seed + 1)
-    return float(rel_diff(a, b)) > tolerance_same_shape(a, cap.dtype)
+    return float(rel_diff(a, b)) > tolerance_same_shape(a, dtype or cap.dtype)
 
 
 def subject_eval_is_random(s) -> bool:
     """``eval_is_random`` on a subject's batch, measured once per subject."""
-    return s.measured("eval_is_random", lambda: eval_is_random(s.captioner, s.images, s.captions, s.seed))
+    return s.measured("eval_is_random", lambda: eval_is_random(s.captioner, s.images, s.captions, s.seed, precision(s)))
 
 
 def subject_train_reproducible(s) -> bool:
@@ -166,7 +216,7 @@ def traced_nonfinite(model: nn.Module) -> Iterator[list]:
         def fn(module, inputs, output):
             if found:
                 return
-            for t in _tensors(output):
+            for t in tensors_in(output):
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     found.append(name)
                     return
@@ -202,17 +252,6 @@ def traced_no_grad(model: nn.Module) -> Iterator[set]:
     finally:
         for h in handles:
             h.remove()
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            yield from _tensors(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _tensors(y)
 
 
 def first_nonfinite_module(cap: Captioner, images, captions, train: bool, seed: int) -> str:

@@ -80,13 +80,13 @@ def not_permuted(perm: torch.Tensor, tol: float) -> Callable:
     return violates
 
 
-def not_alone(B: int, tol: float) -> Callable:
-    """Sample 0 run alone (the perturbed run, batch of 1) gets another result than inside the batch."""
+def not_alone(B: int, tol: float, index: int = 0) -> Callable:
+    """Sample ``index`` run alone (the perturbed run, batch of 1) gets another result than inside the batch."""
     def violates(x, y):
         d = axis(x, (B,), (0, 1))
         if d is None or y.dim() != x.dim() or y.shape[d] != 1:
             return x.shape == y.shape and differs(x, y, tol)
-        return differs(x.narrow(d, 0, 1), y, tol)
+        return differs(x.narrow(d, index, 1), y, tol)
     return violates
 
 

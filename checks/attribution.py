@@ -25,7 +25,7 @@ from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import where_image_dies
 from capdiag.hooks import captured_outputs, replaced_output
-from capdiag.probe import input_grad, reentrant_refusal, rel_diff, tolerance
+from capdiag.probe import input_grad, precision, reentrant_refusal, rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
 
@@ -263,7 +263,7 @@ class Attribution(Check):
             base = cap.logits(img, ids).float()
             moved = max(float(rel_diff(base, cap.logits(o[None], ids).float())) for o in others)
         metrics = {"image_share": 0.0, "max_rel_change_other_image": moved}
-        if moved > tolerance(base, cap.dtype):
+        if moved > tolerance(base, precision(s)):
             return self.finding(
                 Status.SKIP, f"{why}, yet the words change with the image (relative {moved:.2g}): gradient attribution "
                 "cannot measure this path; image_ablation judges it without gradients", metrics)

@@ -14,7 +14,7 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import dependence_dies, forward_location, locate
-from capdiag.probe import (RANDOM_EVAL, logits_in, rel_diff, replace_tokens, reused_image_features,
+from capdiag.probe import (precision, RANDOM_EVAL, logits_in, rel_diff, replace_tokens, reused_image_features,
                            subject_eval_is_random, subject_train_reproducible, tolerance_same_shape)
 from capdiag.registry import register_check
 from capdiag.trace import trace_pair
@@ -46,7 +46,7 @@ class CaptionDependence(Check):
             for train in modes:
                 tag = "train" if train else "eval"
                 base = logits_in(cap, s.images, s.captions, train, s.seed)
-                tol = tolerance_same_shape(base, cap.dtype)  # same shapes: any real reaction counts
+                tol = tolerance_same_shape(base, precision(s))  # same shapes: any real reaction counts
                 hits = []
                 for t in positions:  # a word inside every caption: lengths, EOS and padding stay put
                     where = torch.zeros_like(s.captions, dtype=torch.bool)

@@ -14,7 +14,7 @@ from torch import nn
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import localize_pair
-from capdiag.probe import (RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
+from capdiag.probe import (precision, RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
                            replace_tokens, reused_image_features, subject_eval_is_random,
                            subject_train_reproducible, tolerance)
 from capdiag.registry import register_check
@@ -52,7 +52,7 @@ class CausalLeak(Check):
         with reused_image_features(cap):  # only the captions change: the image features are computed once
             for train in modes:
                 base = logits_in(cap, s.images, s.captions, train, s.seed)
-                tol = tolerance(base, cap.dtype)
+                tol = tolerance(base, precision(s))
                 for k in cuts:  # keep inputs 0..k, replace the words after k (EOS and padding stay put)
                     where = inner_positions(cap, s.captions, after=k)
                     if not where.any():

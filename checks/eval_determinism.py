@@ -17,7 +17,7 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import localize_pair
-from capdiag.probe import rel_diff, tolerance
+from capdiag.probe import precision, rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import in_mode
 from capdiag.violations import any_difference
@@ -43,7 +43,7 @@ class EvalDeterminism(Check):
                 g2 = cap.generate(s.images)
                 gen_same = g1.shape == g2.shape and bool(torch.equal(g1, g2))
                 metrics["generate_identical"] = float(gen_same)
-        tol = 1e-6 if a.device.type == "cpu" and a.dtype == torch.float32 else tolerance(a, cap.dtype)
+        tol = 1e-6 if a.device.type == "cpu" and precision(s) == torch.float32 else tolerance(a, precision(s))
         # Carried state is only measurable when repeated calls agree at all.
         carried = {} if d > tol or gen_same is False else \
             self._carried_state(s, {"forward": a, **({"generate": g1} if cap.has_generate else {})})

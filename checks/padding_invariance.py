@@ -14,7 +14,7 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import localize_pair
-from capdiag.probe import (RANDOM_EVAL, logits_in, random_tokens, rel_diff, reused_image_features,
+from capdiag.probe import (precision, RANDOM_EVAL, logits_in, random_tokens, rel_diff, reused_image_features,
                            subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
 from capdiag.violations import real_positions_differ
@@ -36,7 +36,7 @@ class PaddingInvariance(Check):
         with reused_image_features(cap):  # only the captions change: the image features are computed once
             mask = cap.target_mask(caps)[..., None]  # (B, T-1, 1)
             base = logits_in(cap, s.images, caps, False, s.seed)
-            tol = tolerance(base, cap.dtype)
+            tol = tolerance(base, precision(s))
             pads = torch.full((caps.shape[0], self.extra_pad), cap.spec.pad_id, dtype=caps.dtype, device=caps.device)
             longer = logits_in(cap, s.images, torch.cat([caps, pads], 1), False, s.seed)[:, : T - 1]
             d_len = float(rel_diff(base * mask, longer * mask))
