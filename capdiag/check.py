@@ -111,7 +111,8 @@ class Subject:
             return Learned(self.captioner, self.images, self.captions, "the model as given (already trained)", self.decode)
         f = self.fitted()
         batch = "one synthetic batch" if self.data is not None else "the given batch"  # see training.overfit_batch
-        return Learned(f.captioner, f.images, f.captions, f"a copy overfit on {batch}", self.fitted_decode)
+        return Learned(f.captioner, f.images, f.captions, f"a copy overfit on {batch}", self.fitted_decode,
+                       f.final_loss, f.floor, f.fit.steps + f.fit.abandoned_steps)
 
 
 class Check(abc.ABC):

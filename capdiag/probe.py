@@ -81,6 +81,26 @@ def tensors_in(x, depth: int = 0):
             yield from tensors_in(v, depth + 1)
 
 
+@torch.no_grad()
+def activation_scale(cap: Captioner, images, captions, train: bool, seed: int) -> float:
+    """Largest |value| any module outputs in one forward (train or eval mode, buffers restored)."""
+    top = [0.0]
+
+    def hook(m, i, o):
+        for t in tensors_in(o):
+            if t.is_floating_point() and t.numel():
+                top[0] = max(top[0], float(t.detach().abs().max()))
+
+    handles = [m.register_forward_hook(hook) for m in cap.model.modules()]
+    try:
+        with in_mode(cap.model, train), seeded(seed):
+            cap.logits(images, captions)
+    finally:
+        for h in handles:
+            h.remove()
+    return top[0]
+
+
 def untrained_batchnorm(model) -> bool:
     """Whether some BatchNorm still has its initial running statistics (mean 0, var 1): in eval
     mode such a network is not normalized at all, and deep random CNNs blow up or vanish."""

@@ -322,9 +322,31 @@ class Learned:
     captions: torch.Tensor
     source: str  # said in summaries: which model the verdict is about
     decode: Any = None  # token ids -> words of this batch's vocabulary (for plots and summaries)
+    loss: Optional[float] = None  # a fitted copy's eval-mode loss after training (None: the model as given)
+    floor: Optional[float] = None  # the image-blind floor of the batch it trained on
+    steps: int = 0  # the steps the copy trained
 
     def __iter__(self):  # cap, images, captions, source = s.learned()
         return iter((self.captioner, self.images, self.captions, self.source))
+
+    @property
+    def unlearned(self) -> bool:
+        """A fitted copy that did not even learn the caption prior: its loss stayed above the image-blind
+        floor by a quarter (or is not finite). What it does with the image says nothing about the model,
+        so no check may rest a verdict on it (a slow learner, e.g. dropout 0.5, needs more steps)."""
+        if self.loss is None or self.floor is None:
+            return False
+        return not math.isfinite(self.loss) or self.loss > UNLEARNED_OVER_FLOOR * self.floor
+
+    def inconclusive(self) -> str:
+        """The WARN summary of a check that will not judge an unlearned copy, with what would settle it."""
+        steps = max(2000, 4 * self.steps)
+        return (f"inconclusive: {self.source} reached only loss {self.loss:.3f} in {self.steps} steps, above the batch's "
+                f"image-blind floor {self.floor:.3f}, so it has not learned enough to judge; run "
+                f"`capdiag overfit --steps {steps}` to settle it")
+
+
+UNLEARNED_OVER_FLOOR = 1.25  # overfit's "does not learn the caption prior" level, the same number
 
 
 def is_trained(s) -> bool:

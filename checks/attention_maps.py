@@ -40,6 +40,8 @@ class AttentionMaps(Check):
         if not attention_modules(s.model, hinted):
             return self.skip("no attention modules found (nn.MultiheadAttention or modules named *att*)")
         learned = s.learned()
+        if learned.unlearned:  # no verdict on a copy that did not learn
+            return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
         cap, images, captions, source = learned
         _, recs = true_pass(s, cap, images, captions)
         if not recs:

@@ -145,6 +145,8 @@ class Attribution(Check):
             return self.skip("captum is not installed")
         learned = s.learned()
         cap, images, captions, source = learned
+        if learned.unlearned:  # no verdict on a copy that did not learn
+            return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
         img = images[:1]
         with torch.no_grad(), seeded(s.seed), in_mode(cap.model, False):
             ids = cap.generate(img, max_len=cap.spec.max_len)

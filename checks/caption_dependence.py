@@ -4,19 +4,31 @@ Catches a decoder that never reads its caption input (so it can only learn the p
 off-by-one that feeds token t-1 where t belongs (captions shifted twice), and an eval-mode
 forward that silently switches to free-running decoding, which makes every teacher-forced
 validation number meaningless. Checked in train and eval mode.
+
+When only eval mode ignores the tokens, the cause is named only when a measurement tells it apart:
+BatchNorm statistics (re-estimating them on a copy restores the reaction: a random deep CNN in eval
+mode saturates an LSTM with features of 1e3+, which is not the user's bug while the model is
+untrained), or a free-running forward (its eval argmax equals its own greedy decode while its
+activations stay in range). Otherwise the finding states what was seen and the candidate causes.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
+from capdiag.batchnorm import recalibrate, tracking_batchnorms
+
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import dependence_dies, forward_location, locate
-from capdiag.probe import (precision, RANDOM_EVAL, logits_in, rel_diff, replace_tokens, reused_image_features,
-                           subject_eval_is_random, subject_train_reproducible, tolerance_same_shape)
+from capdiag.probe import (RANDOM_EVAL, activation_scale, logits_in, precision, rel_diff, replace_tokens,
+                           reused_image_features, subject_eval_is_random, subject_train_reproducible,
+                           tolerance_same_shape)
 from capdiag.registry import register_check
+from capdiag.state import in_mode, seeded
+from capdiag.training import is_trained
 from capdiag.trace import trace_pair
 from capdiag.violations import at_position
 
@@ -65,15 +77,7 @@ class CaptionDependence(Check):
             verdicts["train"] = False  # unknown: report the general failure below
             metrics["fraction_dependent_train"] = float("nan")
         if not verdicts["eval"] and verdicts["train"]:
-            return self.finding(
-                Status.FAIL,
-                f"in eval mode the logits ignore the caption tokens (only {metrics['fraction_dependent_eval']:.0%} "
-                f"react, vs {metrics['fraction_dependent_train']:.0%} in train mode)",
-                metrics,
-                "forward() decodes free-running when not self.training. Keep forward teacher-forced in both "
-                "modes and put free-running decoding in generate(); otherwise validation loss is not comparable.",
-                location=self._where(s, positions[len(positions) // 2], False),
-            )
+            return self._eval_only(s, positions, metrics)
         if not (verdicts["eval"] and verdicts["train"]):
             return self.finding(
                 Status.FAIL,
@@ -91,6 +95,79 @@ class CaptionDependence(Check):
             f"and eval ({metrics['fraction_dependent_eval']:.0%}) mode",
             metrics,
         )
+
+    # ---- eval mode ignores the tokens, train mode does not: which cause? -------------------------
+    def _eval_fraction(self, cap, s: Subject, positions) -> float:
+        """The eval-mode share of (sample, position) pairs whose logits react to their token."""
+        g = torch.Generator().manual_seed(s.seed + 1)
+        base = logits_in(cap, s.images, s.captions, False, s.seed)
+        tol = tolerance_same_shape(base, precision(s))
+        hits = []
+        for t in positions:
+            where = torch.zeros_like(s.captions, dtype=torch.bool)
+            where[:, t] = True
+            out = logits_in(cap, s.images, replace_tokens(cap, s.captions, where, g), False, s.seed)
+            hits.append(rel_diff(base[:, t], out[:, t], dim=(1,)) > tol)
+        return float(torch.stack(hits).float().mean())
+
+    def _eval_only(self, s: Subject, positions, metrics):
+        """Name a cause only when a measurement told it apart from the others (see ``_causes``)."""
+        frac_e, frac_t = metrics["fraction_dependent_eval"], metrics["fraction_dependent_train"]
+        seen = (f"in eval mode the logits ignore the caption tokens (only {frac_e:.0%} react, vs {frac_t:.0%} in "
+                "train mode)")
+        cause, evidence = self._causes(s, positions, metrics)
+        where = self._where(s, positions[len(positions) // 2], False)
+        if cause == "batchnorm":
+            if not is_trained(s):  # an untrained network's statistics: nothing the user did wrong
+                return self.finding(Status.PASS, f"logits react to the current token in train mode ({frac_t:.0%}); in "
+                                    f"eval mode they do only once BatchNorm statistics match the weights: {evidence}",
+                                    metrics)
+            return self.finding(Status.FAIL, f"{seen}: {evidence}", metrics,
+                                "BatchNorm running statistics do not match the weights (a pretrained encoder whose "
+                                "weights were overwritten, statistics never updated, or a frozen encoder whose "
+                                "statistics drifted). Re-estimate them on training data or fix the init.",
+                                location=where)
+        if cause == "free_running":
+            return self.finding(Status.FAIL, f"{seen}: {evidence}", metrics,
+                                "forward() decodes free-running when not self.training. Keep forward teacher-forced in "
+                                "both modes and put free-running decoding in generate(); otherwise validation loss is "
+                                "not comparable.", location=where)
+        return self.finding(Status.FAIL, f"{seen}; {evidence}", metrics,
+                            "Candidate causes: forward() decodes free-running when not self.training; activations that "
+                            "saturate in eval mode (BatchNorm running statistics that do not match the weights, "
+                            "features of 1e3+ into tanh/sigmoid gates); a train/eval branch that drops the tokens. "
+                            "Deciding measurement: compare model.eval() logits with its own greedy decode, and the "
+                            "scale of eval-mode activations with train mode's.", location=where)
+
+    def _causes(self, s: Subject, positions, metrics) -> tuple:
+        """``(cause, evidence)``: ``batchnorm`` when re-estimating the BatchNorm statistics of a copy on the
+        batch restores the eval-mode reaction; ``free_running`` when the eval forward equals its own greedy
+        decode and ignores whole captions while its activations stay in range; else ``(None, what was seen)``."""
+        cap = s.captioner
+        if tracking_batchnorms(cap.model):
+            twin = cap.with_model(copy.deepcopy(cap.model))
+            recalibrate(twin, s.images, s.captions, s.seed)
+            after = metrics["fraction_dependent_eval_bn_reestimated"] = self._eval_fraction(twin, s, positions)
+            if after >= self.min_fraction:
+                return "batchnorm", (f"with BatchNorm statistics re-estimated on the batch, {after:.0%} react in eval "
+                                     "mode (the running statistics do not match what the weights produce, and the "
+                                     "activations saturate)")
+        scale_e, scale_t = (activation_scale(cap, s.images, s.captions, train, s.seed) for train in (False, True))
+        metrics["max_activation_eval"], metrics["max_activation_train"] = scale_e, scale_t
+        with torch.no_grad(), in_mode(cap.model, False), seeded(s.seed):
+            greedy = cap.greedy(s.images, s.captions.shape[1])
+        pred = logits_in(cap, s.images, s.captions, False, s.seed).argmax(-1)
+        n = min(pred.shape[1], greedy.shape[1] - 1)
+        mask = cap.target_mask(greedy)[:, :n]
+        same = float(((pred[:, :n] == greedy[:, 1:n + 1]) & mask).sum()) / max(float(mask.sum()), 1.0)
+        metrics["eval_argmax_equals_own_greedy"] = same
+        in_range = scale_e <= 10 * max(scale_t, 1.0)
+        if same >= 0.99 and in_range:
+            return "free_running", (f"the eval forward's argmax equals its own greedy decode at {same:.0%} of positions, "
+                                    f"with activations in range (max {scale_e:.3g} vs {scale_t:.3g} in train mode): "
+                                    "forward() decodes free-running when not self.training")
+        return None, (f"eval forward vs its own greedy decode: {same:.0%} equal; largest eval activation {scale_e:.3g} "
+                      f"vs {scale_t:.3g} in train mode")
 
     def _where(self, s: Subject, t: int, train: bool):
         """Where caption token ``t`` stops mattering on its way to the logits (or that nothing reads it)."""

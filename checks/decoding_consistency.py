@@ -31,7 +31,10 @@ class DecodingConsistency(Check):
     def run(self, s: Subject):
         if not s.captioner.has_generate:
             return self.skip("the model has no generate(); capdiag's own greedy decoding is consistent by construction")
-        cap, images, captions, source = s.learned()
+        learned = s.learned()
+        if learned.unlearned:  # no verdict on a copy that did not learn
+            return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
+        cap, images, captions, source = learned
         ids = generated(s, cap, images, captions.shape[1] + 2)
         if ids.shape[1] < 2:
             return self.skip("generate() returned no tokens after BOS")

@@ -33,7 +33,10 @@ class ImageAblation(Check):
     min_reliance: float = 0.2
 
     def run(self, s: Subject):
-        cap, images, captions, source = s.learned()
+        learned = s.learned()
+        if learned.unlearned:  # no verdict on a copy that did not learn
+            return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
+        cap, images, captions, source = learned
         if images.shape[0] < 2:
             return self.skip("needs a batch of at least 2 images to shuffle")
         true_loss, _ = true_pass(s, cap, images, captions)
