@@ -53,6 +53,9 @@ def _resolved(filename: str) -> str:
 class UserSite:
     call: str  # the user's function capdiag called (forward, generate, loss_fn, ...)
     where: str  # file:line in func: code, of the innermost user frame
+    file: str = ""
+    line: int = 0
+    code: str = ""
 
     def describe(self, exc: BaseException) -> str:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -73,4 +76,5 @@ def user_site(exc: BaseException) -> Optional[UserSite]:
         return None
     inner = user[-1]
     code = f": {inner.line.strip()}" if inner.line else ""
-    return UserSite(user[0].name, f"{inner.filename}:{inner.lineno} in {inner.name}{code}")
+    return UserSite(user[0].name, f"{inner.filename}:{inner.lineno} in {inner.name}{code}", inner.filename,
+                    inner.lineno or 0, (inner.line or "").strip())

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 
+MODEL_RAISED = "model_raised"  # artifact key: the model's own exception, as (type, message, user line)
+
+
 class Status(str, enum.Enum):
     PASS = "pass"
     WARN = "warn"
@@ -103,6 +106,13 @@ class Report:
     @property
     def failed(self) -> bool:
         return any(f.status.failed for f in self.findings)
+
+    def model_exception(self) -> Optional[Finding]:
+        """The finding that reported the model's own exception, when later checks were blocked by it
+        (``runner.run_checks`` reports one exception once and SKIPs the checks it blocks)."""
+        firsts = [f for f in self.findings if f.status is Status.FAIL and MODEL_RAISED in f.artifacts]
+        blocked = [f for f in self.findings if f.status is Status.SKIP and MODEL_RAISED in f.artifacts]
+        return firsts[0] if firsts and blocked else None
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in Status}

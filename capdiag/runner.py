@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Optional
 from .blame import user_site
 from .check import Check, Subject
 from .errors import ModelCallError
-from .finding import Finding, Report, Status
+from .finding import MODEL_RAISED, Finding, Location, Report, Status
 from .probe import NonFiniteOutput
 from .registry import get_check
 from .state import preserved_state
@@ -37,9 +37,11 @@ def run_check(subject: Subject, check: Check) -> Finding:
         if site is not None or isinstance(e, ModelCallError):  # the model raised or broke the contract: a finding
             finding = Finding(
                 check.name, Status.FAIL, site.describe(e) if site else f"the model broke the contract: {e}", {},
-                {"traceback": traceback.format_exc()},
+                {"traceback": traceback.format_exc(), MODEL_RAISED: _cause(e, site)},
                 "Your model raised while capdiag called it the documented way (see the README's model-file "
                 "contract); fix the line above, or rerun with --debug for the traceback.",
+                Location(f"({site.call})", site.file, site.line, f"origin: {type(e).__name__} raised here",
+                         site.code) if site and site.file else None,
             )
             return _timed(finding, start)
         where = traceback.extract_tb(e.__traceback__)[-1]
@@ -52,6 +54,17 @@ def run_check(subject: Subject, check: Check) -> Finding:
             f"raised at {where.filename}:{where.lineno}; rerun with --debug for the traceback",
         )
     return _timed(finding, start)
+
+
+def _cause(e: BaseException, site) -> tuple:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return (type(e).__name__, msg, site.where if site else "")
+
+
+def _blocked(finding: Finding, first: Finding) -> Finding:
+    """A check that hit the exception an earlier check already reported: SKIP, naming that check."""
+    return Finding(finding.check, Status.SKIP, f"blocked by {first.check}: {first.summary}",
+                   {"seconds": finding.metrics.get("seconds", 0.0)}, {MODEL_RAISED: finding.artifacts[MODEL_RAISED]})
 
 
 def _timed(finding: Finding, start: float) -> Finding:
@@ -68,9 +81,13 @@ def run_checks(
 ) -> Report:
     """Run checks (names or ``Check`` objects) in order and collect a ``Report``."""
     report = report or Report(model_name=subject.captioner.name)
+    raised: dict = {}  # the model's own exceptions so far -> the finding that reported it
     for c in checks:
         check = get_check(c) if isinstance(c, str) else c
         finding = run_check(subject, check)
+        cause = finding.artifacts.get(MODEL_RAISED) if finding.status is Status.FAIL else None
+        if cause is not None:  # the same exception of the model is reported once, by the first check
+            finding = _blocked(finding, raised[cause]) if cause in raised else raised.setdefault(cause, finding)
         report.findings.append(finding)
         if on_finding is not None:
             on_finding(finding)

@@ -63,3 +63,7 @@ def print_summary(report: Report, seconds: float, stream: Optional[TextIO] = Non
     failed = [f.check for f in report.findings if f.status.failed]
     if failed:
         print(f"failed: {', '.join(failed)}", file=stream)
+    raised = report.model_exception()
+    if raised is not None:
+        n = sum(1 for f in report.findings if f.status is Status.SKIP and f.summary.startswith("blocked by "))
+        print(f"cause: {raised.summary} (reported by {raised.check}; {n} more checks blocked by it)", file=stream)
