@@ -1,10 +1,11 @@
 """False alarms on clean captioners and recall on planted bugs, per check, measured in one run.
 
-Clean: every pattern of ``capdiag.models.unusual`` (written the way people write captioners, not
-the way capdiag's references are) x ``--seeds`` seeds, and the five reference families, each
+Clean: every pattern of ``capdiag.models.unusual`` and of ``capdiag.testing.strangers`` (written the way
+people write captioners, not the way capdiag's references are) x ``--seeds`` seeds, and the five
+reference families, each
 through the full suite. A false alarm is a ``fail`` or ``error`` on a clean model; warnings are
 counted apart. Planted: every bug twin in the repository (the zoo's structural and learned bugs,
-the references' twins, the unusual family's twins), each judged by the check that names it
+the references' twins, the unusual and stranger families' twins), each judged by the check that names it
 (``caught`` = that check fails); the other checks that also fail are listed as collateral.
 
     python benchmarks/false_alarms.py               # everything (~30 min on 2 CPU cores)
@@ -23,6 +24,7 @@ import torch
 import capdiag
 from capdiag.finding import Status
 from capdiag.models import registry, unusual, zoo
+from capdiag.testing import strangers
 from capdiag.registry import get_check, list_checks
 
 ALL = [c.name for c in list_checks()]
@@ -40,8 +42,16 @@ def unusual_subject(name, bug=None, seed=0):
     return capdiag.subject_for(m, seed=seed, **m.capdiag_hints)
 
 
-def clean_cases(seeds, references):
-    for name in unusual.PATTERNS:
+def stranger_subject(name, bug=None, seed=0):
+    m = strangers.build(name, bug, seed=seed)
+    return capdiag.subject_for(m, seed=seed, **m.capdiag_hints)
+
+
+def clean_cases(seeds, references, families=("unusual", "strangers")):
+    for name in (strangers.PATTERNS if "strangers" in families else ()):
+        for seed in range(seeds):
+            yield f"strangers/{name}/seed{seed}", lambda n=name, s=seed: stranger_subject(n, seed=s)
+    for name in (unusual.PATTERNS if "unusual" in families else ()):
         for seed in range(seeds):
             yield f"unusual/{name}/seed{seed}", lambda n=name, s=seed: unusual_subject(n, seed=s)
     for name in (registry.list_models() if references else ()):
@@ -58,6 +68,8 @@ def planted_cases(references):
             yield f"zoo/{arch}/{bug}", lambda a=arch, b=bug: capdiag.subject_for(zoo.make(a, b), **zoo.HINTS), checks
     for bug, (pattern, check) in unusual.BUGS.items():
         yield f"unusual/{pattern}/{bug}", lambda p=pattern, b=bug: unusual_subject(p, b), (check,)
+    for bug, (pattern, check) in strangers.BUGS.items():
+        yield f"strangers/{pattern}/{bug}", lambda p=pattern, b=bug: stranger_subject(p, b), (check,)
     for name, bug, check, _ in (registry.planted() if references else ()):
         yield f"reference/{name}/{bug}", lambda n=name, b=bug: registry.subject(n, b), (check,)
 
@@ -67,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-references", action="store_true", help="skip the five reference families")
     ap.add_argument("--only", choices=("clean", "planted"), help="run one half")
+    ap.add_argument("--families", default="unusual,strangers", help="clean families besides the references")
     ap.add_argument("--json", help="write every finding's status here")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -75,7 +88,7 @@ def main(argv=None):
     false_alarms, warns, clean_runs = collections.Counter(), collections.Counter(), collections.Counter()
     start = time.perf_counter()
     if args.only != "planted":
-        for label, make in clean_cases(args.seeds, refs):
+        for label, make in clean_cases(args.seeds, refs, tuple(args.families.split(","))):
             t = time.perf_counter()
             try:
                 report = run(make(), ALL)

@@ -66,12 +66,15 @@ def user_site(exc: BaseException) -> Optional[UserSite]:
     """The user's code that raised ``exc``, or None when capdiag (or a library it called) did."""
     ours, libs = _roots()
     frames = traceback.extract_tb(exc.__traceback__)
+    # capdiag.testing's fixtures (strangers, the convention matrix) stand in for a user's models: theirs.
+    fixtures = str(_HERE / "testing") + "/"
     paths = [_resolved(f.filename) for f in frames]
+    paths = ["<fixture>" + p if p.startswith(fixtures) else p for p in paths]
     # The frame the runner calls is the check's own code, wherever the check is defined.
     checks_own = {i + 1 for i, (f, p) in enumerate(zip(frames, paths)) if f.name == "run_check" and p.startswith(ours)}
     last_ours = max((i for i, p in enumerate(paths) if p.startswith(ours) or i in checks_own), default=-1)
     user = [f for f, p in zip(frames[last_ours + 1 :], paths[last_ours + 1 :])
-            if not p.startswith(ours) and not p.startswith(libs) and not f.filename.startswith("<")]
+            if not p.startswith(ours) and not p.startswith(libs) and (p.startswith("<fixture>") or not f.filename.startswith("<"))]
     if not user:
         return None
     inner = user[-1]

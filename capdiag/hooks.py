@@ -2,36 +2,56 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 
-def _map_output(output, fn):
-    """``output`` with ``fn`` applied to what carries the image: a tensor, the first item of a
-    tuple/list, every per-sample tensor of a dict or Hugging Face ModelOutput (type kept)."""
+def _map_output(output, fn, batch=None):
+    """``output`` with ``fn`` applied to what carries the image: every per-sample floating tensor (first
+    dimension = the batch) in a tensor, tuple, list, dict or Hugging Face ModelOutput (type kept), or an
+    object holding tensors in attributes (DETR's NestedTensor). Tensors without the batch dimension (a
+    shared positional table), integer masks and ids are left alone. A DETR-style backbone's
+    ``(features, positions)`` has both shuffled or zeroed: positions are per-sample too."""
+    if batch is None:
+        first = next((t for t in _floating(output)), None)
+        if first is None:
+            raise TypeError(f"cannot ablate an output of type {type(output).__name__}: it holds no floating tensor")
+        batch = first.shape[0]
     if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (fn(output[0]),) + tuple(output[1:])
-    if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
-        return [fn(output[0])] + list(output[1:])
+        return fn(output) if output.is_floating_point() and output.dim() > 0 and output.shape[0] == batch else output
     if isinstance(output, dict):
-        # Every per-sample tensor, not just the first: a Hugging Face vision model returns
-        # last_hidden_state and pooler_output (or image_embeds), and a captioner may read either.
-        # Tensors without the batch dimension (a shared positional table) are left alone.
-        first = next((v for v in output.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-        if first is not None:
-            B = first.shape[0]
-            new = {k: fn(v) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
-                   for k, v in output.items()}
-            # Keep the type: a ModelOutput is read by attribute (out.image_embeds), not only by key.
-            return type(output)(**new) if hasattr(output, "to_tuple") else new
-    if hasattr(output, "last_hidden_state"):  # an object that is not a dict
-        output.last_hidden_state = fn(output.last_hidden_state)
-        return output
-    raise TypeError(f"cannot ablate an output of type {type(output).__name__}")
+        new = {k: _map_output(v, fn, batch) for k, v in output.items()}
+        # Keep the type: a ModelOutput is read by attribute (out.image_embeds), not only by key.
+        return type(output)(**new) if hasattr(output, "to_tuple") else type(output)(new) if type(output) is not dict else new
+    if isinstance(output, (tuple, list)):
+        items = [_map_output(v, fn, batch) for v in output]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    if hasattr(output, "__dict__") and not isinstance(output, nn.Module):
+        clone = copy.copy(output)
+        for k, v in vars(output).items():
+            if any(True for _ in _floating(v)):
+                setattr(clone, k, _map_output(v, fn, batch))
+        return clone
+    return output
+
+
+def _floating(x, depth: int = 0):
+    """Floating tensors inside ``x`` (containers and plain objects, a few levels deep)."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() and x.dim() > 0:
+            yield x
+    elif depth < 5 and isinstance(x, dict):
+        for v in x.values():
+            yield from _floating(v, depth + 1)
+    elif depth < 5 and isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _floating(v, depth + 1)
+    elif depth < 5 and hasattr(x, "__dict__") and not isinstance(x, nn.Module):
+        for v in vars(x).values():
+            yield from _floating(v, depth + 1)
 
 
 @contextlib.contextmanager

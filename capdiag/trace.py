@@ -191,7 +191,8 @@ def trace_pair(cap, a: tuple, b: tuple, train: bool = False, seed: Optional[int]
         images, captions = images.clone(), captions.clone()  # the model may edit what it is given
         with torch.no_grad(), in_mode(cap.model, train), (seeded(seed) if seed is not None else contextlib.nullcontext()), \
                 traced(cap.model, {"images": images, "captions": captions}) as trace:
-            trace.returned(cap.model.generate(images, max_len=cap.spec.max_len) if generate else cap.call(images, captions))
+            trace.returned(cap.model.generate(images, max_len=cap.spec.max_len) if generate and cap.has_generate
+                           else cap.call(images, captions))
         traces.append(trace)
     return traces
 

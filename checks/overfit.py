@@ -226,6 +226,14 @@ class Overfit(Check):
                 "(wrong variable passed, detached, multiplied by zero), a pretrained encoder clobbered by a custom "
                 "init, a dead ReLU after the projection, or features scaled to nothing. Run image_ablation and "
                 "gradient_flow."), curves, where_image_dies(fit.captioner, images, captions, s.seed)
+        if best < 0.8 * floor:  # below the floor: it uses the image and learns, only slower than the budget
+            steps = max(2000, 4 * (fit.steps + fit.abandoned_steps))
+            return Status.WARN, (
+                f"inconclusive: loss {best:.3f} is below the image-blind floor {floor:.3f} (the model uses the image) "
+                f"but not memorized within {fit.steps} steps at any rate tried; run `capdiag overfit --steps {steps}` "
+                "to settle it"), (
+                "Slow learners (dropout 0.5, deep recurrent decoders) need more steps; a model that still plateaus "
+                "there lacks capacity or has targets misaligned with its inputs."), curves, None
         return Status.FAIL, (
             f"cannot memorize one batch: loss plateaus at {best:.3f} (image-blind floor {floor:.3f}) at every "
             "learning rate tried"), (
