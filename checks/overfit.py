@@ -21,8 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from capdiag.ablation import generated
-from capdiag.agreement import agreement, sequence_logprob, subject_noise_floor
+from capdiag.agreement import Agreement, agreement, sequence_logprob, subject_noise_floor
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import where_image_dies
@@ -74,8 +76,11 @@ def misses_explained(s, cap, images, captions, ids, refs, hyps) -> Misses:
     is right, and so is a search that finds a caption the forward scores at least as high as the
     reference. Otherwise a near tie, not a bug, would decide the verdict."""
     noise = subject_noise_floor(s, cap, images, captions)
-    agr = agreement(cap, images, ids, s.seed, noise)
     missed = [i for i, (r, h) in enumerate(zip(refs, hyps)) if r != h]
+    if ids.shape[1] < 2:  # generate() returned nothing after BOS: every miss is its own
+        empty = Agreement(0, 0, 0, noise, torch.zeros(len(refs), 0), torch.ones(len(refs), dtype=torch.bool))
+        return Misses(empty, len(missed), len(missed), 0)
+    agr = agreement(cap, images, ids, s.seed, noise)
     gen_lp = sequence_logprob(cap, images, ids, s.seed)
     ref_lp = sequence_logprob(cap, images, captions, s.seed)
     unexplained = [i for i in missed if bool(agr.disagrees[i])
