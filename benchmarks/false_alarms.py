@@ -24,7 +24,7 @@ import torch
 import capdiag
 from capdiag.finding import Status
 from capdiag.models import registry, unusual, zoo
-from capdiag.testing import strangers
+from capdiag.testing import decoding, strangers
 from capdiag.registry import get_check, list_checks
 
 ALL = [c.name for c in list_checks()]
@@ -47,7 +47,15 @@ def stranger_subject(name, bug=None, seed=0):
     return capdiag.subject_for(m, seed=seed, **m.capdiag_hints)
 
 
-def clean_cases(seeds, references, families=("unusual", "strangers")):
+def decoding_subject(name, bug=None, seed=0):
+    m = decoding.build(name, bug, seed=seed)
+    return capdiag.subject_for(m, seed=seed, **m.capdiag_hints)
+
+
+def clean_cases(seeds, references, families=("unusual", "strangers", "decoding")):
+    for name in (decoding.PATTERNS if "decoding" in families else ()):
+        for seed in range(seeds):
+            yield f"decoding/{name}/seed{seed}", lambda n=name, s=seed: decoding_subject(n, seed=s)
     for name in (strangers.PATTERNS if "strangers" in families else ()):
         for seed in range(seeds):
             yield f"strangers/{name}/seed{seed}", lambda n=name, s=seed: stranger_subject(n, seed=s)
@@ -70,6 +78,8 @@ def planted_cases(references):
         yield f"unusual/{pattern}/{bug}", lambda p=pattern, b=bug: unusual_subject(p, b), (check,)
     for bug, (pattern, check) in strangers.BUGS.items():
         yield f"strangers/{pattern}/{bug}", lambda p=pattern, b=bug: stranger_subject(p, b), (check,)
+    for bug, (pattern, check) in decoding.BUGS.items():
+        yield f"decoding/{pattern}/{bug}", lambda p=pattern, b=bug: decoding_subject(p, b), (check,)
     for name, bug, check, _ in (registry.planted() if references else ()):
         yield f"reference/{name}/{bug}", lambda n=name, b=bug: registry.subject(n, b), (check,)
 
@@ -79,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-references", action="store_true", help="skip the five reference families")
     ap.add_argument("--only", choices=("clean", "planted"), help="run one half")
-    ap.add_argument("--families", default="unusual,strangers", help="clean families besides the references")
+    ap.add_argument("--families", default="unusual,strangers,decoding", help="clean families besides the references")
     ap.add_argument("--json", help="write every finding's status here")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
