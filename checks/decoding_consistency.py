@@ -75,7 +75,7 @@ class DecodingConsistency(Check):
     beam: int = 3  # the widest search generate() is assumed to run: capdiag's own beam width, and the rank
     # under the forward below which no correct search of that width picks a word
     max_bad_fraction: float = 0.1  # of the judged captions that may be unexplained (one in ten)
-    max_alone: int = 8  # images decoded alone per input set
+    max_alone: int = 4  # images decoded alone per input set
 
     def run(self, s: Subject):
         if not s.captioner.has_generate:
