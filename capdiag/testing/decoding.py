@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .family import build_member
 from .strangers import _conv, _hints
 
 BOS, EOS, PAD = 1, 2, 0
@@ -259,9 +260,6 @@ BUGS = {
 
 
 def build(name: str, bug: Optional[str] = None, seed: int = 0) -> nn.Module:
-    if bug is not None and BUGS.get(bug, (None,))[0] != name:
-        raise ValueError(f"bug {bug!r} is not planted in {name!r}; see BUGS")
-    torch.manual_seed(seed)
-    model = PATTERNS[name].make(bug)
-    model.capdiag_hints = HINTS.get(name, _hints(image_module="cnn", attention_modules=[]))
-    return model
+    """Build decoder ``name`` (with ``bug`` planted, see ``BUGS``); its hints are on ``capdiag_hints``."""
+    hints = HINTS.get(name, _hints(image_module="cnn", attention_modules=[]))
+    return build_member(PATTERNS[name].make, hints, BUGS, name, bug, seed)

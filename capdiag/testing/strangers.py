@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .family import build_member
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -730,9 +732,4 @@ BUGS = {
 
 def build(name: str, bug: Optional[str] = None, seed: int = 0) -> nn.Module:
     """Build stranger ``name`` (with ``bug`` planted, see ``BUGS``); its hints are on ``capdiag_hints``."""
-    if bug is not None and BUGS.get(bug, (None,))[0] != name:
-        raise ValueError(f"bug {bug!r} is not planted in {name!r}; see BUGS")
-    torch.manual_seed(seed)
-    model = PATTERNS[name].make(bug)
-    model.capdiag_hints = dict(PATTERNS[name].hints)
-    return model
+    return build_member(PATTERNS[name].make, PATTERNS[name].hints, BUGS, name, bug, seed)
