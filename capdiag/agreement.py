@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .captioner import generated_ids
 from .probe import judged_mask
 from .state import in_mode, seeded
 
@@ -175,3 +176,145 @@ def generate_loop_site(cap, images: torch.Tensor, max_len: int):
     modules = collections.Counter({mod: n for (f, ln, mod), n in calls.items() if (f, ln) == (file, line)})
     module = min((m for m, n in modules.items() if n == max(modules.values())), key=lambda m: m.count("."))
     return module, file, line, linecache.getline(file, line).strip()
+
+
+# ---- generate()'s own step logits against the forward's ------------------------------------------------
+@dataclass(frozen=True)
+class StepCheck:
+    """generate()'s step logits compared with the forward's at the same prefix (decoders that run the
+    whole prefix each step: the calls of the token embedding with a (rows, t) prefix starting at BOS)."""
+
+    n_steps: int  # decoding steps whose prefix and logits were seen
+    worst: float  # largest |difference| of log-probabilities at the best-matching image, over the steps
+    at: Optional[tuple] = None  # (call index, prefix length) of the worst step
+
+
+@torch.no_grad()
+def step_logits_check(cap, images: torch.Tensor, max_len: int, seed: int) -> Optional[StepCheck]:
+    """Run generate() on ``images`` with hooks that read, at every step, the prefix the decoder embeds
+    and the logits its output layer returns for it; run the forward on the same prefixes and compare the
+    last position's log-probabilities. Rows are matched to the image that explains them best (a beam
+    search decodes one image's beams at a time, or all of them interleaved). None when generate() never
+    embeds a whole prefix (a KV cache or a recurrent step sees one token at a time)."""
+    V, bos = cap.spec.vocab_size, cap.spec.bos_id
+    embeds = [m for m in cap.model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= V]
+    if not embeds:
+        return None
+    calls: list = []  # [prefix (rows, t), logits (rows, V) or None]
+
+    def on_embed(m, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and x.shape[1] >= 1 \
+                and bool((x[:, 0] == bos).all()):
+            calls.append([x.detach().clone(), None])
+
+    def on_output(m, args, out):
+        if calls and isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 3 \
+                and out.shape[-1] == V and out.shape[:2] == calls[-1][0].shape:
+            calls[-1][1] = out[:, -1].detach().float()
+
+    handles = [m.register_forward_pre_hook(on_embed) for m in embeds]
+    handles += [m.register_forward_hook(on_output) for m in cap.model.modules() if m is not cap.model]
+    try:
+        with seeded(seed), in_mode(cap.model, False):
+            cap.generate(images, max_len=max_len)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = [(p, lg) for p, lg in calls if lg is not None]
+    # A decoder that runs the whole prefix grows it by one token a call; a cache sees length 1 throughout.
+    if len(seen) < 2 or max(p.shape[1] for p, _ in seen) < 2:
+        return None
+    worst, at = 0.0, None
+    for k, (prefix, logits) in enumerate(seen):
+        rows = prefix.shape[0]
+        gen_lp = F.log_softmax(logits, -1)  # (rows, V)
+        n = images.shape[0]  # every row against every image, in one forward: the best match explains the row
+        x = images.repeat_interleave(rows, 0)  # (n * rows, 3, H, W): image j for rows j*rows .. j*rows+rows-1
+        inp = torch.cat([prefix, prefix[:, -1:]], 1).repeat(n, 1)  # one more column: T-1 models score the last step
+        with seeded(seed), in_mode(cap.model, False):
+            fwd = F.log_softmax(cap.logits(x, inp)[:, prefix.shape[1] - 1].float(), -1).view(n, rows, -1)
+        best = (fwd - gen_lp[None]).abs().amax(-1).min(0).values.cpu()  # (rows,)
+        w = float(best.max())
+        if w > worst:
+            worst, at = w, (k, int(prefix.shape[1]))
+    return StepCheck(len(seen), worst, at)
+
+
+@torch.no_grad()
+def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, noise: float) -> Optional[dict]:
+    """For decoders that feed generate() one token per step (a recurrent cell, a KV cache): follow which
+    prefix each row's step logits belong to, and check that the captions generate() returns are made of
+    prefixes it scored.
+
+    At each step the hooks read the tokens the embedding receives (one per row) and the logits the output
+    layer returns; a row's prefix is the earlier row's prefix (and the image) that, extended by its token,
+    makes the forward give those logits. A row no earlier prefix explains means the step ran from some
+    other state (KV positions stuck at 0); a returned caption that is not one of the followed prefixes was
+    assembled from rows whose state did not go with them (a beam search that reorders its sequences but
+    keeps its (h, c) by slot). Returns None when generate() embeds whole prefixes (``step_logits_check``)."""
+    V, bos = cap.spec.vocab_size, cap.spec.bos_id
+    embeds = [m for m in cap.model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= V]
+    calls: list = []
+
+    def on_embed(m, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and not x.is_floating_point() and (x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1)):
+            calls.append([x.detach().reshape(-1).clone(), None])
+
+    def on_output(m, args, out):
+        if calls and isinstance(out, torch.Tensor) and out.is_floating_point() and out.shape[-1] == V \
+                and out.shape[0] == calls[-1][0].shape[0] and out.dim() in (2, 3):
+            calls[-1][1] = out.reshape(out.shape[0], -1, V)[:, -1].detach().float()
+
+    handles = [m.register_forward_pre_hook(on_embed) for m in embeds]
+    handles += [m.register_forward_hook(on_output) for m in cap.model.modules() if m is not cap.model]
+    try:
+        with seeded(seed), in_mode(cap.model, False):
+            out = cap.generate(images, max_len=max_len)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = [(tok, lg) for tok, lg in calls if lg is not None]
+    if len(seen) < 2:
+        return None
+    n = images.shape[0]
+    followed: set = set()  # (image, prefix tuple) whose step logits generate() computed
+    rows_prev: list = []  # [(image, prefix)] per row of the previous step
+    worst, first = 0.0, None
+    for k, (tok, logits) in enumerate(seen):
+        if bool((tok == bos).all()):  # a decoding (one image's beams, or the batch) starts
+            cands = [[(j, (bos,)) for j in range(n)] for _ in range(len(tok))]
+        else:
+            cands = [[(j, p + (int(t),)) for j, p in rows_prev] for t in tok]
+        flat = [c for row in cands for c in row]
+        if not flat:
+            return None
+        width = max(len(p) for _, p in flat) + 1
+        ids = torch.tensor([list(p) + [cap.spec.pad_id] * (width - len(p)) for _, p in flat], device=images.device)
+        x = images[torch.tensor([j for j, _ in flat], device=images.device)]
+        with seeded(seed), in_mode(cap.model, False):
+            lp = F.log_softmax(cap.logits(x, ids).float(), -1)
+        pos = torch.tensor([len(p) - 1 for _, p in flat], device=images.device)
+        fwd = lp[torch.arange(len(flat), device=images.device), pos]  # (candidates, V)
+        gen = F.log_softmax(logits, -1)
+        rows_prev, i = [], 0
+        for r, row in enumerate(cands):
+            gaps = (fwd[i:i + len(row)] - gen[r]).abs().amax(-1)
+            best = int(gaps.argmin())
+            gap = float(gaps[best])
+            if gap > worst:
+                worst = gap
+            if gap > noise and first is None:
+                first = (k, r, gap)
+            rows_prev.append(row[best])
+            followed.add(row[best])
+            i += len(row)
+    # A returned caption (BOS .. its last word) must be a prefix whose step generate() ran from its own state.
+    # (A caption cut at max_len never embedded its last word: then its prefix up to the word before.)
+    ids = generated_ids(out, n, cap.spec.pad_id, images.device)
+    ended = [bool((r[1:] == cap.spec.eos_id).any()) for r in ids]
+    stray = sum(1 for row, e in zip(cap.strip(ids), ended)
+                if (row if e else row[:-1]) and not any((j, (bos,) + tuple(row if e else row[:-1])) in followed
+                                                        for j in range(n)))
+    return {"steps": len(seen), "worst_gap": worst, "first": first, "stray_captions": stray, "n": n}

@@ -20,6 +20,14 @@ given), in the precision it runs in. Four comparisons:
    encoder output cached on ``self`` in generate() and reused while the batch size matches).
 4. **Unseen inputs.** 1 and 2 also run on noise images, colour-permuted images and blends of training
    images: a confident copy hides reorder bugs on the captions it memorized.
+5. **Step logits.** Where generate() runs the decoder over the whole prefix each step (its token
+   embedding sees a (rows, t) prefix from BOS), hooks read that prefix and the logits the output layer
+   returns for it, and the forward runs on the same prefix: a beam search that calls the decoder without
+   its causal mask differs by nats, a correct one by rounding (at most ``step_noise_factor`` noise floors).
+   Where it feeds one token per step (a recurrent cell, a KV cache), each row's prefix is followed: the
+   earlier prefix that, extended by the row's token, makes the forward give the row's logits. A step no
+   prefix explains ran from the wrong state or position; a returned caption that is not a followed
+   prefix was assembled from rows whose state did not go with them (two or more fail).
 
 A failing finding names the first decoding step where generate() departs from the forward and the
 line of generate()'s loop that runs the decoder.
@@ -31,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from capdiag.ablation import generated
-from capdiag.agreement import (agreement, forward_logprobs, generate_loop_site, sequence_logprob,
-                               subject_noise_floor)
+from capdiag.agreement import (StepCheck, agreement, forward_logprobs, generate_loop_site, sequence_logprob,
+                               step_logits_check, stepwise_check, subject_noise_floor)
 from capdiag.check import Check, Subject
 from capdiag.finding import Location, Status
 from capdiag.registry import register_check
@@ -76,6 +84,7 @@ class DecodingConsistency(Check):
     # under the forward below which no correct search of that width picks a word
     max_bad_fraction: float = 0.1  # of the judged captions that may be unexplained (one in ten)
     max_alone: int = 4  # images decoded alone per input set
+    step_noise_factor: float = 10.0  # step logits must differ from the forward's by this many noise floors
 
     def run(self, s: Subject):
         if not s.captioner.has_generate:
@@ -99,6 +108,17 @@ class DecodingConsistency(Check):
             metrics[f"alone_differs_{name.split()[0]}"] = float(len(j.alone))
         carried = self._carried_state(cap, images, sets["unseen images"], max_len, s.seed)
         metrics["captions_changed_by_earlier_call"] = float(carried)
+        steps = step_logits_check(cap, images[:4], max_len, s.seed)
+        if steps is not None:
+            metrics["max_step_logprob_gap"] = steps.worst
+            judged.append(steps)
+        else:  # one token per step: follow each row's prefix on training and noise images
+            followed = [stepwise_check(cap, x, max_len, s.seed, noise) for x in (images[:4], sets["unseen images"][:5])]
+            followed = [f for f in followed if f is not None]
+            if followed:
+                metrics["max_step_logprob_gap"] = max(f["worst_gap"] for f in followed)
+                metrics["stray_captions"] = float(sum(f["stray_captions"] for f in followed))
+                judged.append(followed)
         return self._verdict(s, cap, images, judged, carried, metrics, source, max_len)
 
     # ---- measure -----------------------------------------------------------------------------
@@ -187,6 +207,24 @@ class DecodingConsistency(Check):
     # ---- judge and explain -----------------------------------------------------------------------
     def _verdict(self, s, cap, images, judged, carried, metrics, source, max_len):
         problems, evidence = [], []
+        steps = [j for j in judged if isinstance(j, StepCheck)]
+        judged = [j for j in judged if isinstance(j, Judged)]
+        noise = metrics["noise_floor"]
+        gap, stray = metrics.get("max_step_logprob_gap", 0.0), metrics.get("stray_captions", 0.0)
+        if not steps and gap > self.step_noise_factor * noise:
+            problems.append(f"generate()'s step logits match no prefix the forward scores (off by up to {gap:.3g} nats, "
+                            f"noise floor {noise:.1g}): a step runs from the wrong state or position")
+            evidence.append(f"first symptom: a decoding step whose log-probabilities no prefix explains (gap {gap:.3g})")
+        if stray >= 2:
+            problems.append(f"{int(stray)} returned captions are not sequences whose steps generate() computed: the "
+                            "sequences were reordered without their state")
+            evidence.append("first symptom: a returned caption whose last step was never run from its own prefix")
+        if steps and steps[0].worst > self.step_noise_factor * noise:
+            k, t = steps[0].at
+            problems.append(f"the logits generate() computes at its steps differ from the forward's at the same prefix "
+                            f"by up to {steps[0].worst:.3g} nats (noise floor {noise:.1g})")
+            evidence.append(f"first symptom: decoder call {k + 1} of generate(), prefix of {t} tokens: its log-probabilities "
+                            f"differ from the forward's by {steps[0].worst:.3g}")
         for j in judged:
             if len(j.bad_rows) >= 2 and len(j.bad_rows) > self.max_bad_fraction * j.n:
                 problems.append(f"on {j.name}, {len(j.bad_rows)} of {j.n} captions are ones the forward scores lower "
