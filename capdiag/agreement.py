@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .captioner import generated_ids
-from .probe import judged_mask
+from .probe import judged_mask, precision, tolerance
 from .state import in_mode, seeded
 
 MIN_NOISE = 1e-5  # nats: below this, float32 log-softmax of logits of size ~10 cannot resolve a margin
@@ -84,10 +84,13 @@ def agreement(cap, images: torch.Tensor, ids: torch.Tensor, seed: int, noise: fl
 
 
 @torch.no_grad()
-def noise_floor(cap, images: torch.Tensor, captions: torch.Tensor, seed: int) -> float:
+def noise_floor(cap, images: torch.Tensor, captions: torch.Tensor, seed: int, dtype=None) -> float:
     """Largest change of the forward's log-probabilities at real positions when the same batch runs in
     halves (another batch size) and with one more padding column (another sequence length), in eval
-    mode: the rounding a correct decoder's steps see. At least ``MIN_NOISE``."""
+    mode: the rounding a correct decoder's steps see. At least ``MIN_NOISE``, and at least the relative
+    tolerance of the precision the forward computes in (``dtype``, see ``probe.compute_dtype``) times the
+    largest logit: a bf16 autocast region rounds differently for other shapes even where this batch's
+    halves happen to agree bit for bit."""
     def lp(x, c):
         with seeded(seed), in_mode(cap.model, False):
             return F.log_softmax(cap.logits(x, c).float(), -1)
@@ -102,12 +105,15 @@ def noise_floor(cap, images: torch.Tensor, captions: torch.Tensor, seed: int) ->
         moved = max(moved, float(torch.nan_to_num((base - halves).abs() * judged).max()))
     longer = torch.cat([captions, torch.full_like(captions[:, :1], cap.spec.pad_id)], 1)
     moved = max(moved, float(torch.nan_to_num((base - lp(images, longer)[:, : base.shape[1]]).abs() * judged).max()))
-    return max(moved, MIN_NOISE)
+    with seeded(seed), in_mode(cap.model, False):
+        scale = float((cap.logits(images, captions).float().abs() * judged).max())
+    return max(moved, MIN_NOISE, tolerance(base, dtype or cap.dtype) * scale)
 
 
 def subject_noise_floor(s, cap, images, captions) -> float:
     """``noise_floor`` for one captioner and batch of a subject, measured once."""
-    return s.measured(("noise_floor", id(cap.model), id(images)), lambda: noise_floor(cap, images, captions, s.seed))
+    return s.measured(("noise_floor", id(cap.model), id(images)),
+                      lambda: noise_floor(cap, images, captions, s.seed, precision(s)))
 
 
 def sequence_logprob(cap, images: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
