@@ -72,6 +72,7 @@ class Judged:
     bad_rows: list = field(default_factory=list)
     first: tuple = None  # (row, step, margin) of the first token that departs
     alone: list = field(default_factory=list)  # rows whose caption alone differs beyond a tie
+    greedy_like: bool = True  # every generated token is the forward's choice or a near tie
 
 
 @register_check
@@ -102,7 +103,7 @@ class DecodingConsistency(Check):
             if ids.shape[1] < 2:
                 return self.skip("generate() returned no tokens after BOS")
             j = self._against_forward(cap, x, ids, noise, s.seed, name)
-            j.alone = self._alone(cap, x, ids, noise, max_len, s.seed)
+            j.alone = self._alone(cap, x, ids, noise, max_len, s.seed, j.greedy_like)
             judged.append(j)
             metrics[f"unexplained_{name.split()[0]}"] = len(j.bad_rows) / j.n
             metrics[f"alone_differs_{name.split()[0]}"] = float(len(j.alone))
@@ -131,6 +132,7 @@ class DecodingConsistency(Check):
         agr = agreement(cap, x, ids, seed, noise)
         j = Judged(name, x.shape[0])
         suspects = [i for i in range(x.shape[0]) if bool(agr.disagrees[i])]
+        j.greedy_like = not suspects
         if not suspects:
             return j
         # capdiag's own searches through the forward: greedy and beam-k. A generated caption is clearly
@@ -164,12 +166,12 @@ class DecodingConsistency(Check):
             j.first = (k, t, float(agr.margins[k, t]))
         return j
 
-    def _alone(self, cap, x, ids, noise, max_len, seed) -> list:
+    def _alone(self, cap, x, ids, noise, max_len, seed, greedy_like: bool) -> list:
         """Rows whose caption decoded alone differs from the batch's where the batch cannot explain it:
         one of the two stops without EOS where the other goes on (a batch stopped by another sample's
-        EOS), or both follow the forward's choices and part beyond a near tie. A search (a beam) can
-        legitimately land elsewhere after a rounding-level change of one score: its captions are judged
-        against the forward (``_against_forward``), not against each other."""
+        EOS), or, for a decoder that otherwise follows the forward's choices (``greedy_like``), one of the
+        two departs from them. A search (a beam) can legitimately land elsewhere after a rounding-level
+        change of one score: its captions are judged against the forward (``_against_forward``)."""
         batch = cap.strip(ids)
         out = []
         for i in range(min(x.shape[0], self.max_alone)):
@@ -179,11 +181,18 @@ class DecodingConsistency(Check):
                 continue
             t = next((k for k, (a, b) in enumerate(zip(alone, batch[i])) if a != b), min(len(alone), len(batch[i])))
             cut = (t >= len(batch[i]) and not _ends(cap, ids[i])) or (t >= len(alone) and not _ends(cap, alone_ids[0]))
+            if cut:
+                out.append(i)
+                continue
+            if not greedy_like:  # a search may land elsewhere after a rounding-level change of one score
+                continue
+            # A greedy decoder: both captions must follow the forward's choices; where both do and still part,
+            # the two words are within the noise floor of each other (a near tie). One that does not is the bug.
             pair = [alone_ids[0], ids[i]]
             width = max(len(r) for r in pair)
             both = torch.stack([torch.cat([r, r.new_full((width - len(r),), cap.spec.pad_id)]) for r in pair])
-            follow = not bool(agreement(cap, x[i:i + 1].expand(2, *x.shape[1:]), both, seed, noise).disagrees.any())
-            if cut or follow:
+            departs = agreement(cap, x[i:i + 1].expand(2, *x.shape[1:]), both, seed, noise).disagrees
+            if bool(departs.any()):
                 out.append(i)
         return out
 
