@@ -27,7 +27,9 @@ given), in the precision it runs in. Four comparisons:
    Where it feeds one token per step (a recurrent cell, a KV cache), each row's prefix is followed: the
    earlier prefix that, extended by the row's token, makes the forward give the row's logits. A step no
    prefix explains ran from the wrong state or position; a returned caption that is not a followed
-   prefix was assembled from rows whose state did not go with them (two or more fail).
+   prefix was assembled from rows whose state did not go with them (two or more fail). Where this step
+   evidence is clean, captions scored below capdiag's own searches (1) are the search's own errors, not
+   a failure; the comparison of 1 decides only where no step could be read.
 
 A failing finding names the first decoding step where generate() departs from the forward and the
 line of generate()'s loop that runs the decoder.
@@ -234,7 +236,13 @@ class DecodingConsistency(Check):
                             f"by up to {steps[0].worst:.3g} nats (noise floor {noise:.1g})")
             evidence.append(f"first symptom: decoder call {k + 1} of generate(), prefix of {t} tokens: its log-probabilities "
                             f"differ from the forward's by {steps[0].worst:.3g}")
+        # Step evidence, where hooks could read it, proves each step ran the forward's computation on its own
+        # prefix: then captions the forward scores lower than capdiag's searches are the search's own errors.
+        steps_clean = "max_step_logprob_gap" in metrics and gap <= self.step_noise_factor * noise and stray < 2
         for j in judged:
+            if steps_clean:
+                metrics[f"search_errors_{j.name.split()[0]}"] = float(len(j.bad_rows))
+                continue
             if len(j.bad_rows) >= 2 and len(j.bad_rows) > self.max_bad_fraction * j.n:
                 problems.append(f"on {j.name}, {len(j.bad_rows)} of {j.n} captions are ones the forward scores lower "
                                 f"than its own greedy and beam-{self.beam} searches, departing from its choices")
