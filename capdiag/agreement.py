@@ -248,7 +248,7 @@ def step_logits_check(cap, images: torch.Tensor, max_len: int, seed: int) -> Opt
 
 
 @torch.no_grad()
-def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, noise: float) -> Optional[dict]:
+def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, tol: float) -> Optional[dict]:
     """For decoders that feed generate() one token per step (a recurrent cell, a KV cache): follow which
     prefix each row's step logits belong to, and check that the captions generate() returns are made of
     prefixes it scored.
@@ -258,7 +258,9 @@ def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, noise: fl
     makes the forward give those logits. A row no earlier prefix explains means the step ran from some
     other state (KV positions stuck at 0); a returned caption that is not one of the followed prefixes was
     assembled from rows whose state did not go with them (a beam search that reorders its sequences but
-    keeps its (h, c) by slot). Returns None when generate() embeds whole prefixes (``step_logits_check``)."""
+    keeps its (h, c) by slot). Every (image, prefix) within ``tol`` of a row's logits is kept as what that
+    row may be (an untrained copy may give several images the same first step). Returns None when
+    generate() embeds whole prefixes (``step_logits_check``)."""
     V, bos = cap.spec.vocab_size, cap.spec.bos_id
     embeds = [m for m in cap.model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= V]
     calls: list = []
@@ -286,36 +288,44 @@ def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, noise: fl
         return None
     n = images.shape[0]
     followed: set = set()  # (image, prefix tuple) whose step logits generate() computed
-    rows_prev: list = []  # [(image, prefix)] per row of the previous step
+    explained: set = set()  # what the previous step's rows may continue: every (image, prefix) within tolerance
     worst, first = 0.0, None
+    eos = cap.spec.eos_id
+    filler = next(t for t in range(V) if t not in cap.spec.special_ids)
     for k, (tok, logits) in enumerate(seen):
         if bool((tok == bos).all()):  # a decoding (one image's beams, or the batch) starts
-            cands = [[(j, (bos,)) for j in range(n)] for _ in range(len(tok))]
+            base = [(j, ()) for j in range(n)]
         else:
-            cands = [[(j, p + (int(t),)) for j, p in rows_prev] for t in tok]
-        flat = [c for row in cands for c in row]
-        if not flat:
-            return None
+            base = sorted(explained)
+        # A row continuing a finished caption (EOS already in its prefix) is padding: its logits mean nothing.
+        base_live = [(j, p) for j, p in base if eos not in p[1:]]
+        if not base_live:
+            explained = {(j, p + (int(t),)) for t in tok for j, p in base}
+            continue
+        flat = [(j, p + (int(t),)) for t in tok for j, p in base_live]
         width = max(len(p) for _, p in flat) + 1
-        ids = torch.tensor([list(p) + [cap.spec.pad_id] * (width - len(p)) for _, p in flat], device=images.device)
+        # Each prefix, then one placeholder word (decoders that take their lengths from padding, and models
+        # returning T-1 logits, still score the step after the prefix), then padding.
+        ids = torch.tensor([list(p) + [filler] + [cap.spec.pad_id] * (width - len(p) - 1) for _, p in flat],
+                           device=images.device)
         x = images[torch.tensor([j for j, _ in flat], device=images.device)]
         with seeded(seed), in_mode(cap.model, False):
             lp = F.log_softmax(cap.logits(x, ids).float(), -1)
         pos = torch.tensor([len(p) - 1 for _, p in flat], device=images.device)
-        fwd = lp[torch.arange(len(flat), device=images.device), pos]  # (candidates, V)
-        gen = F.log_softmax(logits, -1)
-        rows_prev, i = [], 0
-        for r, row in enumerate(cands):
-            gaps = (fwd[i:i + len(row)] - gen[r]).abs().amax(-1)
-            best = int(gaps.argmin())
-            gap = float(gaps[best])
+        fwd = lp[torch.arange(len(flat), device=images.device), pos].view(len(tok), len(base_live), -1)
+        gaps = (fwd - F.log_softmax(logits, -1)[:, None]).abs().amax(-1).cpu()  # (rows, candidates)
+        explained = set()
+        for r in range(len(tok)):
+            ok = (gaps[r] <= tol).nonzero().flatten().tolist()
+            best = int(gaps[r].argmin())
+            gap = float(gaps[r, best])
             if gap > worst:
                 worst = gap
-            if gap > noise and first is None:
+            if not ok and first is None:
                 first = (k, r, gap)
-            rows_prev.append(row[best])
-            followed.add(row[best])
-            i += len(row)
+            for c in (ok or [best]):
+                explained.add(flat[r * len(base_live) + c])
+        followed |= explained
     # A returned caption (BOS .. its last word) must be a prefix whose step generate() ran from its own state.
     # (A caption cut at max_len never embedded its last word: then its prefix up to the word before.)
     ids = generated_ids(out, n, cap.spec.pad_id, images.device)

@@ -25,11 +25,12 @@ given), in the precision it runs in. Four comparisons:
    returns for it, and the forward runs on the same prefix: a beam search that calls the decoder without
    its causal mask differs by nats, a correct one by rounding (at most ``step_noise_factor`` noise floors).
    Where it feeds one token per step (a recurrent cell, a KV cache), each row's prefix is followed: the
-   earlier prefix that, extended by the row's token, makes the forward give the row's logits. A step no
-   prefix explains ran from the wrong state or position; a returned caption that is not a followed
-   prefix was assembled from rows whose state did not go with them (two or more fail). Where this step
-   evidence is clean, captions scored below capdiag's own searches (1) are the search's own errors, not
-   a failure; the comparison of 1 decides only where no step could be read.
+   earlier prefix that, extended by the row's token, makes the forward give the row's logits. A returned
+   caption that is not a followed prefix was assembled from rows whose state did not go with them (two
+   or more fail). A step no prefix explains is recorded (``max_step_logprob_gap``) but judged through 1:
+   following prefixes through recurrent decoders that pad finished rows is not exact enough yet to fail
+   on alone. Where the step evidence is clean, captions scored below capdiag's own searches (1) are the
+   search's own errors, not a failure; the comparison of 1 decides where no clean step could be read.
 
 A failing finding names the first decoding step where generate() departs from the forward and the
 line of generate()'s loop that runs the decoder.
@@ -116,7 +117,8 @@ class DecodingConsistency(Check):
             metrics["max_step_logprob_gap"] = steps.worst
             judged.append(steps)
         else:  # one token per step: follow each row's prefix on training and noise images
-            followed = [stepwise_check(cap, x, max_len, s.seed, noise) for x in (images[:4], sets["unseen images"][:5])]
+            tol = self.step_noise_factor * noise
+            followed = [stepwise_check(cap, x, max_len, s.seed, tol) for x in (images[:4], sets["unseen images"][:5])]
             followed = [f for f in followed if f is not None]
             if followed:
                 metrics["max_step_logprob_gap"] = max(f["worst_gap"] for f in followed)
@@ -222,10 +224,6 @@ class DecodingConsistency(Check):
         judged = [j for j in judged if isinstance(j, Judged)]
         noise = metrics["noise_floor"]
         gap, stray = metrics.get("max_step_logprob_gap", 0.0), metrics.get("stray_captions", 0.0)
-        if not steps and gap > self.step_noise_factor * noise:
-            problems.append(f"generate()'s step logits match no prefix the forward scores (off by up to {gap:.3g} nats, "
-                            f"noise floor {noise:.1g}): a step runs from the wrong state or position")
-            evidence.append(f"first symptom: a decoding step whose log-probabilities no prefix explains (gap {gap:.3g})")
         if stray >= 2:
             problems.append(f"{int(stray)} returned captions are not sequences whose steps generate() computed: the "
                             "sequences were reordered without their state")
@@ -263,6 +261,7 @@ class DecodingConsistency(Check):
             n = sum(j.n for j in judged)
             return self.finding(Status.PASS, f"generate() agrees with the teacher-forced forward on {n} images "
                                 f"(training and unseen), alone and in the batch, call after call ({source})", metrics)
+        evidence.sort(key=lambda e: "decoding step" not in e)  # the first departing step, when one was seen
         site = generate_loop_site(cap, images, max_len)
         where = None
         if site is not None:
