@@ -295,6 +295,8 @@ def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, tol: floa
     for k, (tok, logits) in enumerate(seen):
         if bool((tok == bos).all()):  # a decoding (one image's beams, or the batch) starts
             base = [(j, ()) for j in range(n)]
+        elif not explained:  # the decoding does not start from BOS as this model's captions do: cannot follow it
+            return None
         else:
             base = sorted(explained)
         # A row continuing a finished caption (EOS already in its prefix) is padding: its logits mean nothing.
