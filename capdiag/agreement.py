@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .captioner import generated_ids
+from .hooks import hooked
 from .probe import judged_mask, precision, tolerance
 from .state import in_mode, seeded
 
@@ -41,6 +42,8 @@ class Agreement:
     margins: torch.Tensor  # (B, L-1): forward's top log-prob minus the generated token's (0 at argmax), nan off-caption
     disagrees: torch.Tensor  # (B,) True where some token of the caption is a disagreement
     first: Optional[tuple] = None  # (sample, step, margin) of the first disagreement
+    logprobs: Optional[torch.Tensor] = None  # (B, L-1, V) the forward's log-probabilities over the ids
+    total: Optional[torch.Tensor] = None  # (B,) the forward's log-probability of each caption (``sequence_logprob``)
 
     @property
     def n_disagreements(self) -> int:
@@ -71,6 +74,7 @@ def agreement(cap, images: torch.Tensor, ids: torch.Tensor, seed: int, noise: fl
     lp = forward_logprobs(cap, images, ids, seed)
     mask = cap.target_mask(ids)
     chosen = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    total = (chosen * mask).sum(1).cpu()
     margin = lp.max(-1).values - chosen  # >= 0
     is_max = (lp.argmax(-1) == ids[:, 1:]) | (margin <= 0)
     tie = ~is_max & (margin <= noise)
@@ -80,7 +84,8 @@ def agreement(cap, images: torch.Tensor, ids: torch.Tensor, seed: int, noise: fl
         b, t = (int(i) for i in bad.nonzero()[0])
         first = (b, t, float(margin[b, t]))
     return Agreement(int(mask.sum()), int((is_max & mask).sum()), int((tie & mask).sum()), noise,
-                     torch.where(mask, margin, torch.full_like(margin, float("nan"))).cpu(), bad.any(1).cpu(), first)
+                     torch.where(mask, margin, torch.full_like(margin, float("nan"))).cpu(), bad.any(1).cpu(), first,
+                     lp, total)
 
 
 @torch.no_grad()
@@ -92,10 +97,11 @@ def noise_floor(cap, images: torch.Tensor, captions: torch.Tensor, seed: int, dt
     largest logit: a bf16 autocast region rounds differently for other shapes even where this batch's
     halves happen to agree bit for bit."""
     def lp(x, c):
-        with seeded(seed), in_mode(cap.model, False):
-            return F.log_softmax(cap.logits(x, c).float(), -1)
+        return forward_logprobs(cap, x, c, seed)
 
-    base = lp(images, captions)
+    with seeded(seed), in_mode(cap.model, False):
+        logits = cap.logits(images, captions).float()
+    base = F.log_softmax(logits, -1)
     judged = judged_mask(cap, captions)[..., None]
     B = images.shape[0]
     moved = 0.0
@@ -105,8 +111,7 @@ def noise_floor(cap, images: torch.Tensor, captions: torch.Tensor, seed: int, dt
         moved = max(moved, float(torch.nan_to_num((base - halves).abs() * judged).max()))
     longer = torch.cat([captions, torch.full_like(captions[:, :1], cap.spec.pad_id)], 1)
     moved = max(moved, float(torch.nan_to_num((base - lp(images, longer)[:, : base.shape[1]]).abs() * judged).max()))
-    with seeded(seed), in_mode(cap.model, False):
-        scale = float((cap.logits(images, captions).float().abs() * judged).max())
+    scale = float((logits.abs() * judged).max())
     return max(moved, MIN_NOISE, tolerance(base, dtype or cap.dtype) * scale)
 
 
@@ -119,8 +124,7 @@ def subject_noise_floor(s, cap, images, captions) -> float:
 def sequence_logprob(cap, images: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
     """``(B,)`` the forward's total log-probability of each caption in ``ids`` (BOS excluded, EOS included)."""
     lp = forward_logprobs(cap, images, ids, seed)
-    mask = cap.target_mask(ids)
-    return (lp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask).sum(1).cpu()
+    return (lp.gather(-1, ids[:, 1:, None]).squeeze(-1) * cap.target_mask(ids)).sum(1).cpu()
 
 
 # ---- where generate() runs the decoder -------------------------------------------------------------
@@ -161,13 +165,9 @@ def generate_loop_site(cap, images: torch.Tensor, max_len: int):
                 return
 
     def run(hook, fn):
-        handles = [m.register_forward_pre_hook(hook) for m in model.modules() if m is not model]
-        try:
-            with torch.no_grad(), in_mode(model, False), seeded(0):
-                fn()
-        finally:
-            for h in handles:
-                h.remove()
+        with hooked([m for m in model.modules() if m is not model], hook, pre=True), torch.no_grad(), \
+                in_mode(model, False), seeded(0):
+            fn()
 
     x = images[:2]
     ids = torch.full((x.shape[0], 2), cap.spec.bos_id, dtype=torch.long, device=x.device)
@@ -185,6 +185,19 @@ def generate_loop_site(cap, images: torch.Tensor, max_len: int):
 
 
 # ---- generate()'s own step logits against the forward's ------------------------------------------------
+def _token_embeddings(cap) -> list:
+    """The embeddings that can embed the caption vocabulary."""
+    return [m for m in cap.model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= cap.spec.vocab_size]
+
+
+def _generate_hooked(cap, images, max_len, seed, embeds, on_embed, on_output):
+    """generate() in eval mode, seeded, with ``on_embed`` before every call of ``embeds`` and ``on_output``
+    after every module's forward (the model's own top level left out)."""
+    with hooked(embeds, on_embed, pre=True), hooked([m for m in cap.model.modules() if m is not cap.model], on_output), \
+            seeded(seed), in_mode(cap.model, False):
+        return cap.generate(images, max_len=max_len)
+
+
 @dataclass(frozen=True)
 class StepCheck:
     """generate()'s step logits compared with the forward's at the same prefix (decoders that run the
@@ -203,7 +216,7 @@ def step_logits_check(cap, images: torch.Tensor, max_len: int, seed: int) -> Opt
     search decodes one image's beams at a time, or all of them interleaved). None when generate() never
     embeds a whole prefix (a KV cache or a recurrent step sees one token at a time)."""
     V, bos = cap.spec.vocab_size, cap.spec.bos_id
-    embeds = [m for m in cap.model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= V]
+    embeds = _token_embeddings(cap)
     if not embeds:
         return None
     calls: list = []  # [prefix (rows, t), logits (rows, V) or None]
@@ -219,14 +232,7 @@ def step_logits_check(cap, images: torch.Tensor, max_len: int, seed: int) -> Opt
                 and out.shape[-1] == V and out.shape[:2] == calls[-1][0].shape:
             calls[-1][1] = out[:, -1].detach().float()
 
-    handles = [m.register_forward_pre_hook(on_embed) for m in embeds]
-    handles += [m.register_forward_hook(on_output) for m in cap.model.modules() if m is not cap.model]
-    try:
-        with seeded(seed), in_mode(cap.model, False):
-            cap.generate(images, max_len=max_len)
-    finally:
-        for h in handles:
-            h.remove()
+    _generate_hooked(cap, images, max_len, seed, embeds, on_embed, on_output)
     seen = [(p, lg) for p, lg in calls if lg is not None]
     # A decoder that runs the whole prefix grows it by one token a call; a cache sees length 1 throughout.
     if len(seen) < 2 or max(p.shape[1] for p, _ in seen) < 2:
@@ -262,7 +268,7 @@ def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, tol: floa
     row may be (an untrained copy may give several images the same first step). Returns None when
     generate() embeds whole prefixes (``step_logits_check``)."""
     V, bos = cap.spec.vocab_size, cap.spec.bos_id
-    embeds = [m for m in cap.model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= V]
+    embeds = _token_embeddings(cap)
     calls: list = []
 
     def on_embed(m, args):
@@ -275,14 +281,7 @@ def stepwise_check(cap, images: torch.Tensor, max_len: int, seed: int, tol: floa
                 and out.shape[0] == calls[-1][0].shape[0] and out.dim() in (2, 3):
             calls[-1][1] = out.reshape(out.shape[0], -1, V)[:, -1].detach().float()
 
-    handles = [m.register_forward_pre_hook(on_embed) for m in embeds]
-    handles += [m.register_forward_hook(on_output) for m in cap.model.modules() if m is not cap.model]
-    try:
-        with seeded(seed), in_mode(cap.model, False):
-            out = cap.generate(images, max_len=max_len)
-    finally:
-        for h in handles:
-            h.remove()
+    out = _generate_hooked(cap, images, max_len, seed, embeds, on_embed, on_output)
     seen = [(tok, lg) for tok, lg in calls if lg is not None]
     if len(seen) < 2:
         return None

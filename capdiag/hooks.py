@@ -38,20 +38,39 @@ def _map_output(output, fn, batch=None):
     return output
 
 
-def _floating(x, depth: int = 0):
-    """Floating tensors inside ``x`` (containers and plain objects, a few levels deep)."""
+def tensors_in(x, depth: int = 0):
+    """Every tensor in a module output or input: tensors, tuples/lists, dicts, ModelOutputs and
+    objects holding tensors in attributes (a NestedTensor's ``tensors``), a few levels deep."""
     if isinstance(x, torch.Tensor):
-        if x.is_floating_point() and x.dim() > 0:
-            yield x
-    elif depth < 5 and isinstance(x, dict):
+        yield x
+    elif depth > 4:
+        return
+    elif isinstance(x, dict):
         for v in x.values():
-            yield from _floating(v, depth + 1)
-    elif depth < 5 and isinstance(x, (tuple, list)):
+            yield from tensors_in(v, depth + 1)
+    elif isinstance(x, (tuple, list)):
         for v in x:
-            yield from _floating(v, depth + 1)
-    elif depth < 5 and hasattr(x, "__dict__") and not isinstance(x, nn.Module):
+            yield from tensors_in(v, depth + 1)
+    elif hasattr(x, "__dict__") and not isinstance(x, nn.Module):
         for v in vars(x).values():
-            yield from _floating(v, depth + 1)
+            yield from tensors_in(v, depth + 1)
+
+
+def _floating(x):
+    """The floating tensors with a batch-like first dimension inside ``x`` (``tensors_in``)."""
+    return (t for t in tensors_in(x) if t.is_floating_point() and t.dim() > 0)
+
+
+@contextlib.contextmanager
+def hooked(modules, hook: Callable, pre: bool = False) -> Iterator[None]:
+    """``hook`` as a forward hook (or, with ``pre``, a forward pre-hook) on every module of ``modules``
+    for the block; every handle removed in ``finally``, also when the block raises."""
+    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .captioner import Captioner
+from .hooks import hooked, tensors_in
 from .state import in_mode, seeded
 
 
@@ -47,13 +48,8 @@ def compute_dtype(cap: Captioner, images: torch.Tensor, captions: torch.Tensor) 
             if t.is_floating_point():
                 seen.add(t.dtype)
 
-    handles = [m.register_forward_hook(hook) for m in cap.model.modules()]
-    try:
-        with in_mode(cap.model, False), seeded(0):
-            cap.logits(images[:2], captions[:2])
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(cap.model.modules(), hook), in_mode(cap.model, False), seeded(0):
+        cap.logits(images[:2], captions[:2])
     half = [d for d in HALF if d in seen]
     return half[0] if half else cap.dtype
 
@@ -61,24 +57,6 @@ def compute_dtype(cap: Captioner, images: torch.Tensor, captions: torch.Tensor) 
 def precision(s) -> torch.dtype:
     """``compute_dtype`` of a subject's model on its batch, measured once per subject."""
     return s.measured("compute_dtype", lambda: compute_dtype(s.captioner, s.images, s.captions))
-
-
-def tensors_in(x, depth: int = 0):
-    """Every tensor in a module output or input: tensors, tuples/lists, dicts, ModelOutputs and
-    objects holding tensors in attributes (a NestedTensor's ``tensors``), a few levels deep."""
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif depth > 4:
-        return
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from tensors_in(v, depth + 1)
-    elif isinstance(x, (tuple, list)):
-        for v in x:
-            yield from tensors_in(v, depth + 1)
-    elif hasattr(x, "__dict__") and not isinstance(x, nn.Module):
-        for v in vars(x).values():
-            yield from tensors_in(v, depth + 1)
 
 
 @torch.no_grad()
@@ -91,13 +69,8 @@ def activation_scale(cap: Captioner, images, captions, train: bool, seed: int) -
             if t.is_floating_point() and t.numel():
                 top[0] = max(top[0], float(t.detach().abs().max()))
 
-    handles = [m.register_forward_hook(hook) for m in cap.model.modules()]
-    try:
-        with in_mode(cap.model, train), seeded(seed):
-            cap.logits(images, captions)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(cap.model.modules(), hook), in_mode(cap.model, train), seeded(seed):
+        cap.logits(images, captions)
     return top[0]
 
 

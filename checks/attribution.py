@@ -24,7 +24,7 @@ from torch import nn
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import where_image_dies
-from capdiag.hooks import captured_outputs, replaced_output
+from capdiag.hooks import captured_outputs, hooked, replaced_output
 from capdiag.probe import input_grad, precision, reentrant_refusal, rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
@@ -40,11 +40,8 @@ def _logp_with(cap, layer, value, images, ids, t, at_input: bool = False):
     """``_logp`` with ``layer``'s output (or first input) replaced by ``value`` (a copy: models that
     add to their embeddings in place, as BLIP's text embeddings do, must not write into the leaf)."""
     if at_input:
-        handle = layer.register_forward_pre_hook(lambda m, args: (value.clone(),) + tuple(args[1:]))
-        try:
+        with hooked([layer], lambda m, args: (value.clone(),) + tuple(args[1:]), pre=True):
             return _logp(cap, images, ids, t)
-        finally:
-            handle.remove()
     with replaced_output(layer, lambda o: value.clone()):
         return _logp(cap, images, ids, t)
 
@@ -116,12 +113,9 @@ def layer_output(cap, layer, images, ids, at_input: bool = False) -> torch.Tenso
     """The (first tensor) output, or first input, of ``layer`` in one eval-mode forward."""
     if at_input:
         seen = []
-        handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if not seen else None)
-        try:
-            with torch.no_grad():
-                cap.logits(images, ids)
-        finally:
-            handle.remove()
+        with hooked([layer], lambda m, args: seen.append(args[0].detach().clone()) if not seen else None, pre=True), \
+                torch.no_grad():
+            cap.logits(images, ids)
         return seen[0]
     with captured_outputs({"layer": layer}) as out, torch.no_grad():
         cap.logits(images, ids)

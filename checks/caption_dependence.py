@@ -57,17 +57,7 @@ class CaptionDependence(Check):
         with reused_image_features(cap):  # only the captions change: the image features are computed once
             for train in modes:
                 tag = "train" if train else "eval"
-                base = logits_in(cap, s.images, s.captions, train, s.seed)
-                tol = tolerance_same_shape(base, precision(s))  # same shapes: any real reaction counts
-                hits = []
-                for t in positions:  # a word inside every caption: lengths, EOS and padding stay put
-                    where = torch.zeros_like(s.captions, dtype=torch.bool)
-                    where[:, t] = True
-                    caps = replace_tokens(cap, s.captions, where, g)
-                    out = logits_in(cap, s.images, caps, train, s.seed)
-                    hits.append(rel_diff(base[:, t], out[:, t], dim=(1,)) > tol)  # (B,)
-                frac = float(torch.stack(hits).float().mean())
-                metrics[f"fraction_dependent_{tag}"] = frac
+                frac = metrics[f"fraction_dependent_{tag}"] = self._fraction(cap, s, positions, train, g)
                 verdicts[tag] = frac >= self.min_fraction
         if "train" not in verdicts:
             if verdicts["eval"]:
@@ -96,19 +86,21 @@ class CaptionDependence(Check):
             metrics,
         )
 
-    # ---- eval mode ignores the tokens, train mode does not: which cause? -------------------------
-    def _eval_fraction(self, cap, s: Subject, positions) -> float:
-        """The eval-mode share of (sample, position) pairs whose logits react to their token."""
-        g = torch.Generator().manual_seed(s.seed + 1)
-        base = logits_in(cap, s.images, s.captions, False, s.seed)
-        tol = tolerance_same_shape(base, precision(s))
+    @staticmethod
+    def _fraction(cap, s: Subject, positions, train: bool, g: torch.Generator) -> float:
+        """The share of (sample, position) pairs whose logits react to their token being replaced, in train
+        or eval mode (replacement words drawn from ``g``)."""
+        base = logits_in(cap, s.images, s.captions, train, s.seed)
+        tol = tolerance_same_shape(base, precision(s))  # same shapes: any real reaction counts
         hits = []
-        for t in positions:
+        for t in positions:  # a word inside every caption: lengths, EOS and padding stay put
             where = torch.zeros_like(s.captions, dtype=torch.bool)
             where[:, t] = True
-            out = logits_in(cap, s.images, replace_tokens(cap, s.captions, where, g), False, s.seed)
-            hits.append(rel_diff(base[:, t], out[:, t], dim=(1,)) > tol)
+            out = logits_in(cap, s.images, replace_tokens(cap, s.captions, where, g), train, s.seed)
+            hits.append(rel_diff(base[:, t], out[:, t], dim=(1,)) > tol)  # (B,)
         return float(torch.stack(hits).float().mean())
+
+    # ---- eval mode ignores the tokens, train mode does not: which cause? -------------------------
 
     def _eval_only(self, s: Subject, positions, metrics):
         """Name a cause only when a measurement told it apart from the others (see ``_causes``)."""
@@ -147,7 +139,9 @@ class CaptionDependence(Check):
         if tracking_batchnorms(cap.model):
             twin = cap.with_model(copy.deepcopy(cap.model))
             recalibrate(twin, s.images, s.captions, s.seed)
-            after = metrics["fraction_dependent_eval_bn_reestimated"] = self._eval_fraction(twin, s, positions)
+            # The same replacement words as the eval-mode pass of run() (a generator seeded the same way).
+            g = torch.Generator().manual_seed(s.seed + 1)
+            after = metrics["fraction_dependent_eval_bn_reestimated"] = self._fraction(twin, s, positions, False, g)
             if after >= self.min_fraction:
                 return "batchnorm", (f"with BatchNorm statistics re-estimated on the batch, {after:.0%} react in eval "
                                      "mode (the running statistics do not match what the weights produce, and the "

@@ -38,12 +38,13 @@ line of generate()'s loop that runs the decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from capdiag.ablation import generated
-from capdiag.agreement import (StepCheck, agreement, forward_logprobs, generate_loop_site, sequence_logprob,
-                               step_logits_check, stepwise_check, subject_noise_floor)
+from capdiag.agreement import (StepCheck, agreement, generate_loop_site, sequence_logprob, step_logits_check,
+                               stepwise_check, subject_noise_floor)
 from capdiag.check import Check, Subject
 from capdiag.finding import Location, Status
 from capdiag.registry import register_check
@@ -115,7 +116,6 @@ class DecodingConsistency(Check):
         steps = step_logits_check(cap, images[:4], max_len, s.seed)
         if steps is not None:
             metrics["max_step_logprob_gap"] = steps.worst
-            judged.append(steps)
         else:  # one token per step: follow each row's prefix on training and noise images
             tol = self.step_noise_factor * noise
             followed = [stepwise_check(cap, x, max_len, s.seed, tol) for x in (images[:4], sets["unseen images"][:5])]
@@ -123,8 +123,7 @@ class DecodingConsistency(Check):
             if followed:
                 metrics["max_step_logprob_gap"] = max(f["worst_gap"] for f in followed)
                 metrics["stray_captions"] = float(sum(f["stray_captions"] for f in followed))
-                judged.append(followed)
-        return self._verdict(s, cap, images, judged, carried, metrics, source, max_len)
+        return self._verdict(s, cap, images, judged, steps, carried, metrics, source, max_len)
 
     # ---- measure -----------------------------------------------------------------------------
     @staticmethod
@@ -143,18 +142,18 @@ class DecodingConsistency(Check):
         # worse when one of them beats it both in total and in mean log-probability per token: then it is
         # worse under every length penalty between none and full normalization, whatever the search's
         # own objective (a dominance at both ends holds for every L**a, 0 <= a <= 1, in between).
-        gen_total = sequence_logprob(cap, x, ids, seed)
-        gen_len = cap.target_mask(ids).sum(1).clamp_min(1).cpu().float()
-        rivals = []
+        def length(t):  # real target tokens per caption
+            return cap.target_mask(t).sum(1).clamp_min(1).cpu().float()
+
+        gen_total, gen_len = agr.total, length(ids)
         greedy = cap.greedy(x, ids.shape[1])
-        rivals.append((sequence_logprob(cap, x, greedy, seed), cap.target_mask(greedy).sum(1).clamp_min(1).cpu().float()))
         beams = cap.beam(x, self.beam, ids.shape[1])
         width = max(len(b) for b in beams)
         beam_ids = torch.tensor([b + [cap.spec.pad_id] * (width - len(b)) for b in beams], device=x.device)
-        rivals.append((sequence_logprob(cap, x, beam_ids, seed), cap.target_mask(beam_ids).sum(1).clamp_min(1).cpu().float()))
+        rivals = [(sequence_logprob(cap, x, r, seed), length(r)) for r in (greedy, beam_ids)]
         # A correct search of width k only ever extends a hypothesis by one of that hypothesis' k best
         # next words under the forward; a token ranked below them came from some other state.
-        lp = forward_logprobs(cap, x, ids, seed)
+        lp = agr.logprobs
         kth = lp.topk(min(self.beam, lp.shape[-1]), -1).values[..., -1]  # (B, L-1)
         chosen = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         beyond = ((chosen < kth - noise) & cap.target_mask(ids)).any(1).cpu()
@@ -218,22 +217,20 @@ class DecodingConsistency(Check):
         return sum(a != b for a, b in zip(fresh, after))
 
     # ---- judge and explain -----------------------------------------------------------------------
-    def _verdict(self, s, cap, images, judged, carried, metrics, source, max_len):
+    def _verdict(self, s, cap, images, judged, steps: Optional[StepCheck], carried, metrics, source, max_len):
         problems, evidence = [], []
-        steps = [j for j in judged if isinstance(j, StepCheck)]
-        judged = [j for j in judged if isinstance(j, Judged)]
         noise = metrics["noise_floor"]
         gap, stray = metrics.get("max_step_logprob_gap", 0.0), metrics.get("stray_captions", 0.0)
         if stray >= 2:
             problems.append(f"{int(stray)} returned captions are not sequences whose steps generate() computed: the "
                             "sequences were reordered without their state")
             evidence.append("first symptom: a returned caption whose last step was never run from its own prefix")
-        if steps and steps[0].worst > self.step_noise_factor * noise:
-            k, t = steps[0].at
+        if steps is not None and steps.worst > self.step_noise_factor * noise:
+            k, t = steps.at
             problems.append(f"the logits generate() computes at its steps differ from the forward's at the same prefix "
-                            f"by up to {steps[0].worst:.3g} nats (noise floor {noise:.1g})")
+                            f"by up to {steps.worst:.3g} nats (noise floor {noise:.1g})")
             evidence.append(f"first symptom: decoder call {k + 1} of generate(), prefix of {t} tokens: its log-probabilities "
-                            f"differ from the forward's by {steps[0].worst:.3g}")
+                            f"differ from the forward's by {steps.worst:.3g}")
         # Step evidence, where hooks could read it, proves each step ran the forward's computation on its own
         # prefix: then captions the forward scores lower than capdiag's searches are the search's own errors.
         steps_clean = "max_step_logprob_gap" in metrics and gap <= self.step_noise_factor * noise and stray < 2

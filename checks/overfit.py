@@ -81,7 +81,7 @@ def misses_explained(s, cap, images, captions, ids, refs, hyps) -> Misses:
         empty = Agreement(0, 0, 0, noise, torch.zeros(len(refs), 0), torch.ones(len(refs), dtype=torch.bool))
         return Misses(empty, len(missed), len(missed), 0)
     agr = agreement(cap, images, ids, s.seed, noise)
-    gen_lp = sequence_logprob(cap, images, ids, s.seed)
+    gen_lp = agr.total  # the forward's score of each generated caption, from the pass agreement() ran
     ref_lp = sequence_logprob(cap, images, captions, s.seed)
     unexplained = [i for i in missed if bool(agr.disagrees[i])
                    and float(gen_lp[i]) < float(ref_lp[i]) - noise * max(len(refs[i]), 1)]
