@@ -112,7 +112,7 @@ class Subject:
         f = self.fitted()
         batch = "one synthetic batch" if self.data is not None else "the given batch"  # see training.overfit_batch
         return Learned(f.captioner, f.images, f.captions, f"a copy overfit on {batch}", self.fitted_decode,
-                       f.final_loss, f.floor, f.fit.steps + f.fit.abandoned_steps)
+                       f.final_loss, f.floor, f.fit.steps + f.fit.abandoned_steps, f.fit.recent_loss)
 
 
 class Check(abc.ABC):

@@ -325,6 +325,7 @@ class Learned:
     loss: Optional[float] = None  # a fitted copy's eval-mode loss after training (None: the model as given)
     floor: Optional[float] = None  # the image-blind floor of the batch it trained on
     steps: int = 0  # the steps the copy trained
+    train_loss: Optional[float] = None  # the copy's train-mode loss at the end of training
 
     def __iter__(self):  # cap, images, captions, source = s.learned()
         return iter((self.captioner, self.images, self.captions, self.source))
@@ -336,7 +337,10 @@ class Learned:
         so no check may rest a verdict on it (a slow learner, e.g. dropout 0.5, needs more steps)."""
         if self.loss is None or self.floor is None:
             return False
-        return not math.isfinite(self.loss) or self.loss > UNLEARNED_OVER_FLOOR * self.floor
+        # Learned in either mode: a copy that memorized in train mode but not in eval mode did learn; its
+        # eval-mode gap is a finding of its own (overfit's train/eval diagnosis: the forum case).
+        best = min(self.loss, self.train_loss) if self.train_loss is not None else self.loss
+        return not math.isfinite(best) or best > UNLEARNED_OVER_FLOOR * self.floor
 
     def inconclusive(self) -> str:
         """The WARN summary of a check that will not judge an unlearned copy, with what would settle it."""
