@@ -21,6 +21,7 @@ import capdiag
 from capdiag import localize, trace
 from capdiag.models import registry, unusual, zoo
 from capdiag.models.planted_sites import SITES, judge
+from capdiag.testing import decoding, held_out, strangers
 from capdiag.registry import get_check
 from capdiag.runner import run_check
 
@@ -51,6 +52,19 @@ def cases(quick: bool):
         if quick and not get_check(check).cheap:
             continue
         yield f"{name}/{bug}", f"{name}/{bug}", lambda n=name, b=bug: registry.subject(n, b), check
+    # families written after localization was: held-out twins, decoding twins, the strangers' twins
+    for family, mod in (("held_out", held_out), ("decoding", decoding), ("strangers", strangers)):
+        for bug, (pattern, check) in mod.BUGS.items():
+            if quick and not get_check(check).cheap:
+                continue
+            yield f"{family}/{pattern}/{bug}", f"{family}/{bug}", lambda m=mod, p=pattern, b=bug: family_subject(m, p, b), check
+
+
+def family_subject(mod, pattern, bug=None, seed=0):
+    m = mod.build(pattern, bug, seed=seed)
+    s = capdiag.subject_for(m, seed=seed, **m.capdiag_hints)
+    s.rebuild = lambda: mod.build(pattern, bug, seed=seed)
+    return s
 
 
 class Cost:
@@ -89,6 +103,43 @@ class Cost:
             trace.traced, localize.traced_build = traced, build
 
 
+def origins_asked(s) -> list:
+    """Every traced-origin question (``capdiag.origins``) asked of a clean model: each answer is false."""
+    from capdiag.localize import where_probabilities
+    from capdiag.origins import carried_state, image_substitute, input_write, random_draw, stuck_positions, unmatched_load
+    from capdiag.trace import trace_call
+
+    cap, found = s.captioner, []
+    calls = [(False, False), (True, False)] + ([(False, True)] if cap.has_generate else [])
+    for train, gen in calls:
+        what = f"{'generate' if gen else 'forward'} ({'train' if train else 'eval'})"
+        t = trace_call(cap, s.images.clone(), s.captions.clone(), train, s.seed, protect=False, generate=gen)
+        for name, loc in (("random draw", None if train else random_draw(t, cap.model)),
+                          ("input write", input_write(t, cap.model)),
+                          ("mode switch", next((sw for sw in t.switches if sw.training != t.training), None)),
+                          ("stuck positions", stuck_positions(t, cap.model, trace_call(cap, s.images, s.captions))
+                           if gen else None)):
+            if loc is not None:
+                found.append(f"{name} in {what}: {loc}")
+        if gen:
+            fwd = trace_call(cap, s.images, s.captions, seed=s.seed)
+            loc = image_substitute(fwd, t, cap.model)
+            if loc is not None:
+                found.append(f"image substitute in generate: {loc.where()}")
+    loc = where_probabilities(cap, s.images, s.captions, s.seed)
+    if loc is not None:
+        found.append(f"probabilities into the loss: {loc.where()}")
+    for gen in (False, True) if cap.has_generate else (False,):
+        loc = carried_state(cap, (s.images.roll(1, 0).flip(-1), s.captions.flip(0)), (s.images, s.captions), gen)
+        if loc is not None:
+            found.append(f"carried state ({'generate' if gen else 'forward'}): {loc.where()}")
+    if s.rebuild is not None:
+        loc = unmatched_load(trace.traced_build(s.rebuild)[2], "")
+        if loc is not None:
+            found.append(f"unmatched load: {loc.where()}")
+    return found
+
+
 def clean_sweep(seeds: int = 2) -> int:
     """Ask the engine directly, on clean models, where a caption token (3 positions, eval and train
     mode) or the image (forward and generate) stops mattering: every answer is a false location."""
@@ -101,11 +152,14 @@ def clean_sweep(seeds: int = 2) -> int:
         unusual.build(p, None, seed=sd))) for p in unusual.PATTERNS for sd in range(seeds)]
     subjects += [(f"reference/{n}", lambda n=n: registry.subject(n)) for n in registry.list_models()]
     subjects += [(f"zoo/{a}", lambda a=a: capdiag.subject_for(zoo.make(a), **zoo.HINTS)) for a in zoo.ARCHS]
+    for family, mod in (("strangers", strangers), ("decoding", decoding), ("held_out", held_out)):
+        subjects += [(f"{family}/{p}/seed{sd}", lambda m=mod, p=p, sd=sd: family_subject(m, p, None, sd))
+                     for p in mod.PATTERNS for sd in range(seeds)]
     false = 0
     for label, make in subjects:
         s = make()
         cap, T = s.captioner, s.captions.shape[1]
-        found = []
+        found = origins_asked(s)
         shortest = int(cap.lengths(s.captions).min())
         for t in sorted({1, max(1, (shortest - 1) // 2), max(1, shortest - 2)}):
             where = torch.zeros_like(s.captions, dtype=torch.bool)

@@ -128,62 +128,6 @@ def sequence_logprob(cap, images: torch.Tensor, ids: torch.Tensor, seed: int) ->
 
 
 # ---- where generate() runs the decoder -------------------------------------------------------------
-def generate_loop_site(cap, images: torch.Tensor, max_len: int):
-    """``(module, file, line, code)`` of the line in the model's generate() loop that runs the decoder:
-    the user's line, outside forward()'s own call path, from which most module calls of one generate()
-    call are made (a loop calls its decoder step once per token). None when nothing can be traced."""
-    import collections
-    import inspect
-    import linecache
-    import sys
-
-    model = cap.model
-    try:
-        gen_file = inspect.getsourcefile(inspect.unwrap(type(model).generate))  # past @torch.no_grad()
-    except (TypeError, OSError, AttributeError):
-        return None
-    names = {m: n for n, m in model.named_modules()}
-
-    def user_frames():
-        f = sys._getframe(2)
-        while f is not None:
-            if f.f_code.co_filename == gen_file:
-                yield f
-            f = f.f_back
-
-    forward_path: set = set()
-    calls: collections.Counter = collections.Counter()
-
-    def on_forward(m, args):
-        for f in user_frames():
-            forward_path.add(f.f_code)
-
-    def on_generate(m, args):
-        for f in user_frames():
-            if f.f_code not in forward_path and f.f_code.co_name != "forward":
-                calls[(f.f_code.co_filename, f.f_lineno, names.get(m, ""))] += 1
-                return
-
-    def run(hook, fn):
-        with hooked([m for m in model.modules() if m is not model], hook, pre=True), torch.no_grad(), \
-                in_mode(model, False), seeded(0):
-            fn()
-
-    x = images[:2]
-    ids = torch.full((x.shape[0], 2), cap.spec.bos_id, dtype=torch.long, device=x.device)
-    run(on_forward, lambda: cap.call(x, ids))
-    run(on_generate, lambda: cap.generate(x, max_len=max_len))
-    if not calls:
-        return None
-    by_line = collections.Counter()
-    for (file, line, _), n in calls.items():
-        by_line[(file, line)] += n
-    (file, line), _ = by_line.most_common(1)[0]
-    modules = collections.Counter({mod: n for (f, ln, mod), n in calls.items() if (f, ln) == (file, line)})
-    module = min((m for m, n in modules.items() if n == max(modules.values())), key=lambda m: m.count("."))
-    return module, file, line, linecache.getline(file, line).strip()
-
-
 # ---- generate()'s own step logits against the forward's ------------------------------------------------
 def _token_embeddings(cap) -> list:
     """The embeddings that can embed the caption vocabulary."""

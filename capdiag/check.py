@@ -130,6 +130,9 @@ class Check(abc.ABC):
     catches: ClassVar[str] = ""
     cheap: ClassVar[bool] = True
     live: ClassVar[bool] = False
+    # The user's method whose results the verdict judges ("forward", "generate", "loss_fn", "bleu_fn"):
+    # a failing finding that no traced operation located points there (a "called from" location).
+    calls: ClassVar[str] = "forward"
 
     @abc.abstractmethod
     def run(self, subject: Subject) -> Finding: ...

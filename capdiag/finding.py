@@ -22,6 +22,13 @@ class Status(str, enum.Enum):
         return self in (Status.FAIL, Status.ERROR)
 
 
+# How far a location's evidence reaches: the operation (or line) that causes the problem; the first
+# operation where it shows (a traced comparison: the cause may sit upstream in plain Python); the
+# user's method that capdiag called and that misbehaved, where nothing inside it could be traced.
+ORIGIN, SYMPTOM, CALLED = "origin", "first symptom", "called from"
+KINDS = (ORIGIN, SYMPTOM, CALLED)
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a failing check's problem starts: the module (dotted name as in ``named_modules()``) and,
@@ -32,6 +39,13 @@ class Location:
     line: Optional[int] = None
     evidence: str = ""  # what was seen there, one short statement
     code: Optional[str] = None  # the source line itself
+    kind: str = ""  # ORIGIN, SYMPTOM or CALLED: how far the evidence traced the problem
+
+    def said(self) -> str:
+        """The evidence line, led by its kind: ``origin: torch.multinomial samples in eval mode``."""
+        if not self.kind or self.evidence.startswith(KINDS):
+            return self.evidence
+        return f"{self.kind}: {self.evidence}"
 
     def where(self) -> str:
         """``decoder.layers.0.self_attn (model.py:57: h = self.decoder(x, memory))``"""
@@ -42,7 +56,7 @@ class Location:
 
     def to_dict(self) -> dict:
         return {"module": self.module, "file": self.file, "line": self.line, "evidence": self.evidence,
-                "code": self.code}
+                "code": self.code, "kind": self.kind}
 
 
 @dataclass(frozen=True)

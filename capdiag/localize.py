@@ -18,14 +18,16 @@ it the trace stops and the origin is searched in what was recorded).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from .finding import Location
-from .trace import Op, Trace, _Recorder, first_op, trace_call, trace_pair, traced_build
+from .finding import CALLED, ORIGIN, SYMPTOM, Location
+from .origins import constant_argument, generate_loop_site, image_substitute, mode_switch, probabilities_into_loss
+from .trace import Op, Trace, first_op, trace_call, trace_function, trace_pair, traced_build
 from .violations import any_difference
 
 
@@ -50,12 +52,12 @@ def _reaching(trace: Trace, bad: list) -> list:
     return reaches
 
 
-def _location(module: str, file: Optional[str], line: Optional[int], evidence: str) -> Location:
+def _location(module: str, file: Optional[str], line: Optional[int], evidence: str, kind: str = SYMPTOM) -> Location:
     """A ``Location`` with its source line read from ``file``."""
     import linecache
 
     code = (linecache.getline(file, line).strip() or None) if file and line else None
-    return Location(module, file, line, evidence, code)
+    return Location(module, file, line, evidence, code, kind)
 
 
 def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.Tensor], bool]) -> Optional[Op]:
@@ -80,6 +82,10 @@ def first_violation(a: Trace, b: Trace, violates: Callable[[torch.Tensor, torch.
     return None
 
 
+# Operations that read a tensor's shape (and dtype, device), never its values.
+_SHAPE_FACTORIES = {"zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
+                    "new_zeros", "new_ones", "new_full", "new_empty", "expand_as", "view_as", "reshape_as", "type_as"}
+
 # Their values are whatever memory held: two runs differ there without meaning anything.
 _UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided"}
 
@@ -93,8 +99,11 @@ def _safe(violates, x, y) -> bool:
 
 def localize_pair(cap, a: tuple, b: tuple, violates: Callable, evidence: str, train: bool = False,
                   seed: Optional[int] = 0) -> Optional[Location]:
-    """Where ``violates`` first holds between the traced forwards of batches ``a`` and ``b``."""
-    return locate(first_violation(*trace_pair(cap, a, b, train, seed), violates), cap.model, evidence)
+    """Where ``violates`` first holds between the traced forwards of batches ``a`` and ``b``: the user's
+    mode switch that put that operation's module in the other mode, when one did, else the operation."""
+    ta, tb = trace_pair(cap, a, b, train, seed)
+    op = first_violation(ta, tb, violates)
+    return mode_switch(ta, op, cap.model, evidence) or locate(op, cap.model, evidence)
 
 
 def dependence_dies(a: Trace, b: Trace, changed: Callable[[torch.Tensor, torch.Tensor], bool],
@@ -147,12 +156,31 @@ def dependence_dies(a: Trace, b: Trace, changed: Callable[[torch.Tensor, torch.T
                 return False
         return True
 
+    readers: dict = {}  # key -> ops that read it and reach the output
+    for j in range(n):
+        if feeds[j]:
+            for k in a.ops[j].inputs:
+                readers.setdefault(k, set()).add(j)
+
+    def shape_only(i: int) -> bool:
+        """``torch.zeros_like(ctx)`` reads only the shape: it kills the dependence only where nothing else
+        carries that tensor's values on to the output (an initial state beside the features is no death)."""
+        op = a.ops[i]
+        if op.func not in _SHAPE_FACTORIES:
+            return False
+        return any(readers.get(k, set()) - {i} for k in op.inputs if read(k)[1])
+
+    drawn: set = set()  # ops whose values a random draw decided (scheduled sampling's torch.where)
+    for j in range(n):
+        if a.ops[j].random or any(k[0] == "op" and k[1] in drawn for k in a.ops[j].inputs):
+            drawn.add(j)
+
     read_any = False  # by the model's own code (capdiag's clone of the input does not count)
     for i in range(n):
         ins = [read(k) for k in a.ops[i].inputs]
         changed_in = [t for t, d in ins if d and t is not None]
         read_any = read_any or bool(changed_in and a.ops[i].site)
-        if not feeds[i] or not changed_in:
+        if not feeds[i] or not changed_in or shape_only(i) or i in drawn:
             continue
         if within and not any(a.ops[i].module == m or a.ops[i].module.startswith(m + ".") for m in within):
             continue
@@ -171,7 +199,7 @@ def forward_location(model: torch.nn.Module, evidence: str) -> Location:
         file, line = inspect.getsourcefile(fn), inspect.getsourcelines(fn)[1]
     except (TypeError, OSError):
         file = line = None
-    return _location(f"({type(model).__name__})", file, line, evidence)
+    return _location(f"({type(model).__name__})", file, line, evidence, CALLED)
 
 
 def first_nonfinite(trace: Trace) -> Optional[Op]:
@@ -287,33 +315,34 @@ def module_location(model: torch.nn.Module, name: str, evidence: str) -> Locatio
             file, line = inspect.getsourcefile(type(mod)), inspect.getsourcelines(type(mod))[1]
     except (TypeError, OSError, AttributeError):
         pass
-    return _location(name or f"({type(model).__name__})", file, line, evidence)
+    return _location(name or f"({type(model).__name__})", file, line, evidence, ORIGIN)
 
 
-def locate(op: Optional[Op], model: torch.nn.Module, evidence: str) -> Optional[Location]:
-    """A ``Location`` for the origin ``op``: its module and the user's line that ran it."""
+def locate(op: Optional[Op], model: torch.nn.Module, evidence: str, kind: str = SYMPTOM) -> Optional[Location]:
+    """A ``Location`` for ``op``: its module and the user's line that ran it."""
     if op is None:
         return None
     if op.site is None:  # nothing of the user's on the stack: the module's class definition
-        return module_location(model, op.module, f"{evidence} (in {op.func})")
-    return _location(op.module or f"({type(model).__name__})", *op.site, f"{evidence} (in {op.func})")
+        return dataclasses.replace(module_location(model, op.module, f"{evidence} (in {op.func})"), kind=kind)
+    return _location(op.module or f"({type(model).__name__})", *op.site, f"{evidence} (in {op.func})", kind)
 
 
-def who_wrote(build: Callable[[], torch.nn.Module], module: str, tensors: list) -> Optional[Location]:
+def who_wrote(build, module: str, tensors: list) -> Optional[Location]:
     """The user's line that last wrote most of ``tensors`` (parameter names under ``module``) in a
-    fresh ``build()``; None when nothing of the user's wrote them."""
+    fresh ``build()`` (or in what ``traced_build`` returned for one); None when nothing of the user's
+    wrote them."""
     import collections
     import linecache
 
-    _, writes = traced_build(build)
+    _, writes, _ = traced_build(build) if callable(build) else build
     sites = collections.Counter((w.site, w.via, w.func) for n, w in writes.items() if n in tensors and w.site)
     if not sites:
         return None
     (site, via, func), n = sites.most_common(1)[0]
     inner = f"{Path(site[0]).name}:{site[1]}: {linecache.getline(site[0], site[1]).strip()}"
     if via is not None and via != site:  # the line to fix is the apply() that carried the init this far
-        return _location(module, *via, f"{n} of the {len(tensors)} tensors were last written by {func} in {inner}")
-    return _location(module, *site, f"{n} of the {len(tensors)} tensors were last written here ({func})")
+        return _location(module, *via, f"{n} of the {len(tensors)} tensors were last written by {func} in {inner}", ORIGIN)
+    return _location(module, *site, f"{n} of the {len(tensors)} tensors were last written here ({func})", ORIGIN)
 
 
 def where_image_dies(cap, images: torch.Tensor, captions: torch.Tensor, seed: int = 0,
@@ -327,9 +356,24 @@ def where_image_dies(cap, images: torch.Tensor, captions: torch.Tensor, seed: in
     a, b = trace_pair(cap, (images, captions), (images.roll(1, 0), captions), False, seed, generate)
     op, how = dependence_dies(a, b, any_difference(1e-6), within, floating_only=True, moved=any_difference(0.0))
     call = "generate()" if generate else "forward"
+    if generate and op is None and not within:  # what generate() feeds its decoder in place of image features
+        fwd = trace_pair(cap, (images, captions), (images, captions), False, seed)[0]
+        sub = image_substitute(fwd, a, cap.model)
+        if sub is not None or how == "unread":
+            return sub or _loop_location(cap, images, "no operation of generate() reads the images")
     if how == "unread" and not within:
-        return forward_location(cap.model, f"no operation of {call} on the way to the output reads the images")
-    return locate(op, cap.model, f"reads image-dependent values in {call}, but its output no longer depends on the image")
+        return constant_argument(a, cap.model, images.shape[0]) or forward_location(cap.model, f"no operation of {call} on the way to the output reads the images")
+    evidence = f"reads image-dependent values in {call}, but its output no longer depends on the image"
+    return mode_switch(a, op, cap.model, evidence) or locate(op, cap.model, evidence)
+
+
+def _loop_location(cap, images: torch.Tensor, evidence: str) -> Optional[Location]:
+    site = generate_loop_site(cap, images, cap.spec.max_len)
+    if site is None:
+        return None
+    module, file, line, _ = site
+    return _location(f"({type(cap.model).__name__})", file, line, f"{evidence}; generate()'s loop runs the decoder "
+                     f"({module or 'the model'}) here", CALLED)
 
 
 def function_location(fn: Callable, args: tuple, evidence: str,
@@ -337,12 +381,7 @@ def function_location(fn: Callable, args: tuple, evidence: str,
     """Where in the user's function ``fn`` (a ``loss_fn``, a ``bleu_fn``) the result is computed: the
     line of its first operation named in ``prefer`` (the loss itself), else of the operation that
     produced what it returned, else its ``def`` line (pure Python, e.g. BLEU over token lists)."""
-    trace, keep = Trace(), []
-    with torch.no_grad(), _Recorder(trace, trace.keys, [], keep, 1 << 28):
-        out = fn(*args)
-    trace.returned(out)
-    keep.clear()
-    trace.keys = {}
+    trace = trace_function(fn, args)
     sinks = sorted(k[1] for k in trace.sinks if k[0] == "op")
     op = first_op(trace, lambda o: o.func in prefer and o.site is not None) or \
         (trace.ops[sinks[-1]] if sinks and trace.ops[sinks[-1]].site else None)
@@ -354,7 +393,27 @@ def function_location(fn: Callable, args: tuple, evidence: str,
         file, line = inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
     except (TypeError, OSError):
         file = line = None
-    return _location(name, file, line, evidence)
+    return _location(name, file, line, evidence, CALLED)
+
+
+def where_probabilities(cap, images: torch.Tensor, captions: torch.Tensor, seed: int = 0) -> Optional[Location]:
+    """A softmax whose probabilities reach the training loss, which takes logits (the forward's output
+    and the loss the model trains with, each traced once)."""
+    from .captioner import align_logits, extract_logits
+    from .state import in_mode
+
+    fwd = trace_call(cap, images, captions, seed=seed)
+    with torch.no_grad(), in_mode(cap.model, False):
+        out = cap.call(images, captions)
+    logits = extract_logits(out)
+    losses = [lambda x, c: cap.loss_from_logits(align_logits(x, c), c)]  # the loss capdiag trains copies with
+    if cap.loss_fn is not None:  # and the model file's own, which may apply a softmax itself
+        losses.insert(0, cap.loss_fn)
+    for fn in losses:
+        where = probabilities_into_loss(fwd, trace_function(fn, (logits, captions)), cap.model)
+        if where is not None:
+            return where
+    return None
 
 
 def owner_module(name: str) -> str:
@@ -398,6 +457,11 @@ def where_gradient_stops(s, names: list) -> Optional[Location]:
             owner = parent
         return module_location(cap.model, owner, "built (it has trainable parameters) but never called in forward")
     if how == "dead end":
+        instead = constant_argument(trace, cap.model, s.images.shape[0]) if image_side else None
+        if instead is not None:  # the image branch runs, and the decoder gets a constant in its place
+            return dataclasses.replace(instead, evidence=instead.evidence.replace(
+                "no operation of forward reads the images", f"the output of {summarize_modules(names, 2)} never reaches "
+                "the logits"))
         module = dead_module(trace, op)
         if module:
             return module_location(cap.model, module, "its output never reaches the logits (computed, then unused)")

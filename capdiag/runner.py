@@ -24,6 +24,8 @@ def run_check(subject: Subject, check: Check) -> Finding:
     try:
         with contextlib.nullcontext() if check.reads_only(subject) else preserved_state(subject.model):
             finding = check.run(subject)
+            if finding.status is Status.FAIL and finding.location is None:
+                finding = dataclasses.replace(finding, location=_called_from(subject, check, finding))
     except KeyboardInterrupt:
         raise
     except NonFiniteOutput as e:
@@ -54,6 +56,17 @@ def run_check(subject: Subject, check: Check) -> Finding:
             f"raised at {where.filename}:{where.lineno}; rerun with --debug for the traceback",
         )
     return _timed(finding, start)
+
+
+def _called_from(subject: Subject, check: Check, finding: Finding) -> Optional[Location]:
+    """A failing finding no traced operation located: the user's method the check judged (its
+    ``calls``), so that every FAIL names a place in the user's code."""
+    from .origins import called_location
+
+    try:
+        return called_location(subject.captioner, subject.images, check.calls, f"{check.name} failed on its results")
+    except Exception:  # noqa: BLE001 - a location is a courtesy; the verdict stands without it
+        return None
 
 
 def _cause(e: BaseException, site) -> tuple:

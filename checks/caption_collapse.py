@@ -40,6 +40,7 @@ def trained_on_data(check: Check, s: Subject):
 @dataclass
 class CaptionCollapse(Check):
     name = "caption_collapse"
+    calls = "generate"
     catches = "a trained model giving the same caption to most images (image ignored, decoding stuck)"
     cheap = False
     n_images: int = 64

@@ -43,10 +43,13 @@ from typing import Optional
 import torch
 
 from capdiag.ablation import generated
-from capdiag.agreement import (StepCheck, agreement, generate_loop_site, sequence_logprob, step_logits_check,
+from capdiag.localize import where_image_dies
+from capdiag.origins import carried_state, generate_loop_site, stuck_positions
+from capdiag.trace import trace_call
+from capdiag.agreement import (StepCheck, agreement, sequence_logprob, step_logits_check,
                                stepwise_check, subject_noise_floor)
 from capdiag.check import Check, Subject
-from capdiag.finding import Location, Status
+from capdiag.finding import CALLED, Location, Status
 from capdiag.registry import register_check
 from capdiag.state import in_mode, preserved_attributes, seeded
 
@@ -83,6 +86,7 @@ class Judged:
 @dataclass
 class DecodingConsistency(Check):
     name = "decoding_consistency"
+    calls = "generate"
     catches = "generate() disagreeing with the teacher-forced forward (beam state, masks, image or state missing at inference, batched stopping)"
     cheap = False
     beam: int = 3  # the widest search generate() is assumed to run: capdiag's own beam width, and the rank
@@ -90,6 +94,20 @@ class DecodingConsistency(Check):
     max_bad_fraction: float = 0.1  # of the judged captions that may be unexplained (one in ten)
     max_alone: int = 4  # images decoded alone per input set
     step_noise_factor: float = 10.0  # step logits must differ from the forward's by this many noise floors
+
+    @staticmethod
+    def _origin(cap, images, captions, seed: int, carried: int):
+        """A traced cause in generate(): state stored by one call and read by the next, position ids that
+        do not advance with the step, or a loop that never reads the image (what it feeds the decoder
+        instead)."""
+        if carried:
+            n = min(images.shape[0], 4)
+            where = carried_state(cap, (unseen_inputs(images, seed)[:n], captions[:n]), (images[:n], captions[:n]), True)
+            if where is not None:
+                return where
+        gen = trace_call(cap, images, captions, seed=seed, generate=True)
+        fwd = trace_call(cap, images, captions, seed=seed)
+        return stuck_positions(gen, cap.model, fwd) or where_image_dies(cap, images, captions, seed, generate=True)
 
     def run(self, s: Subject):
         if not s.captioner.has_generate:
@@ -123,7 +141,7 @@ class DecodingConsistency(Check):
             if followed:
                 metrics["max_step_logprob_gap"] = max(f["worst_gap"] for f in followed)
                 metrics["stray_captions"] = float(sum(f["stray_captions"] for f in followed))
-        return self._verdict(s, cap, images, judged, steps, carried, metrics, source, max_len)
+        return self._verdict(s, cap, images, captions, judged, steps, carried, metrics, source, max_len)
 
     # ---- measure -----------------------------------------------------------------------------
     @staticmethod
@@ -217,7 +235,7 @@ class DecodingConsistency(Check):
         return sum(a != b for a, b in zip(fresh, after))
 
     # ---- judge and explain -----------------------------------------------------------------------
-    def _verdict(self, s, cap, images, judged, steps: Optional[StepCheck], carried, metrics, source, max_len):
+    def _verdict(self, s, cap, images, captions, judged, steps: Optional[StepCheck], carried, metrics, source, max_len):
         problems, evidence = [], []
         noise = metrics["noise_floor"]
         gap, stray = metrics.get("max_step_logprob_gap", 0.0), metrics.get("stray_captions", 0.0)
@@ -259,12 +277,12 @@ class DecodingConsistency(Check):
             return self.finding(Status.PASS, f"generate() agrees with the teacher-forced forward on {n} images "
                                 f"(training and unseen), alone and in the batch, call after call ({source})", metrics)
         evidence.sort(key=lambda e: "decoding step" not in e)  # the first departing step, when one was seen
-        site = generate_loop_site(cap, images, max_len)
-        where = None
+        where = self._origin(cap, images, captions, s.seed, carried)
+        site = generate_loop_site(cap, images, max_len) if where is None else None
         if site is not None:
             module, file, line, code = site
-            where = Location(module or "(generate)", file, line,
-                             f"{evidence[0]}; called from: this line of generate()'s loop runs the decoder", code)
+            where = Location(f"({type(cap.model).__name__})", file, line, f"{evidence[0]}; called from: this line of "
+                             f"generate()'s loop runs the decoder ({module or 'the model'})", code, CALLED)
         return self.finding(
             Status.FAIL, "generate() is inconsistent with the forward: " + "; ".join(problems) + f" ({source})", metrics,
             "generate() runs the decoder differently from forward(): compare the masks (a causal mask in beam "

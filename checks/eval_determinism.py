@@ -16,7 +16,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
+from capdiag.finding import CALLED, Location
 from capdiag.localize import localize_pair
+from capdiag.origins import carried_state, generate_loop_site, random_draw
+from capdiag.trace import trace_call
 from capdiag.probe import precision, rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import in_mode
@@ -58,9 +61,7 @@ class EvalDeterminism(Check):
                 problems.append(f"{what} of batch B depends on the call made before it (a {what} of another batch of "
                                 f"the same size first changes it by {v:.2g}): state is carried between calls")
         if problems:
-            # Two identical eval calls, not reseeded: the first operation whose output differs.
-            where = localize_pair(cap, (s.images, s.captions), (s.images, s.captions), any_difference(tol),
-                                  "two identical eval-mode calls differ here", seed=None) if d > tol else None
+            where = self._where(s, d > tol, gen_same is False, tol) or self._carried_where(s, carried, tol)
             return self.finding(
                 Status.FAIL, "; ".join(problems), metrics,
                 "Something random or stateful runs at inference: use nn.Dropout modules (or "
@@ -70,6 +71,35 @@ class EvalDeterminism(Check):
             )
         what = "forward and generate" if gen_same else "forward"
         return self.finding(Status.PASS, f"eval-mode {what} deterministic and independent of earlier calls", metrics)
+
+    def _where(self, s: Subject, forward_differs: bool, generate_differs: bool, tol: float):
+        """A random draw in the eval-mode call that differed (its line), else the first operation whose
+        output differs between two identical calls, not reseeded; else generate()'s loop."""
+        cap = s.captioner
+        for differs, gen in ((forward_differs, False), (generate_differs, True)):
+            if not differs:
+                continue
+            call = "generate()" if gen else "forward"
+            where = random_draw(trace_call(cap, s.images, s.captions, seed=None, generate=gen), cap.model, call)
+            if where is None and not gen:
+                where = localize_pair(cap, (s.images, s.captions), (s.images, s.captions), any_difference(tol),
+                                      "two identical eval-mode calls differ here", seed=None)
+            if where is None and gen:
+                site = generate_loop_site(cap, s.images, cap.spec.max_len)
+                where = site and Location(f"({type(cap.model).__name__})", site[1], site[2],
+                                          "two identical generate() calls return different captions; its loop runs "
+                                          f"the decoder ({site[0] or 'the model'}) here", site[3], CALLED)
+            if where is not None:
+                return where
+        return None
+
+    def _carried_where(self, s: Subject, carried: dict, tol: float):
+        """The line of the second call that reads what the first stored on the model."""
+        for what, v in carried.items():
+            if v > tol:
+                return carried_state(s.captioner, (s.images.roll(1, 0).flip(-1), s.captions.flip(0)),
+                                     (s.images, s.captions), generate=what == "generate")
+        return None
 
     def _carried_state(self, s: Subject, clean: dict) -> dict:
         """Relative change of call(B) when call(A) ran first, against ``clean[what]``: call(B) on the

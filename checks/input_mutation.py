@@ -11,10 +11,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import locate
+from capdiag.origins import input_write
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
-from capdiag.trace import first_op, trace_call
+from capdiag.trace import trace_call
 
 
 @register_check
@@ -40,10 +40,9 @@ class InputMutation(Check):
             if not torch.equal(captions, ref_c):
                 n = int((captions != ref_c).sum())
                 changed.append(f"captions by {label} ({n} tokens)")
-            if changed and where is None and not gen:
-                trace = trace_call(cap, s.images.clone(), s.captions.clone(), train, s.seed, protect=False)
-                where = locate(first_op(trace, lambda op: op.writes is not None), cap.model,
-                               "modifies the caller's input tensor in place")
+            if changed and where is None:
+                trace = trace_call(cap, s.images.clone(), s.captions.clone(), train, s.seed, protect=False, generate=gen)
+                where = input_write(trace, cap.model, "generate()" if gen else "forward")
         if changed:
             return self.finding(
                 Status.FAIL, "inputs modified in place: " + "; ".join(changed), {"n_mutations": len(changed)},

@@ -25,6 +25,7 @@ from capdiag.state import in_mode, seeded
 @dataclass
 class LossSanity(Check):
     name = "loss_sanity"
+    calls = "loss_fn"
     catches = "the training loss counting padding, dropping EOS (pad == eos), summing instead of averaging, or taking probabilities"
     rtol: float = 1e-3
 

@@ -39,6 +39,7 @@ def metric_probe(cap, captions: torch.Tensor, seed: int):
 @dataclass
 class MetricSanity(Check):
     name = "metric_sanity"
+    calls = "bleu_fn"
     catches = "a BLEU implementation that counts pad/special tokens or disagrees with nltk"
     atol: float = 0.005
 

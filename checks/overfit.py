@@ -27,7 +27,7 @@ from capdiag.ablation import generated
 from capdiag.agreement import Agreement, agreement, sequence_logprob, subject_noise_floor
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import where_image_dies
+from capdiag.localize import where_image_dies, where_probabilities
 from capdiag.metrics import bleu4, exact_match
 from capdiag.registry import register_check
 from capdiag.training import RECIPE, eval_loss, fit_copy, fit_recipe
@@ -170,6 +170,8 @@ class Overfit(Check):
         else:
             status, summary, hint, sweep_curves, where = self._diagnose(s, cap, images, captions, fit, final, floor,
                                                                         metrics, recipe)
+        if status is Status.FAIL and where is None:  # a measured cause of a loss that cannot fall
+            where = where_probabilities(fit.captioner, images, captions, s.seed)
         artifacts = {"examples": examples, "losses": list(fit.losses), "blind_floor": floor,
                      "pass_loss": recipe.pass_loss, "sweep_curves": sweep_curves, "model_name": cap.name}
         return self.finding(status, summary, metrics, hint, artifacts, location=where)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.localize import who_wrote
+from capdiag.origins import unmatched_load
+from capdiag.trace import traced_build
 from capdiag.pretrained import compare_to_reference, freshness, load_reference, looks_like_backbone
 from capdiag.registry import register_check
 
@@ -56,7 +58,8 @@ class PretrainedGuard(Check):
         if s.rebuild is None or not suspects:
             return None
         module, names = suspects[0]
-        return who_wrote(s.rebuild, module, [f"{module}.{n}" for n in names])
+        built = traced_build(s.rebuild)  # a load that matched nothing, else the line that wrote the weights
+        return unmatched_load(built[2], module) or who_wrote(built, module, [f"{module}.{n}" for n in names])
 
     def run(self, s: Subject):
         targets = self._targets(s)

@@ -8,6 +8,8 @@ locations checks report against this table.
 """
 from __future__ import annotations
 
+from capdiag.testing import held_out as _held_out
+
 SITES = {
     # the zoo (models/zoo.py)
     "zoo/no_causal_mask": ("decoder.layers.0.self_attn", "tgt_mask=mask"),
@@ -29,7 +31,7 @@ SITES = {
     "zoo/uniform_attention": ("attention", "scores * 0.0"),
     # the unusual family (models/unusual.py)
     "unusual/positional_along_batch": ("pos", "self.pe[: x.size(0)]"),
-    "unusual/cached_encoder": ("", "_cached"),
+    "unusual/cached_encoder": ("", "self._cache"),
     "unusual/frozen_bn_drifts": ("encoder", None),
     # the reference families
     "show_attend_tell/xavier_init_clobbers_encoder": ("encoder", "apply(xavier_init)"),
@@ -57,6 +59,18 @@ SITES = {
     "dual_transfer/loss_ignores_eos": ("EndOfTextRecipe.loss_fn", "ignore_index=pad"),
     "dual_transfer/bleu_counts_padding": ("EndOfTextRecipe.bleu_fn", None),
 }
+# families written later (capdiag.testing): their sites live beside their twins
+SITES.update(_held_out.SITES)
+SITES.update({
+    "decoding/beam_state_not_reordered": ("", "h[:k], c[:k]"),
+    "decoding/beam_without_causal_mask": ("", "causal=causal"),
+    "decoding/stop_on_any_eos": ("", "done.any()"),
+    "decoding/encoder_cached_in_generate": ("", "self._memory"),
+    "decoding/image_only_at_step0": ("", "else torch.zeros_like(ctx)"),
+    "decoding/kv_positions_stuck": ("", "self.pos.weight[pos]"),
+    "strangers/region_mask_from_zeros": ("enc.0", "sum(-1) == 0"),
+    "strangers/trunk_bn_drifts": ("trunk", None),
+})
 
 
 def judge(expected: tuple, location, model_class: str) -> tuple:

@@ -35,13 +35,21 @@ def test_clean_decoders_pass_at_more_seeds(name, seed):
     assert f.status is Status.PASS, f.summary
 
 
+# Twins whose cause is traced to its line (state stored on self, position ids that do not advance);
+# the others are located at the line of generate()'s loop that runs the decoder ("called from").
+TRACED = {"encoder_cached_in_generate": "self._memory = self.encode(images)", "kv_positions_stuck": "self.pos.weight[pos]"}
+
+
 @pytest.mark.parametrize("bug", NAMED)
-def test_decoding_twins_fail_at_generates_loop(bug):
+def test_decoding_twins_fail_at_their_origin_or_generates_loop(bug):
     pattern, _ = decoding.BUGS[bug]
     f = check(decoding.build(pattern, bug))
     assert f.status is Status.FAIL, f.summary
     assert f.location is not None and f.location.file.endswith("decoding.py") and f.location.line
-    assert "generate()'s loop" in f.location.evidence
+    if bug in TRACED:
+        assert f.location.kind == "origin" and TRACED[bug] in f.location.code, f.location
+    else:
+        assert f.location.kind == "called from" and "generate()'s loop" in f.location.evidence
 
 
 def test_batched_stop_is_named_as_alone_vs_batch():
@@ -57,7 +65,7 @@ def test_cached_encoder_in_generate_is_carried_state():
 def test_kv_positions_stuck_departs_from_the_forward():
     f = check(decoding.build("kv_cache", "kv_positions_stuck"))
     assert "scores lower than its own greedy and beam-3" in f.summary
-    assert "first symptom" in f.location.evidence and "decoding step" in f.location.evidence
+    assert "the position index does not advance with the step" in f.location.evidence
 
 
 def test_beam_without_causal_mask_is_seen_in_the_step_logits():

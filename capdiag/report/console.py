@@ -32,7 +32,7 @@ def format_finding(f: Finding, color: bool = False, width: int = 0) -> str:
     lines = [head + (body[0] if body else "")] + [" " * 31 + b for b in body[1:]]
     if f.location is not None:
         wrap = max(width - 37, 40)
-        at = textwrap.wrap(f.location.where(), width=wrap) + textwrap.wrap(f.location.evidence, width=wrap)
+        at = textwrap.wrap(f.location.where(), width=wrap) + textwrap.wrap(f.location.said(), width=wrap)
         lines += [" " * 31 + ("at:   " if i == 0 else "      ") + b for i, b in enumerate(at)]
     if f.status in (Status.FAIL, Status.WARN, Status.ERROR) and f.hint:
         for i, b in enumerate(textwrap.wrap(f.hint, width=max(width - 37, 40))):

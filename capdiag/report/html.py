@@ -83,7 +83,7 @@ def render_html(report: Report, title: str = "capdiag report") -> str:
         hint = f'<div class="hint"><b>Likely cause and fix.</b> {html.escape(f.hint)}</div>' if f.hint and f.status is not Status.PASS else ""
         if f.location is not None:
             hint = (f'<div class="where"><b>Where it starts.</b> <code>{html.escape(f.location.where())}</code>'
-                    f"<br>{html.escape(f.location.evidence)}</div>") + hint
+                    f"<br>{html.escape(f.location.said())}</div>") + hint
         sections.append(
             f'<section id="{f.check}"><header>{_badge(f.status)}<h2>{f.check}</h2></header>'
             f"<p>{html.escape(f.summary)}</p>{hint}{_metrics(f)}{_extras(f)}</section>"

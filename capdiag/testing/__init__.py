@@ -25,7 +25,7 @@ def run(name: str, subject, **options) -> Finding:
 def explain(f: Finding) -> str:
     text = f"capdiag {f.check}: {f.status.value.upper()}: {f.summary}"
     if f.location is not None:
-        text += f"\n  at: {f.location.where()}: {f.location.evidence}"
+        text += f"\n  at: {f.location.where()}: {f.location.said()}"
     if f.hint:
         text += f"\n  fix: {f.hint}"
     return text
