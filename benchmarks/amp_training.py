@@ -13,7 +13,7 @@ import torch
 
 import capdiag
 from capdiag.captioner import Captioner, CaptionSpec, IMAGENET_MEAN, IMAGENET_STD
-from capdiag.data import SyntheticCaptions
+from capdiag.intake.data import SyntheticCaptions
 from capdiag.models import cnn_transformer, show_attend_tell
 
 

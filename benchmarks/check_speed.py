@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ZOO_FILE = '''from capdiag.models import zoo
+ZOO_FILE = '''from capdiag.testing import zoo
 CAPDIAG = dict(zoo.HINTS)
 def build_model():
     return zoo.make({arch!r})
@@ -36,7 +36,8 @@ def build_model():
 
 # name -> (how the CLI names it: file text or module + args, how to build it here, is it big)
 def _models():
-    from capdiag.models import registry, zoo
+    from capdiag.models import registry
+    from capdiag.testing import zoo
 
     out = {}
     for arch in zoo.ARCHS:
@@ -57,7 +58,7 @@ def _models():
 
 def _zoo_subject(arch):
     import capdiag
-    from capdiag.models import zoo
+    from capdiag.testing import zoo
 
     return capdiag.subject_for(zoo.make(arch), **zoo.HINTS)
 
@@ -88,7 +89,8 @@ class Profiler:
 
     @contextlib.contextmanager
     def patched(self):
-        from capdiag import captioner, training
+        from capdiag import captioner
+        from capdiag.measure import training
 
         saved = [(captioner.Captioner, "call"), (torch.autograd, "backward"), (torch.autograd, "grad"),
                  (torch.Tensor, "backward"), (training, "fit_copy")]

@@ -24,7 +24,7 @@ import capdiag
 from capdiag.registry import list_checks
 name = sys.argv[1]
 if name.startswith("zoo_"):
-    from capdiag.models import zoo
+    from capdiag.testing import zoo
     s = capdiag.subject_for(zoo.make(name[4:]), **zoo.HINTS)
 else:
     from capdiag.models import registry

@@ -32,8 +32,9 @@ import torch
 
 import capdiag
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.data import SyntheticCaptions
-from capdiag.models import cnn_transformer, show_attend_tell, zoo
+from capdiag.intake.data import SyntheticCaptions
+from capdiag.models import cnn_transformer, show_attend_tell
+from capdiag.testing import zoo
 
 MODELS = {
     "zoo_gru": (lambda: zoo.ZooCaptioner("gru"), 32, zoo.VOCAB),

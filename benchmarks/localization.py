@@ -1,26 +1,29 @@
 """How often a failing check names the right place: per check, the share of the repository's planted
 bugs localized to the exact module (or its direct parent) and to the right source line, judged
-against ``capdiag.models.planted_sites``, and what localizing costs (traced forwards per failing
+against ``capdiag.testing.planted_sites``, and what localizing costs (traced forwards per failing
 check, and their share of the check's time).
 
     python benchmarks/localization.py            # every planted bug (~1 min on 2 CPU cores)
     python benchmarks/localization.py --quick    # only the bugs quick checks catch
     python benchmarks/localization.py --clean    # false locations: the engine asked directly on clean models
+    python benchmarks/localization.py --json benchmarks/results/localization.json   # feeds docs/benchmarks.md
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import json
 import time
 import warnings
 
 import torch
 
 import capdiag
-from capdiag import localize, trace
-from capdiag.models import registry, unusual, zoo
-from capdiag.models.planted_sites import SITES, judge
+from capdiag.measure import localize, trace
+from capdiag.models import registry
+from capdiag.testing import unusual, zoo
+from capdiag.testing.planted_sites import SITES, judge
 from capdiag.testing import decoding, held_out, strangers
 from capdiag.registry import get_check
 from capdiag.runner import run_check
@@ -104,10 +107,10 @@ class Cost:
 
 
 def origins_asked(s) -> list:
-    """Every traced-origin question (``capdiag.origins``) asked of a clean model: each answer is false."""
-    from capdiag.localize import where_probabilities
-    from capdiag.origins import carried_state, image_substitute, input_write, random_draw, stuck_positions, unmatched_load
-    from capdiag.trace import trace_call
+    """Every traced-origin question (``capdiag.measure.origins``) asked of a clean model: each answer is false."""
+    from capdiag.measure.localize import where_probabilities
+    from capdiag.measure.origins import carried_state, image_substitute, input_write, random_draw, stuck_positions, unmatched_load
+    from capdiag.measure.trace import trace_call
 
     cap, found = s.captioner, []
     calls = [(False, False), (True, False)] + ([(False, True)] if cap.has_generate else [])
@@ -140,13 +143,13 @@ def origins_asked(s) -> list:
     return found
 
 
-def clean_sweep(seeds: int = 2) -> int:
+def clean_sweep(seeds: int = 2, json_path=None) -> int:
     """Ask the engine directly, on clean models, where a caption token (3 positions, eval and train
     mode) or the image (forward and generate) stops mattering: every answer is a false location."""
-    from capdiag.localize import dependence_dies, where_image_dies
-    from capdiag.probe import replace_tokens
-    from capdiag.trace import trace_pair
-    from capdiag.violations import at_position
+    from capdiag.measure.localize import dependence_dies, where_image_dies
+    from capdiag.measure.probe import replace_tokens
+    from capdiag.measure.trace import trace_pair
+    from capdiag.measure.violations import at_position
 
     subjects = [(f"unusual/{p}/seed{sd}", lambda p=p, sd=sd: (lambda m: capdiag.subject_for(m, seed=sd, **m.capdiag_hints))(
         unusual.build(p, None, seed=sd))) for p in unusual.PATTERNS for sd in range(seeds)]
@@ -177,6 +180,9 @@ def clean_sweep(seeds: int = 2) -> int:
         false += bool(found)
         print(f"clean {label:45s} {'FALSE LOCATION ' + '; '.join(found) if found else 'none'}", flush=True)
     print(f"\n{false} of {len(subjects)} clean models got a false location")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"clean_models": len(subjects), "false_locations": false, "seeds": seeds}, fh, indent=1)
     return false
 
 
@@ -184,12 +190,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only bugs that quick checks catch")
     ap.add_argument("--clean", action="store_true", help="count false locations on clean models instead")
+    ap.add_argument("--json", help="write the results here (benchmarks/results/localization*.json feed docs/benchmarks.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.clean:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return clean_sweep()
+            return clean_sweep(json_path=args.json)
     per = collections.defaultdict(lambda: [0, 0, 0, 0])  # check -> [failing, module right, line right, localized]
     calls, share = [], []
     start = time.perf_counter()
@@ -224,6 +231,12 @@ def main(argv=None):
     calls.sort()
     print(f"\nlocalizing: {calls[len(calls) // 2]} traced forwards or rebuilds per failing check (median, max {calls[-1]}), "
           f"{sorted(share)[len(share) // 2]:.0%} of the check's time (median); {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": {c: dict(zip(("failing", "module", "line", "localized"), v)) for c, v in sorted(per.items())},
+                       "traced_median": calls[len(calls) // 2], "traced_max": calls[-1],
+                       "share_median": round(sorted(share)[len(share) // 2], 3), "quick": args.quick,
+                       "seconds": round(time.perf_counter() - start)}, fh, indent=1)
 
 
 if __name__ == "__main__":

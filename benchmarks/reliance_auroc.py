@@ -17,9 +17,9 @@ import time
 import torch
 
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.ablation import derangement
-from capdiag.data import SyntheticCaptions
-from capdiag.models import zoo
+from capdiag.measure.ablation import derangement
+from capdiag.intake.data import SyntheticCaptions
+from capdiag.testing import zoo
 from capdiag.state import in_mode
 
 

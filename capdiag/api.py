@@ -6,7 +6,7 @@ from typing import Optional
 from torch import nn
 
 from .check import Subject
-from .loading import subject_from_model
+from .intake.subject import subject_from_model
 
 
 def subject_for(

@@ -33,7 +33,7 @@ class Subject:
             with ``frozen_reference``.
         frozen_reference: with ``live``, ``DriftWatcher``s over the modules meant to stay frozen,
             taken when training started.
-        recipe: the ``training.Recipe`` of the one copy ``fitted()`` trains (None: the default
+        recipe: the ``training.Recipe`` of the one copy ``training.fitted_of`` trains (None: the default
             ``training.RECIPE``); ``capdiag overfit --steps/--lr`` sets it.
         rebuild: when known, a function building the model afresh the way the user does (their
             ``build_model``): ``pretrained_guard`` reruns it to find the line that overwrote weights.
@@ -55,7 +55,7 @@ class Subject:
     batch_source: str = "synthetic"
     live: bool = False
     frozen_reference: Sequence = ()
-    recipe: Any = None  # how fitted() trains its copy: a training.Recipe (None: training.RECIPE)
+    recipe: Any = None  # how training.fitted_of trains its copy: a training.Recipe (None: training.RECIPE)
     rebuild: Optional[Callable[[], torch.nn.Module]] = None  # builds the model afresh (the model file's factory)
     weights: Optional[str] = None  # the checkpoint loaded into the model (``--weights``), in words
     dataset: Any = None  # the user's captions and images (``--data``): a ``userdata.CaptionData``
@@ -88,31 +88,6 @@ class Subject:
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
-
-    def fitted(self):
-        """The copy of the model trained on one batch by ``recipe`` (trained on first use, then
-        shared by every check of this subject). Never for a ``live`` subject."""
-        from .training import RECIPE, fit_recipe
-
-        if self.live:
-            raise RuntimeError("a live subject (a model in training) is judged as it is; it has no fitted copy")
-        return self.measured("fitted", lambda: fit_recipe(self, self.recipe or RECIPE))
-
-    def learned(self):
-        """What a check that needs a model which has learned something judges: the model as given
-        when it is live or already trained (loss well below ln V), else ``fitted()``.
-
-        Returns a ``training.Learned`` (unpacks as ``cap, images, captions, source``)."""
-        from .training import Learned, is_trained
-
-        if self.live:
-            return Learned(self.captioner, self.images, self.captions, "the model in training", self.decode)
-        if is_trained(self):
-            return Learned(self.captioner, self.images, self.captions, "the model as given (already trained)", self.decode)
-        f = self.fitted()
-        batch = "one synthetic batch" if self.data is not None else "the given batch"  # see training.overfit_batch
-        return Learned(f.captioner, f.images, f.captions, f"a copy overfit on {batch}", self.fitted_decode,
-                       f.final_loss, f.floor, f.fit.steps + f.fit.abandoned_steps, f.fit.recent_loss)
 
 
 class Check(abc.ABC):

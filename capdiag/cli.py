@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 import traceback
@@ -16,13 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _split(values) -> list:
-    out = []
-    for v in values or []:
-        out += [x.strip() for x in v.split(",") if x.strip()]
-    return out
 
 
 def _resolve_target(target: Optional[str]) -> str:
@@ -39,20 +31,10 @@ def _resolve_target(target: Optional[str]) -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .options import MODEL, add_cli
+
     p.add_argument("model", nargs="?", help="model file (default: ./model.py) or module name")
-    p.add_argument("--factory", default="build_model", help="callable in the file that builds the model")
-    p.add_argument("--arg", action="append", metavar="NAME=VALUE", help="keyword argument for the factory (repeatable)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="cast the built model to this dtype before checking (default: as built); bfloat16 halves "
-                        "the memory of a model too big for one device in float32")
-    p.add_argument("--weights", metavar="PATH", help="load this checkpoint into the built model first (state_dict "
-                   ".pt/.pth, .safetensors, Lightning .ckpt; DDP/Lightning key prefixes removed; keys must match)")
-    p.add_argument("--data", metavar="PATH", help="draw the batches from your captions and images: a COCO captions "
-                   "JSON, a Flickr captions file or a CSV (or the folder holding it and the images)")
-    p.add_argument("--tokenizer", metavar="PATH", help="with --data: a word-map JSON or a Hugging Face tokenizer "
-                   "folder (default: tokenize() in the model file)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (which images --data uses, too)")
+    add_cli(p, MODEL)
     p.add_argument("--out", default=None, help="also draw the findings' plots as PNGs into this folder "
                                                "(drawn after the verdicts; default: no plots)")
     p.add_argument("--json", metavar="PATH", help="also write findings as JSON")
@@ -62,12 +44,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capdiag", description="Find wiring bugs in image-captioning models.")
     parser.add_argument("--version", action="version", version=f"capdiag {__import__('capdiag').__version__}")
+    from .options import SELECT, add_cli
+
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("check", help="run the sanity checks on a captioner file")
     _add_model_args(p)
-    p.add_argument("--only", action="append", metavar="CHECKS", help="comma-separated checks to run")
-    p.add_argument("--skip", action="append", metavar="CHECKS", help="comma-separated checks to leave out")
-    p.add_argument("--quick", action="store_true", help="only the cheap structural checks (seconds)")
+    add_cli(p, SELECT)
     p.add_argument("--report", metavar="DIR", help="also write an HTML report into DIR")
     p = sub.add_parser("overfit", help="single-batch overfit test")
     _add_model_args(p)
@@ -101,19 +83,27 @@ def cmd_list(args) -> int:
 
 
 def _subject(args, batch_size: int = 8):
-    from .loading import load_model_file, make_subject, model_kwargs
+    from .options import subject_from
 
-    target = _resolve_target(args.model)
-    mf = load_model_file(target, args.factory)
-    import torch
+    return subject_from(_resolve_target(args.model), lambda name: getattr(args, name, None), batch_size)
 
-    subject = make_subject(
-        mf, device=args.device, seed=args.seed, batch_size=batch_size,
-        model_kwargs=model_kwargs(args.arg), progress=sys.stderr.isatty(),
-        dtype=getattr(torch, args.precision) if args.precision else None, weights=args.weights,
-        data=args.data, tokenizer=args.tokenizer,
-    )
-    return mf, subject
+
+def _header(command: str, mf, subject, args) -> dict:
+    """Print what is checked, where, in which precision, with which weights and data; returns those."""
+    from .options import context
+    from .report.console import print_header
+
+    ctx = context(subject)
+    loaded = f", weights {ctx['weights']}" if ctx["weights"] else ""
+    print_header(f"capdiag {command} {mf.path} on {ctx['device']} in {ctx['precision']} (seed {args.seed}){loaded}",
+                 subject.captioner.spec.assumptions, data=ctx["data"])
+    return ctx
+
+
+def _with_context(report, subject, ctx: dict):
+    report.assumptions = list(subject.captioner.spec.assumptions)
+    report.device, report.precision, report.weights, report.data = ctx["device"], ctx["precision"], ctx["weights"], ctx["data"]
+    return report
 
 
 def _draw(report, args) -> None:
@@ -146,22 +136,18 @@ def _finish(report, args, started: float) -> int:
 
 
 def cmd_check(args) -> int:
-    from .registry import get_check, select_checks
-    from .report.console import format_finding, print_header, use_color
+    from .options import selected
+    from .registry import get_check
+    from .report.console import format_finding, use_color
     from .runner import run_checks
 
     started = time.perf_counter()
-    names = select_checks(_split(args.only), _split(args.skip), quick=args.quick)
+    names = selected(lambda name: getattr(args, name, None))
     mf, subject = _subject(args)
-    dev, precision = subject.captioner.device, str(subject.captioner.dtype).replace("torch.", "")
-    loaded = f", weights {subject.weights}" if subject.weights else ""
-    data = subject.dataset.describe() if subject.dataset is not None else ""
-    print_header(f"capdiag check {mf.path} on {dev} in {precision} (seed {args.seed}){loaded}",
-                 subject.captioner.spec.assumptions, data=data)
+    ctx = _header("check", mf, subject, args)
     color = use_color(sys.stdout)
     report = run_checks(subject, [get_check(n) for n in names], on_finding=lambda f: print(format_finding(f, color), flush=True))
-    report.assumptions = list(subject.captioner.spec.assumptions)
-    report.device, report.precision, report.weights, report.data = str(dev), precision, subject.weights or "", data
+    _with_context(report, subject, ctx)
     if args.debug:
         for f in report.findings:
             if "traceback" in f.artifacts:
@@ -172,10 +158,10 @@ def cmd_check(args) -> int:
 def cmd_overfit(args) -> int:
     from .finding import Report
     from .registry import get_check
-    from .report.console import format_finding, print_header, use_color
+    from .report.console import format_finding, use_color
     from .runner import run_check
 
-    from .training import RECIPE
+    from .measure.training import RECIPE
 
     started = time.perf_counter()
     if args.steps < 1:
@@ -183,8 +169,7 @@ def cmd_overfit(args) -> int:
 
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     mf, subject = _subject(args, batch_size=args.batch_size or RECIPE.batch_size)
-    print_header(f"capdiag overfit {mf.path} on {subject.captioner.device} (seed {args.seed})", subject.captioner.spec.assumptions,
-                 data=subject.dataset.describe() if subject.dataset is not None else "")
+    ctx = _header("overfit", mf, subject, args)
     subject.progress = True
     # An explicit --steps is the user's budget: no time limit cuts it.
     subject.recipe = dataclasses.replace(RECIPE, steps=args.steps, lr=args.lr or RECIPE.lr, batch_size=args.batch_size or RECIPE.batch_size,
@@ -194,7 +179,7 @@ def cmd_overfit(args) -> int:
     check = get_check("overfit")
     finding = run_check(subject, check)
     print(format_finding(finding, use_color(sys.stdout)))
-    report = Report([finding], list(subject.captioner.spec.assumptions), subject.captioner.name)
+    report = _with_context(Report([finding], model_name=subject.captioner.name), subject, ctx)
     code = _finish(report, args, started)
     if finding.metrics.get("interrupted"):
         print("capdiag: interrupted; the result above is partial", file=sys.stderr)

@@ -36,3 +36,11 @@ class CheckpointMismatch(Exception):
 
 class DataError(CapdiagError):
     """``--data``/``--tokenizer`` point at something capdiag cannot read as captions and images."""
+
+
+class NonFiniteOutput(Exception):
+    """Logits were NaN/inf: the runner turns this into a failing finding that says where."""
+
+    def __init__(self, where: str, train: bool):
+        self.where, self.train = where, train
+        super().__init__(f"non-finite logits in {'train' if train else 'eval'} mode; first non-finite output: {where}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Iterator
+from typing import Optional, Callable, Iterator
 
 import torch
 from torch import nn
@@ -62,11 +62,16 @@ def _floating(x):
 
 
 @contextlib.contextmanager
-def hooked(modules, hook: Callable, pre: bool = False) -> Iterator[None]:
+def hooked(modules, hook: Optional[Callable] = None, pre: bool = False, **options) -> Iterator[None]:
     """``hook`` as a forward hook (or, with ``pre``, a forward pre-hook) on every module of ``modules``
-    for the block; every handle removed in ``finally``, also when the block raises."""
-    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m in modules]
+    for the block; ``modules`` may instead hold ``(module, hook)`` pairs (``hook`` left None), one hook
+    each. ``options`` go to the registration (``always_call``, ``with_kwargs``). Every handle is
+    removed in ``finally``, also when the block raises. The one way capdiag hooks a model."""
+    pairs = list(modules) if hook is None else [(m, hook) for m in modules]
+    handles = []
     try:
+        for m, fn in pairs:
+            handles.append(m.register_forward_pre_hook(fn, **options) if pre else m.register_forward_hook(fn, **options))
         yield
     finally:
         for h in handles:

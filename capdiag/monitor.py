@@ -22,8 +22,8 @@ from .check import Subject
 from .distributed import any_rank, dist_or_none, preserved_sharding, reduce_metrics, sharding_state, unwrap
 from .errors import CapdiagError, UsageError
 from .finding import Finding, Flag, Status
-from .hints import caption_spec
-from .pretrained import DriftWatcher
+from .intake.hints import caption_spec
+from .measure.pretrained import DriftWatcher
 from .registry import get_check
 from .runner import run_checks
 from .state import in_mode, preserved_rng
@@ -219,6 +219,6 @@ class TrainingDiagnostics:
 
 
 def _tensorboard(log_dir):
-    from .report.tensorboard import TensorBoardSink  # imports tensorboard: only when asked for
+    from .report.tensorboard import TensorBoardSink# imports tensorboard: only when asked for
 
     return TensorBoardSink(log_dir)

@@ -2,12 +2,13 @@
 
 Collects every capdiag check as its own test item named after the check, so failures read
 like test failures with the finding's explanation, and ``-k``, ``-m`` and JUnit XML work as
-usual. Items carry the marker ``capdiag`` plus ``capdiag_quick`` or ``capdiag_full``;
-``--capdiag-quick`` collects only the quick (structural) checks. Fixtures:
+usual. Items carry the marker ``capdiag`` plus ``capdiag_quick`` or ``capdiag_full``. The CLI's
+model and check options are here as ``--capdiag-NAME`` (``capdiag.options``: one table for both):
+``--capdiag-weights/-data/-tokenizer/-precision/-seed/-device/-factory/-arg/-only/-skip/-quick``. Fixtures:
 ``capdiag_subject`` (wrap a model object) and ``capdiag_batch`` (a synthetic batch).
 
-This module imports only pytest and the standard library at import time: runs that do not
-use ``--capdiag`` pay nothing.
+This module imports only pytest, the standard library and ``capdiag.options`` (itself standard
+library only) at import time: runs that do not use ``--capdiag`` pay nothing.
 """
 from __future__ import annotations
 
@@ -15,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from .options import MODEL, SELECT, add_pytest
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("capdiag", "capdiag captioner checks")
     group.addoption("--capdiag", action="append", default=[], metavar="MODEL",
                     help="collect capdiag's checks on this model file (or module name); repeatable")
-    group.addoption("--capdiag-quick", action="store_true", help="only the quick (structural) checks")
-    group.addoption("--capdiag-factory", default="build_model", help="factory callable in the model file")
-    group.addoption("--capdiag-arg", action="append", default=[], metavar="NAME=VALUE", help="factory keyword argument")
-    group.addoption("--capdiag-device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_pytest(group, MODEL + SELECT)  # the CLI's model and check options, as --capdiag-NAME
     group.addoption("--capdiag-out", default=None, help="folder for capdiag's plots")
 
 
@@ -54,9 +54,15 @@ class CapdiagFile(pytest.File):
     def collect(self):
         from .registry import list_checks
 
-        quick = self.config.getoption("capdiag_quick")
+        from .errors import CapdiagError
+        from .options import selected
+
+        try:
+            chosen = set(selected(self._option))
+        except CapdiagError as e:  # an unknown check name: one line, as the CLI says it
+            raise pytest.UsageError(f"capdiag: {e}") from None
         for cls in list_checks():
-            if quick and not cls.cheap:
+            if cls.name not in chosen:
                 continue
             item = CapdiagItem.from_parent(self, name=cls.name, check_name=cls.name)
             item.add_marker("capdiag")
@@ -67,15 +73,16 @@ class CapdiagFile(pytest.File):
         """Build the model and subject once per file; a loading error fails every item the same way."""
         if self._subject is None and self._error is None:
             from .errors import CapdiagError
-            from .loading import load_model_file, make_subject, model_kwargs
+            from .options import subject_from
 
             try:
-                mf = load_model_file(self.target, self.config.getoption("capdiag_factory"))
-                self._subject = make_subject(mf, device=self.config.getoption("capdiag_device"),
-                                             model_kwargs=model_kwargs(self.config.getoption("capdiag_arg")))
+                _, self._subject = subject_from(self.target, self._option, progress=False)
             except CapdiagError as e:
                 self._error = str(e)
         return self._subject
+
+    def _option(self, name: str):
+        return self.config.getoption(f"capdiag_{name}")
 
 
 class CapdiagFailure(Exception):
@@ -134,7 +141,7 @@ def capdiag_batch():
     """Factory: ``capdiag_batch(vocab_size, n=8, image_size=64, pad_id=0, bos_id=1, eos_id=2)`` ->
     (images, captions) from capdiag's synthetic data (ImageNet-normalized)."""
     from .captioner import IMAGENET_MEAN, IMAGENET_STD
-    from .data import SyntheticCaptions
+    from .intake.data import SyntheticCaptions
 
     def make(vocab_size, n=8, image_size=64, pad_id=0, bos_id=1, eos_id=2, seed=0):
         data = SyntheticCaptions(vocab_size, pad_id, bos_id, eos_id, image_size, IMAGENET_MEAN, IMAGENET_STD)

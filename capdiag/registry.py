@@ -9,6 +9,7 @@ from .errors import UsageError
 
 _REGISTRY: dict = {}
 _LOADED = False
+_LOCATOR: list = []  # the fallback locator the built-in checks register (see register_locator)
 
 
 def register_check(cls: Type) -> Type:
@@ -19,6 +20,19 @@ def register_check(cls: Type) -> Type:
         raise ValueError(f"check {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def register_locator(fn) -> None:
+    """Register ``fn(captioner, images, method, evidence) -> Optional[Location]``: where a failing check
+    that located nothing points (the user's method the check called). The built-in checks register
+    capdiag's (``capdiag.measure.origins.called_location``); the engine itself imports no measurement."""
+    _LOCATOR[:] = [fn]
+
+
+def fallback_locator():
+    """The registered fallback locator, or None."""
+    _load_builtin()
+    return _LOCATOR[0] if _LOCATOR else None
 
 
 def _load_builtin() -> None:

@@ -7,12 +7,11 @@ import time
 import traceback
 from typing import Callable, Iterable, Optional
 
-from .blame import user_site
+from .usercode import user_site
 from .check import Check, Subject
-from .errors import ModelCallError
+from .errors import ModelCallError, NonFiniteOutput
 from .finding import MODEL_RAISED, Finding, Location, Report, Status
-from .probe import NonFiniteOutput
-from .registry import get_check
+from .registry import fallback_locator, get_check
 from .state import preserved_state
 
 
@@ -61,10 +60,11 @@ def run_check(subject: Subject, check: Check) -> Finding:
 def _called_from(subject: Subject, check: Check, finding: Finding) -> Optional[Location]:
     """A failing finding no traced operation located: the user's method the check judged (its
     ``calls``), so that every FAIL names a place in the user's code."""
-    from .origins import called_location
-
+    locator = fallback_locator()
+    if locator is None:
+        return None
     try:
-        return called_location(subject.captioner, subject.images, check.calls, f"{check.name} failed on its results")
+        return locator(subject.captioner, subject.images, check.calls, f"{check.name} failed on its results")
     except Exception:  # noqa: BLE001 - a location is a courtesy; the verdict stands without it
         return None
 

@@ -4,7 +4,7 @@ PyTorch starts one intra-op thread per core whatever else runs there; on a machi
 are busy, its spinning workers and the other job's preempt each other and small ops get several
 times slower (5x measured on a loaded 2-core machine). The CLI therefore uses the cores this
 process may run on (``sched_getaffinity``, the container's CPU quota) minus the ones busy right
-now, at least one. "Right now" is measured (``/proc/stat`` over 50 ms), not read from the load
+now, at least one. "Right now" is measured (psutil's CPU times over 50 ms), not read from the load
 average: the 1-minute average still counts a capdiag run that ended seconds ago, so back-to-back
 runs (a CI script, a user rerunning) would each get one thread on an idle machine (1.5-2x slower,
 measured). A user's own choice wins: ``OMP_NUM_THREADS`` /
@@ -35,33 +35,12 @@ def usable_cores() -> int:
     return max(1, n)
 
 
-def _cpu_times() -> Optional[tuple]:
-    """``(busy, total, cpus)`` jiffies summed over the machine's CPUs, from ``/proc/stat``."""
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:  # pragma: no cover - not Linux
-        return None
-    fields = [int(x) for x in lines[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields), sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
-
-
 def busy_cores(window: float = 0.05) -> float:
-    """Cores busy with other work right now: CPU time used in a ``window``-second sample of
-    ``/proc/stat`` (this process sleeps through it), in cores; the 1-minute load average where
-    there is no ``/proc/stat``."""
-    import time
+    """Cores busy with other work right now: the machine's CPU time used in a ``window``-second sample
+    (psutil; this process sleeps through it), in cores."""
+    import psutil
 
-    first = _cpu_times()
-    if first is None:  # pragma: no cover
-        try:
-            return os.getloadavg()[0]
-        except OSError:
-            return 0.0
-    time.sleep(window)
-    second = _cpu_times()
-    total = second[1] - first[1]
-    return (second[0] - first[0]) / total * second[2] if total > 0 else 0.0
+    return psutil.cpu_percent(interval=window) / 100.0 * (psutil.cpu_count() or 1)
 
 
 def idle_cores(cores: Optional[int] = None, load: Optional[float] = None) -> int:

@@ -2,6 +2,9 @@
 
 Importing this package registers them in this order (cheap structural checks first).
 """
+from capdiag.measure.origins import called_location
+from capdiag.registry import register_locator
+
 from . import (  # noqa: F401
     loss_at_init,
     input_mutation,
@@ -25,3 +28,6 @@ from . import (  # noqa: F401
     caption_collapse,
     word_grounding,
 )
+
+# A failing check that located nothing points at the user's method it called ("called from").
+register_locator(called_location)

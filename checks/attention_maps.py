@@ -1,7 +1,7 @@
 """attention_maps: is the decoder's attention over image regions alive and well formed?
 
 Weights are captured from cross-attention ``nn.MultiheadAttention`` calls and from additive
-attention modules returning ``(context, alpha)`` (see ``capdiag.attention``), on a model that
+attention modules returning ``(context, alpha)`` (see ``capdiag.measure.attention``), on a model that
 has learned (attention at init is legitimately near uniform). Findings: weights that do not
 sum to one over regions (softmax over the wrong dimension), attention uniform over regions
 (normalized entropy near 1) in every attention module, or identical for every word and
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capdiag.ablation import true_pass
-from capdiag.attention import attention_modules, attention_stats, judged_rows, per_token_maps
+from capdiag.measure.ablation import true_pass
+from capdiag.measure.attention import attention_modules, attention_stats, judged_rows, per_token_maps
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import locate, where_image_dies
+from capdiag.measure.localize import locate, where_image_dies
 from capdiag.registry import register_check
-from capdiag.trace import first_op, in_module, trace_call
+from capdiag.measure.trace import first_op, in_module, trace_call
+from capdiag.measure.training import learned_of
 
 
 @register_check
@@ -39,7 +40,7 @@ class AttentionMaps(Check):
             return self.skip("the model declares no attention over image regions (attention_modules = [])")
         if not attention_modules(s.model, hinted):
             return self.skip("no attention modules found (nn.MultiheadAttention or modules named *att*)")
-        learned = s.learned()
+        learned = learned_of(s)
         if learned.unlearned:  # no verdict on a copy that did not learn
             return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
         cap, images, captions, source = learned

@@ -23,9 +23,11 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import where_image_dies
+from capdiag.measure.localize import where_image_dies
 from capdiag.hooks import captured_outputs, hooked, replaced_output
-from capdiag.probe import input_grad, precision, reentrant_refusal, rel_diff, tolerance
+from capdiag.measure.gradients import input_grad, reentrant_refusal
+from capdiag.measure.probe import precision, rel_diff, tolerance
+from capdiag.measure.training import learned_of
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
 
@@ -61,7 +63,6 @@ def token_embedding(cap, images: torch.Tensor, ids: torch.Tensor):
     """``(name, module)`` of the nn.Embedding the forward calls with the caption ids (or a slice
     of them), found with hooks; ``(None, None)`` when no embedding is called that way."""
     called = []
-    handles = []
 
     def hook(name, m):
         def fn(module, args):
@@ -71,15 +72,10 @@ def token_embedding(cap, images: torch.Tensor, ids: torch.Tensor):
                 called.append((name, module))
         return fn
 
-    try:
-        for name, m in cap.model.named_modules():
-            if isinstance(m, nn.Embedding) and m.num_embeddings >= cap.spec.vocab_size:
-                handles.append(m.register_forward_pre_hook(hook(name, m)))
-        with torch.no_grad():
-            cap.logits(images, ids)
-    finally:
-        for h in handles:
-            h.remove()
+    embeds = [(m, hook(name, m)) for name, m in cap.model.named_modules()
+              if isinstance(m, nn.Embedding) and m.num_embeddings >= cap.spec.vocab_size]
+    with hooked(embeds, pre=True), torch.no_grad():
+        cap.logits(images, ids)
     return called[0] if called else (None, None)
 
 
@@ -137,7 +133,7 @@ class Attribution(Check):
             import captum.attr  # noqa: F401
         except ImportError:  # pragma: no cover - captum is a core dependency
             return self.skip("captum is not installed")
-        learned = s.learned()
+        learned = learned_of(s)
         cap, images, captions, source = learned
         if learned.unlearned:  # no verdict on a copy that did not learn
             return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
@@ -158,13 +154,22 @@ class Attribution(Check):
                 return self._no_gradient_path(s, cap, img, ids, "pixels get no gradient and no image_module is declared")
             side = "output" if _plain_output(cap, image_layer, img, ids) else "input"
             at = f"the {side} of {cap.spec.image_module!r} (pixels get no gradient)"
+        shares = self._shares(s, cap, img, ids, n_words, emb, image_layer, at)
+        if shares is None:
+            return self._no_gradient_path(s, cap, img, ids, f"{cap.spec.image_module!r} is never called")
+        img_shares, pixel_maps = shares
+        return self._verdict(s, learned, cap, img, ids, n_words, emb, at, img_shares, pixel_maps)
+
+    def _shares(self, s, cap, img, ids, n_words, emb, image_layer, at):
+        """``(image share per word, pixel maps)`` by captum, or by ``.backward()`` on a copy where autograd.grad
+        is refused; None when the image module is never called."""
         try:
             with seeded(s.seed), in_mode(cap.model, False):
-                img_shares, pixel_maps = self._attribute(cap, img, ids, n_words, emb, image_layer, at, captum=True)
+                return self._attribute(cap, img, ids, n_words, emb, image_layer, at, captum=True)
         except AssertionError as e:  # captum's layer hook never fired: the image module is not called
             if "did not obtain any outputs" not in str(e):
                 raise
-            return self._no_gradient_path(s, cap, img, ids, f"{cap.spec.image_module!r} is never called")
+            return None
         except RuntimeError as e:
             if not (reentrant_refusal(e) or _inplace_on_leaf(e)):
                 raise
@@ -175,7 +180,10 @@ class Attribution(Check):
             emb2 = twin.submodule(names[emb]) if emb is not None else None
             layer2 = twin.submodule(cap.spec.image_module) if at != "pixels" else None
             with seeded(s.seed), in_mode(twin.model, False):
-                img_shares, pixel_maps = self._attribute(twin, img, ids, n_words, emb2, layer2, at, captum=False)
+                return self._attribute(twin, img, ids, n_words, emb2, layer2, at, captum=False)
+
+    def _verdict(self, s, learned, cap, img, ids, n_words, emb, at, img_shares, pixel_maps):
+        source = learned.source
         if at != "pixels" and max(img_shares) == 0.0:
             return self._no_gradient_path(s, cap, img, ids, f"neither the pixels nor the output of "
                                                             f"{cap.spec.image_module!r} get a gradient")
@@ -196,7 +204,7 @@ class Attribution(Check):
                 metrics,
                 "The words come from the caption prefix alone: the image does not reach the decoder in a way "
                 "that matters. See image_ablation, pretrained_guard and gradient_flow for where it is lost.", artifacts,
-                location=where_image_dies(cap, s.learned().images, s.learned().captions, s.seed),
+                location=where_image_dies(cap, learned.images, learned.captions, s.seed),
             )
         return self.finding(
             Status.PASS, f"image share of attribution {overall:.0%} (per word {min(img_shares):.0%}-{max(img_shares):.0%}){note}",
@@ -268,4 +276,4 @@ class Attribution(Check):
             f"word's score unchanged (relative {moved:.1g})", metrics,
             "The image does not reach the decoder: features zeroed, detached into nothing, or the wrong variable "
             "passed. See image_ablation, pretrained_guard and gradient_flow for where it is lost.",
-            location=where_image_dies(cap, s.learned().images, s.learned().captions, s.seed))
+            location=where_image_dies(cap, learned_of(s).images, learned_of(s).captions, s.seed))

@@ -27,12 +27,13 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import localize_pair
-from capdiag.probe import (RANDOM_EVAL, inner_positions, input_grad, judged_mask, logits_in, precision, rel_diff,
-                           replace_tokens, subject_eval_is_random, tolerance)
+from capdiag.measure.localize import localize_pair
+from capdiag.measure.gradients import input_grad
+from capdiag.measure.probe import (RANDOM_EVAL, inner_positions, judged_mask, logits_in, precision, rel_diff,
+                                   replace_tokens, subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
-from capdiag.violations import not_alone, not_permuted, other_samples
+from capdiag.measure.violations import not_alone, not_permuted, other_samples
 
 
 def _generated(cap, images, seed):

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.quality import collapse_metrics, quality_sample, top_caption_text
+from capdiag.measure.quality import collapse_metrics, quality_sample, top_caption_text
 from capdiag.registry import register_check
-from capdiag.training import is_trained
+from capdiag.measure.training import is_trained
 
 
 def trained_on_data(check: Check, s: Subject):

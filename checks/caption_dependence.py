@@ -18,19 +18,19 @@ from dataclasses import dataclass
 
 import torch
 
-from capdiag.batchnorm import recalibrate, tracking_batchnorms
+from capdiag.measure.batchnorm import recalibrate, tracking_batchnorms
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import dependence_dies, forward_location, locate
-from capdiag.probe import (RANDOM_EVAL, activation_scale, logits_in, precision, rel_diff, replace_tokens,
+from capdiag.measure.localize import dependence_dies, forward_location, locate
+from capdiag.measure.probe import (RANDOM_EVAL, activation_scale, logits_in, precision, rel_diff, replace_tokens,
                            reused_image_features, subject_eval_is_random, subject_train_reproducible,
                            tolerance_same_shape)
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
-from capdiag.training import is_trained
-from capdiag.trace import trace_pair
-from capdiag.violations import at_position
+from capdiag.measure.training import is_trained
+from capdiag.measure.trace import trace_pair
+from capdiag.measure.violations import at_position
 
 
 @register_check

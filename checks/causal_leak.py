@@ -13,12 +13,12 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import localize_pair
-from capdiag.probe import (precision, RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
+from capdiag.measure.localize import localize_pair
+from capdiag.measure.probe import (precision, RANDOM_EVAL, inner_positions, judged_mask, logits_in, rel_diff,
                            replace_tokens, reused_image_features, subject_eval_is_random,
                            subject_train_reproducible, tolerance)
 from capdiag.registry import register_check
-from capdiag.violations import causal_prefix
+from capdiag.measure.violations import causal_prefix
 
 
 def _batchnorm_outside_encoder(s: Subject) -> bool:

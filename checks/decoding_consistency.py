@@ -6,7 +6,7 @@ given), in the precision it runs in. Four comparisons:
 
 1. **Against the forward.** Every generated caption is fed back through ``forward``. A caption is
    consistent when each of its tokens is the forward's argmax or within the noise floor of it (a
-   near tie, ``capdiag.agreement``), or when it is a search result that neither capdiag's own greedy
+   near tie, ``capdiag.measure.agreement``), or when it is a search result that neither capdiag's own greedy
    decoding nor its own beam-k search through forward (``Captioner.beam``) beats both in total and in
    mean log-probability per token (so it is not worse under any length penalty). A caption is
    inconsistent when one of those beats it that way *and* it holds a word the forward ranks below
@@ -42,14 +42,15 @@ from typing import Optional
 
 import torch
 
-from capdiag.ablation import generated
-from capdiag.localize import where_image_dies
-from capdiag.origins import carried_state, generate_loop_site, stuck_positions
-from capdiag.trace import trace_call
-from capdiag.agreement import (StepCheck, agreement, sequence_logprob, step_logits_check,
-                               stepwise_check, subject_noise_floor)
 from capdiag.check import Check, Subject
 from capdiag.finding import CALLED, Location, Status
+from capdiag.measure.ablation import generated
+from capdiag.measure.agreement import (StepCheck, agreement, sequence_logprob, step_logits_check, stepwise_check,
+                                       subject_noise_floor)
+from capdiag.measure.localize import where_image_dies
+from capdiag.measure.origins import carried_state, generate_loop_site, stuck_positions
+from capdiag.measure.trace import trace_call
+from capdiag.measure.training import learned_of
 from capdiag.registry import register_check
 from capdiag.state import in_mode, preserved_attributes, seeded
 
@@ -112,7 +113,7 @@ class DecodingConsistency(Check):
     def run(self, s: Subject):
         if not s.captioner.has_generate:
             return self.skip("the model has no generate(); capdiag's own greedy decoding is consistent by construction")
-        learned = s.learned()
+        learned = learned_of(s)
         if learned.unlearned:  # no verdict on a copy that did not learn
             return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
         cap, images, captions, source = learned

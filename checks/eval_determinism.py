@@ -17,13 +17,13 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
 from capdiag.finding import CALLED, Location
-from capdiag.localize import localize_pair
-from capdiag.origins import carried_state, generate_loop_site, random_draw
-from capdiag.trace import trace_call
-from capdiag.probe import precision, rel_diff, tolerance
+from capdiag.measure.localize import localize_pair
+from capdiag.measure.origins import carried_state, generate_loop_site, random_draw
+from capdiag.measure.trace import trace_call
+from capdiag.measure.probe import precision, rel_diff, tolerance
 from capdiag.registry import register_check
 from capdiag.state import in_mode
-from capdiag.violations import any_difference
+from capdiag.measure.violations import any_difference
 
 
 @register_check

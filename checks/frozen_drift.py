@@ -7,7 +7,7 @@ trained with (and eval mode, which uses the statistics, degrades). Also any para
 module that a step changes (an optimizer over all parameters with weight decay, in-place edits).
 
 One training step (``model.train()``, forward, backward, Adam over the trainable parameters) on a
-deep copy, then the same comparison the training monitor makes (``capdiag.pretrained.DriftWatcher``)
+deep copy, then the same comparison the training monitor makes (``capdiag.measure.pretrained.DriftWatcher``)
 over the modules that are frozen: ``requires_grad=False``, or never reached by the loss's gradient
 (run under ``torch.no_grad()``, behind ``.detach()``: the PyTorch tutorial freezes its ResNet that way,
 and never calls ``eval()`` on it). A pretrained module that
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.gradients import frozen_in_effect
-from capdiag.localize import module_location
-from capdiag.optim import Adam
-from capdiag.pretrained import DriftWatcher, frozen_modules, is_running_stat
+from capdiag.measure.gradients import frozen_in_effect
+from capdiag.measure.localize import module_location
+from capdiag.measure.optim import Adam
+from capdiag.measure.pretrained import DriftWatcher, frozen_modules, is_running_stat
 from capdiag.registry import register_check
 from capdiag.state import seeded
 

@@ -18,12 +18,11 @@ import torch
 from capdiag.check import Check, Subject
 from capdiag.distributed import is_sharded
 from capdiag.finding import Status
-from capdiag.gradients import (IMAGE_PATH, TEXT_PATH, by_layer, frozen_in_effect, gradient_metrics, gradient_rows,
+from capdiag.measure.gradients import (IMAGE_PATH, TEXT_PATH, by_layer, frozen_in_effect, gradient_metrics, gradient_rows,
                                 part_mean_abs, step_grads, train_step_grads)
-from capdiag.localize import owner_module, where_gradient_stops
-from capdiag.probe import trainable
+from capdiag.measure.gradient_path import owner_module, where_gradient_stops
+from capdiag.measure.gradients import trainable
 from capdiag.registry import register_check
-from capdiag.state import in_mode, seeded
 
 
 def update_ratios(s: Subject, grads: dict, lr: float = 1e-3, eps: float = 1e-8) -> dict:
@@ -71,6 +70,14 @@ class GradientFlow(Check):
             if all(r["flag"] == "none" for r in rows):
                 return self.skip("no parameter has a .grad yet (call after backward, before zero_grad)")
             return self._live(rows)
+        rows, layers, metrics = self._measure(s, named)
+        artifacts = {"layers": _layer_table(layers), "model_name": cap.name}
+        return self._verdict(s, rows, layers, metrics, artifacts)
+
+    def _measure(self, s: Subject, named: list) -> tuple:
+        """One training step's gradients: per parameter (``rows``) and per layer, flagged against the
+        median layer; the metrics."""
+        cap = s.captioner
         grads, _ = train_step_grads(s)
         rows = gradient_rows(named, grads, cap.spec.image_module)
         for r, ratio in zip(rows, update_ratios(s, grads).values()):
@@ -83,12 +90,15 @@ class GradientFlow(Check):
                 rel = L["mean_abs"] / median
                 L["flag"] = "vanishing" if rel < self.vanish else ("exploding" if rel > self.explode else "")
         metrics = {"median_layer_mean_abs_grad": median, "n_layers": len(layers), **gradient_metrics(rows)}
-        ratio = metrics.get("image_over_text_grad")
-        img, txt = part_mean_abs(rows, IMAGE_PATH), part_mean_abs(rows, TEXT_PATH)
         ratios = [r["update_ratio"] for r in rows if math.isfinite(r["update_ratio"]) and r["update_ratio"] > 0]
         if ratios:
             metrics["median_log10_update_ratio"] = float(torch.tensor(ratios).log10().median())
-        artifacts = {"layers": _layer_table(layers), "model_name": cap.name}
+        return rows, layers, metrics
+
+    def _verdict(self, s: Subject, rows: list, layers: list, metrics: dict, artifacts: dict):
+        cap = s.captioner
+        ratio = metrics.get("image_over_text_grad")
+        img, txt = part_mean_abs(rows, IMAGE_PATH), part_mean_abs(rows, TEXT_PATH)
         bad = [L for L in layers if L["flag"] in ("none", "zero", "nonfinite")]
         if any(L["flag"] == "nonfinite" for L in bad):
             names = [L["name"] for L in bad if L["flag"] == "nonfinite"]
@@ -124,6 +134,10 @@ class GradientFlow(Check):
                 f"{'; '.join(f'{m.module} {m.how}' for m in frozen[:3])}; the rest of the model gets gradient",
                 metrics, "Legal for a fixed feature extractor; if it is meant to fine-tune, remove the no_grad() or "
                 ".detach() that cuts it off (see gradient_reachability).", artifacts)
+        return self._scales(rows, layers, metrics, artifacts, ratio)
+
+    def _scales(self, rows: list, layers: list, metrics: dict, artifacts: dict, ratio):
+        """Every layer gets gradient: are the scales sane (layers against the median, update ratios)?"""
         odd = [L["name"] for L in layers if L["flag"] in ("vanishing", "exploding")]
         band_lo, band_hi = self.band
         # Judged only where there is a gradient to speak of: a bias before a softmax (shift-invariant)

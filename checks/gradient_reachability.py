@@ -15,9 +15,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import owner_module, summarize_modules, where_gradient_stops
-from capdiag.gradients import frozen_in_effect, train_step_grads
-from capdiag.probe import param_part, trainable
+from capdiag.measure.gradient_path import owner_module, summarize_modules, where_gradient_stops
+from capdiag.measure.gradients import frozen_in_effect, train_step_grads
+from capdiag.measure.gradients import trainable
+from capdiag.measure.probe import param_part
 from capdiag.registry import register_check
 
 
@@ -32,17 +33,7 @@ class GradientReachability(Check):
         params = trainable(cap.model)
         if not params:
             return self.skip("the model has no trainable parameters")
-        grads, _ = train_step_grads(s)
-        none = [n for n, _ in params if grads.get(n) is None]
-        nonfinite = [n for n, _ in params if grads.get(n) is not None and not bool(torch.isfinite(grads[n]).all())]
-        zero = [n for n, _ in params if grads.get(n) is not None and n not in nonfinite and not bool(grads[n].any())]
-        # A module all of whose parameters get nothing is dead; a lone zero bias (e.g. before BatchNorm) is not.
-        by_module = defaultdict(list)
-        for n, _ in params:
-            by_module[owner_module(n)].append(n)
-        bad = set(none) | set(zero)
-        dead_modules = [m for m, ns in by_module.items() if all(n in bad for n in ns)]
-        parts_none = sorted({param_part(n) for n in none})
+        none, zero, nonfinite, dead_modules = self._measure(s, params)
         metrics = {
             "n_trainable": len(params),
             "n_no_grad": len(none),
@@ -56,6 +47,28 @@ class GradientReachability(Check):
                 "half precision; enable torch.autograd.detect_anomaly() once to find the op.",
                 {"nonfinite": nonfinite},
             )
+        if none:
+            return self._unreached(s, params, none, metrics)
+        return self._zero(s, params, zero, dead_modules, metrics)
+
+    @staticmethod
+    def _measure(s: Subject, params: list) -> tuple:
+        """One training step: parameters without a gradient, with an all-zero one, with NaN/inf, and the
+        modules none of whose parameters get anything."""
+        grads, _ = train_step_grads(s)
+        none = [n for n, _ in params if grads.get(n) is None]
+        nonfinite = [n for n, _ in params if grads.get(n) is not None and not bool(torch.isfinite(grads[n]).all())]
+        zero = [n for n, _ in params if grads.get(n) is not None and n not in nonfinite and not bool(grads[n].any())]
+        # A module all of whose parameters get nothing is dead; a lone zero bias (e.g. before BatchNorm) is not.
+        by_module = defaultdict(list)
+        for n, _ in params:
+            by_module[owner_module(n)].append(n)
+        bad = set(none) | set(zero)
+        dead_modules = [m for m, ns in by_module.items() if all(n in bad for n in ns)]
+        return none, zero, nonfinite, dead_modules
+
+    def _unreached(self, s: Subject, params: list, none: list, metrics: dict):
+        """Parameters the loss never reaches: frozen in effect on purpose (WARN), else cut off (FAIL)."""
         cut = frozen_in_effect(s)
         if none and all(m.deliberate for m in cut) and sum(len(m.params) for m in cut) == len(none):
             return self.finding(
@@ -68,18 +81,21 @@ class GradientReachability(Check):
                 "torch.no_grad() or .detach() that cuts it off.",
                 {"no_grad": none},
             )
-        if none:
-            return self.finding(
-                Status.FAIL,
-                f"{len(none)} of {len(params)} trainable parameters get no gradient from the caption loss "
-                f"({', '.join(parts_none)}: {summarize_modules(none)})",
-                metrics,
-                "These parameters are cut off from the loss: a .detach() or torch.no_grad() on the image "
-                "features, a module built but never called, or a branch unused in forward. If they are meant "
-                "frozen, set requires_grad=False.",
-                {"no_grad": none},
-                location=where_gradient_stops(s, none),
+        parts_none = sorted({param_part(n) for n in none})
+        return self.finding(
+            Status.FAIL,
+            f"{len(none)} of {len(params)} trainable parameters get no gradient from the caption loss "
+            f"({', '.join(parts_none)}: {summarize_modules(none)})",
+            metrics,
+            "These parameters are cut off from the loss: a .detach() or torch.no_grad() on the image "
+            "features, a module built but never called, or a branch unused in forward. If they are meant "
+            "frozen, set requires_grad=False.",
+            {"no_grad": none},
+            location=where_gradient_stops(s, none),
             )
+
+    def _zero(self, s: Subject, params: list, zero: list, dead_modules: list, metrics: dict):
+        """Every parameter is reached: modules whose gradient is all zero are a dead path."""
         if dead_modules:
             return self.finding(
                 Status.FAIL,

@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from capdiag.ablation import ALL_KINDS, ablation_losses, ablation_metrics, generated, true_pass
+from capdiag.measure.ablation import ALL_KINDS, ablation_losses, ablation_metrics, generated, true_pass
 from capdiag.check import Check, Subject
-from capdiag.data import empirical_blind_floor
+from capdiag.intake.data import empirical_blind_floor
 from capdiag.finding import Status
-from capdiag.localize import where_image_dies
+from capdiag.measure.localize import where_image_dies
+from capdiag.measure.training import learned_of
 from capdiag.registry import register_check
 
 LIVE_KINDS = ("shuffled_images", "zeroed_features")  # during training: two extra no-grad forwards
@@ -33,7 +34,7 @@ class ImageAblation(Check):
     min_reliance: float = 0.2
 
     def run(self, s: Subject):
-        learned = s.learned()
+        learned = learned_of(s)
         if learned.unlearned:  # no verdict on a copy that did not learn
             return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})
         cap, images, captions, source = learned

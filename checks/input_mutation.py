@@ -11,10 +11,10 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.origins import input_write
+from capdiag.measure.origins import input_write
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
-from capdiag.trace import trace_call
+from capdiag.measure.trace import trace_call
 
 
 @register_check

@@ -23,10 +23,11 @@ from torch import nn
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import locate
+from capdiag.hooks import hooked
+from capdiag.measure.localize import locate
 from capdiag.registry import register_check
 from capdiag.state import in_mode
-from capdiag.trace import first_op, trace_call
+from capdiag.measure.trace import first_op, trace_call
 
 
 def pixel_entry(s: Subject) -> tuple[Optional[torch.Tensor], str]:
@@ -34,7 +35,6 @@ def pixel_entry(s: Subject) -> tuple[Optional[torch.Tensor], str]:
     name; ``(None, "")`` when the forward runs no such convolution."""
     cap = s.captioner
     seen: list = []
-    handles = []
 
     def hook(name):
         def fn(m, args):
@@ -42,15 +42,9 @@ def pixel_entry(s: Subject) -> tuple[Optional[torch.Tensor], str]:
                 seen.append((args[0].detach().float().clone(), name))
         return fn
 
-    try:
-        for name, m in cap.model.named_modules():
-            if isinstance(m, nn.Conv2d) and m.in_channels == 3:
-                handles.append(m.register_forward_pre_hook(hook(name)))
-        with torch.no_grad(), in_mode(cap.model, False):
-            cap.logits(s.images, s.captions)
-    finally:
-        for h in handles:
-            h.remove()
+    convs = [(m, hook(name)) for name, m in cap.model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3]
+    with hooked(convs, pre=True), torch.no_grad(), in_mode(cap.model, False):
+        cap.logits(s.images, s.captions)
     return seen[0] if seen else (None, "")
 
 

@@ -12,10 +12,11 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import first_nonfinite, largest_gain, locate, who_wrote
-from capdiag.probe import first_nonfinite_module, logits_in, untrained_batchnorm
+from capdiag.measure.gradient_path import first_nonfinite, largest_gain
+from capdiag.measure.localize import locate, who_wrote
+from capdiag.measure.probe import first_nonfinite_module, logits_in, untrained_batchnorm
 from capdiag.registry import register_check
-from capdiag.trace import trace_call
+from capdiag.measure.trace import trace_call
 
 
 def tied_embeddings(model: torch.nn.Module) -> bool:

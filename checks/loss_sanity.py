@@ -16,7 +16,7 @@ import torch
 from capdiag.captioner import extract_logits
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import function_location
+from capdiag.measure.localize import function_location
 from capdiag.registry import register_check
 from capdiag.state import in_mode, seeded
 

@@ -13,8 +13,8 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import function_location
-from capdiag.metrics import bleu4
+from capdiag.measure.localize import function_location
+from capdiag.measure.metrics import bleu4
 from capdiag.registry import register_check
 
 

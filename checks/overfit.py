@@ -10,7 +10,7 @@ floor to diagnose "cannot see the image".
 BatchNorm: hard single-batch training moves a pretrained encoder's weights faster than its
 running statistics follow (momentum 0.01-0.1), so eval mode can miss a batch that train mode
 memorized in a perfectly correct model. When that happens and the statistics matched the weights
-at the start (see ``capdiag.batchnorm``), the copy's statistics are re-estimated on the batch and
+at the start (see ``capdiag.measure.batchnorm``), the copy's statistics are re-estimated on the batch and
 eval mode is judged again. Statistics that were already off at the start (pretrained statistics
 under overwritten weights: the forum case) are the model's problem and are reported as such.
 """
@@ -23,14 +23,15 @@ from typing import Any, Optional
 
 import torch
 
-from capdiag.ablation import generated
-from capdiag.agreement import Agreement, agreement, sequence_logprob, subject_noise_floor
+from capdiag.measure.ablation import generated
+from capdiag.measure.agreement import Agreement, agreement, sequence_logprob, subject_noise_floor
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import where_image_dies, where_probabilities
-from capdiag.metrics import bleu4, exact_match
+from capdiag.measure.localize import where_image_dies, where_probabilities
+from capdiag.measure.metrics import bleu4, exact_match
 from capdiag.registry import register_check
-from capdiag.training import RECIPE, eval_loss, fit_copy, fit_recipe
+from capdiag.measure.fitting import eval_loss, fit_copy
+from capdiag.measure.training import RECIPE, fit_recipe, fitted_of
 
 
 def reproduced(exact_match: float, n: int, min_exact_match: float) -> bool:
@@ -71,7 +72,7 @@ class Misses:
 
 def misses_explained(s, cap, images, captions, ids, refs, hyps) -> Misses:
     """A caption missed at a low loss is a decoding problem only when generate() departs from the
-    teacher-forced forward beyond the noise floor (``capdiag.agreement``): at the first diverging step
+    teacher-forced forward beyond the noise floor (``capdiag.measure.agreement``): at the first diverging step
     a greedy decoder that takes the forward's argmax, or one of two words within noise of each other,
     is right, and so is a search that finds a caption the forward scores at least as high as the
     reference. Otherwise a near tie, not a bug, would decide the verdict."""
@@ -121,7 +122,7 @@ class Overfit(Check):
         if self.lr is not None:
             knobs["start_lr"] = None  # a given rate is used as given
         recipe = dataclasses.replace(shared, **knobs)
-        fitted = s.fitted() if recipe == shared else fit_recipe(s, recipe)
+        fitted = fitted_of(s) if recipe == shared else fit_recipe(s, recipe)
         fit, images, captions, floor, final = fitted.fit, fitted.images, fitted.captions, fitted.floor, fitted.final_loss
         refs = cap.strip(captions)
         ids = generated(s, fit.captioner, images, captions.shape[1] + 2)
@@ -176,11 +177,12 @@ class Overfit(Check):
                      "pass_loss": recipe.pass_loss, "sweep_curves": sweep_curves, "model_name": cap.name}
         return self.finding(status, summary, metrics, hint, artifacts, location=where)
 
-    def _diagnose(self, s, cap, images, captions, fit, final, floor, metrics, recipe):
+    def _sweep(self, s, cap, images, captions, fit, final, floor, metrics, recipe) -> tuple:
+        """Short fits at other learning rates: ``(best rate, best eval loss, loss curves)``. A diverging
+        run asks whether a smaller step fits; a plateau whether a larger (or, for big models that
+        oscillate, a smaller) one does."""
         best_lr, best = fit.lr, final if math.isfinite(final) else float("inf")
         curves = {}
-        # A diverging run asks whether a smaller step fits; a plateau whether a larger (or, for big
-        # models that oscillate, a smaller) one does.
         if fit.diverged or not math.isfinite(final):
             sweep = (fit.lr / 3, fit.lr / 10)
         elif recipe.low(fit.recent_loss, floor):
@@ -196,6 +198,10 @@ class Overfit(Check):
             if loss < best:
                 best_lr, best = lr, loss
         metrics["best_lr"], metrics["best_loss"] = best_lr, best
+        return best_lr, best, curves
+
+    def _diagnose(self, s, cap, images, captions, fit, final, floor, metrics, recipe):
+        best_lr, best, curves = self._sweep(s, cap, images, captions, fit, final, floor, metrics, recipe)
         # A rate that gets far below both the main run and the image-blind floor shows the model can fit.
         if best < recipe.pass_loss or (best < 0.5 * final and best < 0.5 * floor):
             return Status.WARN, (

@@ -13,11 +13,11 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import localize_pair
-from capdiag.probe import (precision, RANDOM_EVAL, logits_in, random_tokens, rel_diff, reused_image_features,
+from capdiag.measure.localize import localize_pair
+from capdiag.measure.probe import (precision, RANDOM_EVAL, logits_in, random_tokens, rel_diff, reused_image_features,
                            subject_eval_is_random, tolerance)
 from capdiag.registry import register_check
-from capdiag.violations import real_positions_differ
+from capdiag.measure.violations import real_positions_differ
 
 
 @register_check

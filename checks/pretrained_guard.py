@@ -4,7 +4,7 @@ The forum case: ``model.apply(init_weights)`` with xavier on every Linear/Conv a
 the pretrained ResNet, so the decoder learned the caption prior from useless features. With a
 reference (``CAPDIAG['pretrained'] = {'encoder': 'weights.pth'}``) tensors are compared with it
 (changed and uncorrelated = clobbered; changed but correlated = fine-tuned, fine). Without one,
-the fingerprint of a fresh init (see ``capdiag.pretrained``) gives it away. Modules declared
+the fingerprint of a fresh init (see ``capdiag.measure.pretrained``) gives it away. Modules declared
 pretrained fail; an undeclared module that looks like a torchvision backbone only warns,
 since it may be trained from scratch on purpose.
 """
@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.localize import who_wrote
-from capdiag.origins import unmatched_load
-from capdiag.trace import traced_build
-from capdiag.pretrained import compare_to_reference, freshness, load_reference, looks_like_backbone
+from capdiag.measure.localize import who_wrote
+from capdiag.measure.origins import unmatched_load
+from capdiag.measure.trace import traced_build
+from capdiag.intake.checkpoints import read_state_dict
+from capdiag.measure.pretrained import compare_to_reference, freshness, looks_like_backbone
 from capdiag.registry import register_check
 
 HINT = (
@@ -70,7 +71,7 @@ class PretrainedGuard(Check):
         for name, ref, declared in targets:
             module = s.captioner.submodule(name)
             if ref is not None:
-                cmp = compare_to_reference(module, load_reference(ref))
+                cmp = compare_to_reference(module, read_state_dict(ref, "reference weights"))
                 metrics[f"{name}_fraction_clobbered"] = cmp.fraction_clobbered
                 metrics[f"{name}_n_finetuned"] = len(cmp.finetuned)
                 if cmp.clobbered:  # fine-tuning keeps tensors correlated with the reference; init does not

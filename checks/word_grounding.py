@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.quality import quality_sample, word_reliance
+from capdiag.measure.quality import quality_sample, word_reliance
 from capdiag.registry import register_check
 
 from .caption_collapse import trained_on_data

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.data import BLIND_FLOOR, SyntheticCaptions
-from capdiag.metrics import bleu4
-from capdiag.userdata import Preprocess, read_captions
-from capdiag.tokenizers import WORD, WordMap
+from capdiag.intake.data import BLIND_FLOOR, SyntheticCaptions
+from capdiag.measure.metrics import bleu4
+from capdiag.intake.userdata import Preprocess, read_captions
+from capdiag.intake.tokenizers import WORD, WordMap
 
 
 class CocoFolder(torch.utils.data.Dataset):

@@ -30,9 +30,9 @@ from torch import nn
 
 from capdiag.models.decoding import generate
 from capdiag.models.hf_parts import CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, clip_vision, weights_file
-from capdiag.models.recipe import bleu4, caption_loss, xavier_init
+from capdiag.models.recipe import bleu4, caption_loss, planted, xavier_init
 from capdiag.models.registry import LOCAL_CLIP, register_model
-from capdiag.models.transformer_decoder import CaptionDecoder
+from capdiag.models.transformer_decoder import CaptionDecoder, DecoderConfig, DecodesMemory
 
 # bug -> the check that must fail on it (the xavier twin: against a local CLIP checkpoint)
 BUGS = {"no_causal_mask": "causal_leak", "image_not_fed": "gradient_reachability", "loss_counts_padding": "loss_sanity",
@@ -40,14 +40,7 @@ BUGS = {"no_causal_mask": "causal_leak", "image_not_fed": "gradient_reachability
 
 
 @dataclass
-class Config:
-    vocab_size: int = 32
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 2
-    d_ff: int = 128
-    dropout: float = 0.1
-    max_len: int = 40
+class Config(DecoderConfig):
     positions: str = "learned"  # or "sinusoidal"
     clip: dict = field(default_factory=lambda: dict(CLIP_SMALL))
     clip_weights: Optional[str] = None  # local folder / cached name of a CLIP checkpoint
@@ -65,12 +58,10 @@ class Config:
 FULL = Config(vocab_size=49408, d_model=512, n_heads=8, n_layers=6, d_ff=2048, clip=dict(CLIP_FULL))
 
 
-class ClipDecoderCaptioner(nn.Module):
+class ClipDecoderCaptioner(DecodesMemory, nn.Module):
     def __init__(self, cfg: Config = Config(), bug: Optional[str] = None):
         super().__init__()
-        if bug is not None and bug not in BUGS:
-            raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
-        self.cfg, self.bug = cfg, bug
+        self.cfg, self.bug = cfg, planted(bug, BUGS)
         self.clip = clip_vision(cfg.clip, cfg.clip_weights)
         grid = self.clip.config.image_size // self.clip.config.patch_size
         self.proj = nn.Linear(self.clip.config.projection_dim, cfg.d_model)
@@ -102,12 +93,6 @@ class ClipDecoderCaptioner(nn.Module):
         tokens = self.clip.vision_model(pixel_values=images).last_hidden_state  # (B, 1+N, h)
         patches = self.clip.vision_model.post_layernorm(tokens[:, 1:])  # (B, N, h): the class token dropped
         return self.proj(self.clip.visual_projection(patches))  # (B, N, d)
-
-    def decode(self, memory, captions):
-        return self.text(memory, captions, causal=self.bug != "no_causal_mask")  # (B, T, V)
-
-    def forward(self, images, captions):
-        return self.decode(self.memory(images), captions)
 
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):

@@ -32,7 +32,7 @@ from torch import nn
 
 from capdiag.models.hf_parts import (CLIP_FULL, CLIP_MEAN, CLIP_SMALL, CLIP_STD, GPT2_FULL, GPT2_SMALL, clip_vision, gpt2,
                                      weights_file)
-from capdiag.models.recipe import EndOfTextRecipe, xavier_init
+from capdiag.models.recipe import EndOfTextRecipe, planted, xavier_init
 from capdiag.models.registry import LOCAL_CLIP, register_model
 from capdiag.models.transformer_decoder import padding_after_eos
 
@@ -58,9 +58,7 @@ FULL = Config(vocab_size=50257, prefix_len=10, clip=dict(CLIP_FULL), lm=dict(GPT
 class ClipCapCaptioner(EndOfTextRecipe, nn.Module):
     def __init__(self, cfg: Config = Config(), bug: Optional[str] = None):
         super().__init__()
-        if bug is not None and bug not in BUGS:
-            raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
-        self.cfg, self.bug = cfg, bug
+        self.cfg, self.bug = cfg, planted(bug, BUGS)
         self.clip = clip_vision(cfg.clip, cfg.clip_weights)
         self.lm = gpt2(cfg.lm, cfg.vocab_size, cfg.vocab_size - 1, cfg.lm_weights)
         self.special = self.lm.config.eos_token_id  # BOS = EOS = pad

@@ -26,8 +26,8 @@ from torch import nn
 
 from capdiag.models.decoding import generate
 from capdiag.models.encoders import ImageEncoder, choose_encoder
-from capdiag.models.recipe import bleu4, caption_loss, xavier_init
-from capdiag.models.transformer_decoder import CaptionDecoder
+from capdiag.models.recipe import bleu4, caption_loss, planted, xavier_init
+from capdiag.models.transformer_decoder import CaptionDecoder, DecoderConfig, DecodesMemory
 from capdiag.models.registry import LITE0, register_model
 
 PAD, BOS, EOS = 0, 1, 2
@@ -37,14 +37,7 @@ BUGS = {"xavier_init_clobbers_encoder": "pretrained_guard", "no_causal_mask": "c
 
 
 @dataclass
-class Config:
-    vocab_size: int = 32
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 2
-    d_ff: int = 128
-    dropout: float = 0.1
-    max_len: int = 40
+class Config(DecoderConfig):
     encoder: str = "resnet18"
     encoder_weights: Optional[str] = None  # torchvision weights name, or "imagenet" for efficientnet_lite0
     encoder_size: int = 4  # regions per side after adaptive pooling
@@ -57,12 +50,10 @@ FULL = Config(vocab_size=10000, d_model=512, n_heads=8, n_layers=6, d_ff=2048, e
               encoder_size=7, image_size=224)
 
 
-class CNNTransformerCaptioner(nn.Module):
+class CNNTransformerCaptioner(DecodesMemory, nn.Module):
     def __init__(self, cfg: Config = Config(), bug: Optional[str] = None):
         super().__init__()
-        if bug is not None and bug not in BUGS:
-            raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
-        self.cfg, self.bug = cfg, bug
+        self.cfg, self.bug = cfg, planted(bug, BUGS)
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_weights)
         self.pool = nn.AdaptiveAvgPool2d(cfg.encoder_size)
         self.proj = nn.Linear(self.encoder.out_channels, cfg.d_model)
@@ -90,12 +81,6 @@ class CNNTransformerCaptioner(nn.Module):
             return self.memory_const.expand(images.shape[0], -1, -1)
         f = self.pool(self.encoder(images))  # (B, C, s, s)
         return self.proj(f.flatten(2).transpose(1, 2))  # (B, s*s, d)
-
-    def decode(self, memory, captions):
-        return self.text(memory, captions, causal=self.bug != "no_causal_mask")  # (B, T, V)
-
-    def forward(self, images, captions):
-        return self.decode(self.memory(images), captions)
 
     @torch.no_grad()
     def generate(self, images, max_len: int = 20, beam_size: int = 1, alpha: float = 0.6, min_len: int = 0):

@@ -34,7 +34,7 @@ from capdiag.captioner import IMAGENET_MEAN, IMAGENET_STD
 from capdiag.models.encoders import ImageEncoder, choose_encoder
 from capdiag.models.hf_parts import GPT2_FULL, GPT2_SMALL, gpt2
 from capdiag.models.registry import LITE0, register_model
-from capdiag.models.recipe import EndOfTextRecipe, xavier_init
+from capdiag.models.recipe import EndOfTextRecipe, planted, xavier_init
 from capdiag.models.transformer_decoder import padding_after_eos
 
 # bug -> the check that must fail on it
@@ -71,9 +71,7 @@ class MergeMLP(nn.Module):
 class DualTransferCaptioner(EndOfTextRecipe, nn.Module):
     def __init__(self, cfg: Config = Config(), bug: Optional[str] = None):
         super().__init__()
-        if bug is not None and bug not in BUGS:
-            raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
-        self.cfg, self.bug = cfg, bug
+        self.cfg, self.bug = cfg, planted(bug, BUGS)
         # Pretrained BatchNorm statistics are kept frozen while the convolutions fine-tune.
         frozen_bn = cfg.frozen_bn if cfg.frozen_bn is not None else cfg.encoder_weights is not None
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_weights, frozen_bn=frozen_bn)

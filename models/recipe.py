@@ -11,6 +11,13 @@ from torch import nn
 from capdiag.models.transformer_decoder import padding_after_eos
 
 
+def planted(bug, bugs: dict):
+    """``bug`` when it is one of the family's ``bugs`` (or None); else a ValueError naming them."""
+    if bug is not None and bug not in bugs:
+        raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(bugs)}")
+    return bug
+
+
 def real_targets(captions: torch.Tensor, eos: int) -> tuple:
     """Targets ``captions[:, 1:]`` (B, T-1) and the mask of real ones (EOS included)."""
     return captions[:, 1:], ~padding_after_eos(captions, eos)[:, 1:]

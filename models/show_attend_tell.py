@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capdiag.models.encoders import ImageEncoder, choose_encoder
-from capdiag.models.recipe import caption_loss, real_targets, xavier_init
+from capdiag.models.recipe import caption_loss, planted, real_targets, xavier_init
 from capdiag.models.registry import LITE0, register_model
 
 PAD, BOS, EOS = 0, 1, 2
@@ -76,9 +76,7 @@ class Attention(nn.Module):
 class ShowAttendTell(nn.Module):
     def __init__(self, cfg: Config = Config(), bug: Optional[str] = None):
         super().__init__()
-        if bug is not None and bug not in BUGS:
-            raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
-        self.cfg, self.bug = cfg, bug
+        self.cfg, self.bug = cfg, planted(bug, BUGS)
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_weights)
         self.adapt = nn.Conv2d(self.encoder.out_channels, cfg.encoder_dim, 1)
         self.pool = nn.AdaptiveAvgPool2d(cfg.encoder_size)

@@ -7,10 +7,25 @@ Cross-attention weights are those of each layer's ``multihead_attn`` (an
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    """The Transformer decoder's size, shared by the references built on it (their ``Config`` adds the rest)."""
+
+    vocab_size: int = 32
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 128
+    dropout: float = 0.1
+    max_len: int = 40
 
 
 def sinusoidal(n: int, d: int) -> torch.Tensor:
@@ -61,3 +76,15 @@ class CaptionDecoder(nn.Module):
         h = self.decoder(x, memory, tgt_mask=mask, tgt_is_causal=causal,
                          tgt_key_padding_mask=padding_after_eos(captions, self.eos_id))
         return self.lm_head(self.norm(h))  # (B, T, V)
+
+
+class DecodesMemory:
+    """A captioner whose image module makes a memory the Transformer decoder (``self.text``) attends to:
+    ``forward(images, captions) = decode(memory(images), captions)``. The ``no_causal_mask`` twin
+    decodes without the causal mask."""
+
+    def decode(self, memory, captions):
+        return self.text(memory, captions, causal=self.bug != "no_causal_mask")  # (B, T, V)
+
+    def forward(self, images, captions):
+        return self.decode(self.memory(images), captions)

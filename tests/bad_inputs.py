@@ -5,7 +5,7 @@ Each row is a test (tests/test_cli.py) and a row of the README's table (tests/te
 from __future__ import annotations
 
 GOOD = """
-from capdiag.models import zoo
+from capdiag.testing import zoo
 CAPDIAG = dict(zoo.HINTS)
 def build_model(bug=None, arch="transformer"):
     return zoo.make(arch, bug)
@@ -62,7 +62,7 @@ CASES = [
     ("missing_checkpoint", "--weights path missing", GOOD, ["check", "{model}", "--weights", "{dir}/nope.pt"],
      "checkpoint '"),
     ("pickle_checkpoint", "--weights file is a pickle of something else", GOOD, ["check", "{model}", "--weights", "{dir}/evil.pt"],
-     "is not a checkpoint torch.load(weights_only=True) can read"),
+     "is not a plain state_dict or checkpoint torch.load(weights_only=True) can read"),
     ("missing_data", "--data path missing", GOOD, ["check", "{model}", "--data", "{dir}/nope"], "does not exist; give a COCO"),
     ("data_no_tokenizer", "--data without a tokenizer", GOOD, ["check", "{model}", "--data", "{dir}/coco"],
      "--data needs a tokenizer"),

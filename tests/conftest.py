@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capdiag.models import zoo
+from capdiag.testing import zoo
 
 torch.set_num_threads(2)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import capdiag
-from capdiag import batchnorm, get_check
+from capdiag.measure import batchnorm
+from capdiag import get_check
 from capdiag.finding import Status
 from capdiag.models import show_attend_tell
 from capdiag.models.recipe import xavier_init

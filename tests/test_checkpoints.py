@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from capdiag.checkpoints import load_checkpoint
+from capdiag.intake.checkpoints import load_checkpoint
 from capdiag.errors import CheckpointMismatch
-from capdiag.models import zoo
+from capdiag.testing import zoo
 
-MODEL = ("from capdiag.models import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
+MODEL = ("from capdiag.testing import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
          "def build_model(arch='transformer'):\n    return zoo.make(arch)\n")
 
 

@@ -72,7 +72,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         exec(EVIL_WEIGHTS, ns)
         torch.save(ns["Evil"](), tmp_path / "evil.pt")
     if cid == "data_no_tokenizer":
-        from capdiag.data import write_coco_folder
+        from capdiag.intake.data import write_coco_folder
 
         write_coco_folder(tmp_path / "coco", 4, image_size=32)
     if cid == "hf_unknown":

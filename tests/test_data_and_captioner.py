@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.data import BLIND_FLOOR, SyntheticCaptions, empirical_blind_floor
+from capdiag.intake.data import BLIND_FLOOR, SyntheticCaptions, empirical_blind_floor
 import procs
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from capdiag import get_check, list_checks
 from capdiag.runner import run_check, run_checks
-from capdiag.training import Recipe
+from capdiag.measure.training import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

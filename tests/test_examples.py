@@ -55,7 +55,7 @@ def test_pytest_example_passes():
 
 @pytest.mark.slow  # ~50 s; the script itself runs in the default set through the COCO-folder test below
 def test_train_reference_reads_the_image_and_blind_twin_stays_at_floor(capsys):
-    from capdiag.data import BLIND_FLOOR
+    from capdiag.intake.data import BLIND_FLOOR
 
     good = _run_main(ROOT / "examples/train_reference.py", ["--model", "cnn_transformer", "--steps", "150",
                                                              "--val-every", "150", "--batch", "16"])

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import capdiag
-from capdiag.models import zoo
-from capdiag.training import RECIPE, START_WINDOW, fit_copy, overfit_batch
+from capdiag.testing import zoo
+from capdiag.measure.fitting import START_WINDOW, fit_copy
+from capdiag.measure.training import RECIPE, overfit_batch
 
 
 def _fit(model, hints, start_lr, steps=200):
@@ -51,7 +52,7 @@ def test_a_slow_start_restarts_from_the_weights_at_the_recipe_rate():
 def test_a_model_too_slow_for_the_budget_trains_on_half_the_batch():
     import dataclasses
 
-    from capdiag.training import fit_recipe
+    from capdiag.measure.training import fit_recipe
 
     s = capdiag.subject_for(zoo.make("gru"), **zoo.HINTS)
     recipe = dataclasses.replace(RECIPE, time_budget=1e-6, steps=40)  # every model is "too slow" for this
@@ -77,7 +78,7 @@ class SlowForward(nn.Module):
 
 
 def test_a_slow_model_gets_a_smaller_probe_batch_and_says_so():
-    from capdiag.loading import SMALL_BATCH
+    from capdiag.intake.subject import SMALL_BATCH
 
     s = capdiag.subject_for(SlowForward(), **{**zoo.HINTS, "image_module": "inner.encoder"})
     assert s.images.shape[0] == SMALL_BATCH == s.captions.shape[0]

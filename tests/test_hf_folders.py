@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from capdiag.cli import main
-from capdiag.data import write_coco_folder
+from capdiag.intake.data import write_coco_folder
 
 tf = pytest.importorskip("transformers")
 V = 64
@@ -99,7 +99,7 @@ def test_clean_folder_passes_every_applicable_check(folders, tmp_path, capsys, k
 
 
 def test_folder_hints_read_special_ids_and_preprocessing(folders):
-    from capdiag.loading import load_model_file
+    from capdiag.intake.discover import load_model_file
 
     ved, blp, gt = (load_model_file(str(folders[k])) for k in ("vit_gpt2", "blip", "git"))
     assert {ved.hints[k] for k in ("bos_id", "eos_id", "pad_id")} == {V - 1}  # pad == bos == eos

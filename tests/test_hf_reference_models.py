@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("transformers")
 
 import capdiag  # noqa: E402
-from capdiag.finding import Status  # noqa: E402
-from capdiag.models import clip_decoder, clipcap, dual_transfer, hf_parts  # noqa: E402
-from capdiag.models.encoders import TORCHVISION_ENCODERS  # noqa: E402
-from capdiag.runner import run_checks  # noqa: E402
+from capdiag.finding import Status# noqa: E402
+from capdiag.models import clip_decoder, clipcap, dual_transfer, hf_parts# noqa: E402
+from capdiag.models.encoders import TORCHVISION_ENCODERS# noqa: E402
+from capdiag.runner import run_checks# noqa: E402
 
 FAMILIES = {"clip_decoder": clip_decoder, "clipcap": clipcap, "dual_transfer": dual_transfer}
 
@@ -133,7 +133,7 @@ def test_image_not_fed_twins_fail_the_learning_checks(name):
 def test_eager_self_attention_is_not_taken_for_image_attention():
     """A ViT's patch self-attention and GPT-2's token self-attention return (B, H, T, T) weights
     with eager attention; attention_maps must not read them as attention over image regions."""
-    from capdiag.attention import captured_attention
+    from capdiag.measure.attention import captured_attention
 
     model = clipcap.build_model().eval()
     model.lm.config._attn_implementation = "eager"
@@ -170,8 +170,8 @@ def test_a_start_rate_that_kills_the_image_path_is_never_what_the_checks_judge()
     judge is trained again at 1e-3, where it memorizes the batch through the image."""
     import dataclasses
 
-    from capdiag.ablation import ablation_losses
-    from capdiag.training import RECIPE, fit_recipe
+    from capdiag.measure.ablation import ablation_losses
+    from capdiag.measure.training import RECIPE, fit_recipe
 
     family = FAMILIES["dual_transfer"]
     _needs_lite0(family)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capdiag.models import zoo
+from capdiag.testing import zoo
 from capdiag import get_check
 from capdiag.finding import Status
 from capdiag.runner import run_check, run_checks

@@ -1,5 +1,5 @@
 """Localization: a failing check names the module and the user's line where its problem starts
-(capdiag/localize.py), judged against models/planted_sites.py; clean models get no location, and
+(capdiag/measure/localize.py), judged against capdiag/testing/planted_sites.py; clean models get no location, and
 localizing changes nothing of the model."""
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import torch
 import capdiag
 from capdiag import ModelSnapshot
 from capdiag.finding import CALLED, ORIGIN
-from capdiag.localize import dependence_dies, localize_pair, where_image_dies
-from capdiag.models import registry, unusual, zoo
-from capdiag.models.planted_sites import SITES, judge
+from capdiag.measure.localize import dependence_dies, localize_pair, where_image_dies
+from capdiag.models import registry
+from capdiag.testing import unusual, zoo
+from capdiag.testing.planted_sites import SITES, judge
 from capdiag.registry import get_check
 from capdiag.runner import run_check
 from capdiag.testing import held_out
-from capdiag.trace import trace_pair
-from capdiag.violations import at_position, causal_prefix
+from capdiag.measure.trace import trace_pair
+from capdiag.measure.violations import at_position, causal_prefix
 
 
 def zoo_subject(arch, bug=None):
@@ -126,7 +127,7 @@ def test_localizing_survives_a_model_that_raises_on_the_traced_call():
     s = capdiag.subject_for(m, **{k: v for k, v in zoo.HINTS.items() if k != "image_module"})
     before = ModelSnapshot.take(m)
     with pytest.raises(RuntimeError):
-        from capdiag.trace import trace_call
+        from capdiag.measure.trace import trace_call
 
         def boom(*a):
             raise RuntimeError("boom")
@@ -141,7 +142,7 @@ def test_localizing_survives_a_model_that_raises_on_the_traced_call():
 
 def test_cli_prints_and_writes_the_location(tmp_path):
     model = tmp_path / "model.py"
-    model.write_text("from capdiag.models import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
+    model.write_text("from capdiag.testing import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
                      "def build_model():\n    return zoo.make('transformer', 'no_causal_mask')\n")
     out = tmp_path / "f.json"
     r = subprocess.run([sys.executable, "-m", "capdiag", "check", str(model), "--only", "causal_leak,padding_invariance",
@@ -196,8 +197,8 @@ def test_strict_false_load_names_both_key_groups():
 def test_a_mode_switch_is_named_only_when_it_changes_the_mode_capdiag_called_in():
     """In train mode ``self.encoder.train()`` changes nothing: batch_independence's train-mode verdict
     does not involve it, and the eval-mode location names the switch."""
-    from capdiag.origins import mode_switch
-    from capdiag.trace import first_op, trace_call
+    from capdiag.measure.origins import mode_switch
+    from capdiag.measure.trace import first_op, trace_call
 
     s = held_out_subject("grid", "encoder_train_in_forward")
     for train in (False, True):
@@ -221,7 +222,7 @@ def test_every_failure_carries_a_location_with_its_kind():
 
 
 def test_called_from_points_at_generates_loop():
-    from capdiag.origins import called_location
+    from capdiag.measure.origins import called_location
 
     s = held_out_subject("grid")
     loc = called_location(s.captioner, s.images, "generate", "caption_collapse failed on its results")
@@ -247,7 +248,7 @@ def test_origin_tracers_stay_silent_on_clean_models():
 def test_recording_restores_torch():
     """The mode-switch and state-store recorders patch nn.Module for the traced call only, also when the
     model raises."""
-    from capdiag.trace import traced
+    from capdiag.measure.trace import traced
 
     train, setattr_, load = torch.nn.Module.train, torch.nn.Module.__setattr__, torch.nn.Module.load_state_dict
     m = torch.nn.Linear(2, 2)

@@ -10,8 +10,8 @@ import torch
 import capdiag
 from capdiag import ModelSnapshot, TrainingDiagnostics
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.data import SyntheticCaptions
-from capdiag.models import zoo
+from capdiag.intake.data import SyntheticCaptions
+from capdiag.testing import zoo
 
 DATA = SyntheticCaptions(zoo.VOCAB, image_size=32)
 PROBE = DATA.batch(16, seed=12345)

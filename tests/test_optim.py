@@ -1,11 +1,11 @@
-"""capdiag's own Adam (capdiag.optim) against torch.optim.Adam: same trajectory to float rounding."""
+"""capdiag's own Adam (capdiag.measure.optim) against torch.optim.Adam: same trajectory to float rounding."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from capdiag.optim import Adam
+from capdiag.measure.optim import Adam
 
 
 def _model():

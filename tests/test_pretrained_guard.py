@@ -9,7 +9,8 @@ import capdiag
 from capdiag import get_check
 from capdiag.errors import ClobberedWeightsError, WeightsError
 from capdiag.finding import Status
-from capdiag.pretrained import DriftWatcher, freshness, guard_pretrained, load_reference
+from capdiag.intake.checkpoints import read_state_dict as load_reference
+from capdiag.measure.pretrained import DriftWatcher, freshness, guard_pretrained
 from capdiag.models.recipe import xavier_init
 from capdiag.runner import run_check
 

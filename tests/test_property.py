@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import capdiag
 from capdiag.finding import Status
-from capdiag.models import zoo
+from capdiag.testing import zoo
 from capdiag.registry import list_checks
 
 STRUCTURAL = ["loss_at_init", "input_mutation", "causal_leak", "caption_dependence", "batch_independence",

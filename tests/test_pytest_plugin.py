@@ -7,7 +7,7 @@ import pytest
 import procs
 
 MODEL = """
-from capdiag.models import zoo
+from capdiag.testing import zoo
 CAPDIAG = dict(zoo.HINTS)
 def build_model(bug=None):
     return zoo.make("gru", bug)
@@ -57,7 +57,7 @@ def test_loading_error_fails_items_with_one_line(pytester):
 
 def test_fixtures_and_check_functions(pytester):
     pytester.makepyfile(test_user="""
-        from capdiag.models import zoo
+        from capdiag.testing import zoo
         from capdiag.testing import assert_passes, assert_fails, check_causal_leak, check_batch_independence
 
         def test_mine(capdiag_subject, capdiag_batch):

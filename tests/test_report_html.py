@@ -11,7 +11,7 @@ from capdiag.cli import main
 import procs
 
 MODEL = """
-from capdiag.models import zoo
+from capdiag.testing import zoo
 CAPDIAG = dict(zoo.HINTS)
 def build_model(bug=None):
     return zoo.make("lstm", bug)
@@ -48,8 +48,8 @@ def test_report_is_self_contained_with_every_section(report):
 def test_report_header_names_the_weights_and_the_data(tmp_path):
     import torch
 
-    from capdiag.data import write_coco_folder
-    from capdiag.models import zoo
+    from capdiag.intake.data import write_coco_folder
+    from capdiag.testing import zoo
 
     (tmp_path / "model.py").write_text(MODEL)
     torch.save(zoo.make("lstm").state_dict(), tmp_path / "w.pt")

@@ -1,4 +1,4 @@
-"""capdiag.probe.reused_image_features: caption-only probes compute the image features once, get the
+"""capdiag.measure.probe.reused_image_features: caption-only probes compute the image features once, get the
 same logits as without reuse, and leave the model as it was."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from torch import nn
 
 import capdiag
 from capdiag import ModelSnapshot
-from capdiag.models import zoo
-from capdiag.probe import logits_in, reused_image_features
+from capdiag.testing import zoo
+from capdiag.measure.probe import logits_in, reused_image_features
 from capdiag.registry import get_check
 from capdiag.runner import run_check
 

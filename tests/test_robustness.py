@@ -16,9 +16,9 @@ from torch import nn
 import capdiag
 from capdiag import ModelSnapshot, run_checks
 from capdiag.finding import Status
-from capdiag.models import zoo
+from capdiag.testing import zoo
 from capdiag.registry import list_checks
-from capdiag.training import Recipe
+from capdiag.measure.training import Recipe
 import procs
 
 ALL = [c.name for c in list_checks()]

@@ -64,7 +64,7 @@ def test_float_noise_mask_is_caught_on_a_sample_other_than_zero():
 
 
 def test_autocast_tolerance_follows_the_compute_precision():
-    from capdiag.probe import precision
+    from capdiag.measure.probe import precision
 
     s = subject("autocast_bf16")
     assert precision(s) == torch.bfloat16 and s.captioner.dtype == torch.float32
@@ -84,7 +84,7 @@ def test_frozen_by_no_grad_is_warned_and_its_drift_caught():
 
 def test_detached_image_path_that_is_not_kept_frozen_still_fails():
     """``.detach()`` is deliberate only when the model's train() keeps the module in eval (the zoo twin does not)."""
-    from capdiag.models import zoo
+    from capdiag.testing import zoo
 
     s = capdiag.subject_for(zoo.make("gru", "detached_image"), **zoo.HINTS)
     assert run(s, ["gradient_reachability"]).findings[0].status is Status.FAIL
@@ -99,14 +99,14 @@ def test_near_ties_and_the_forwards_own_choice_are_not_decoding_failures():
 
 
 def test_a_generate_that_departs_from_forward_still_fails_overfit():
-    from capdiag.models import zoo
+    from capdiag.testing import zoo
 
     f = run(capdiag.subject_for(zoo.make("gru", "generate_ignores_image"), **zoo.HINTS), ["overfit"]).findings[0]
     assert f.status is Status.FAIL and "departs from the forward's own choice" in f.summary
 
 
 def test_no_verdict_on_a_copy_that_did_not_learn():
-    from capdiag.training import RECIPE
+    from capdiag.measure.training import RECIPE
 
     s = subject("updown_two_lstm")
     s.recipe = dataclasses.replace(RECIPE, steps=3, start_lr=None)

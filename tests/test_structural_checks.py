@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from capdiag.models import zoo
+from capdiag.testing import zoo
 from capdiag import ModelSnapshot, run_checks
 from capdiag.finding import Status
 from capdiag.registry import list_checks

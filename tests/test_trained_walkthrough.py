@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from capdiag.cli import main
-from capdiag.data import write_coco_folder
+from capdiag.intake.data import write_coco_folder
 
 pytest.importorskip("transformers")  # clip_decoder's vision tower
 ROOT = Path(__file__).resolve().parents[1]

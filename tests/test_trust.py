@@ -1,6 +1,6 @@
 """No false alarms on clean captioners written the way people write them, and the bug classes
 capdiag used to miss (issue: trust first). Each test names the class of model that used to be
-misjudged; ``capdiag.models.unusual`` holds the clean family and its bug twins."""
+misjudged; ``capdiag.testing.unusual`` holds the clean family and its bug twins."""
 from __future__ import annotations
 
 import warnings
@@ -12,7 +12,7 @@ from torch import nn
 import capdiag
 from capdiag import ModelSnapshot, get_check, run_checks
 from capdiag.finding import Status
-from capdiag.models import unusual, zoo
+from capdiag.testing import unusual, zoo
 from capdiag.registry import list_checks, select_checks
 from capdiag.runner import run_check
 
@@ -213,7 +213,8 @@ def test_token_embedding_is_the_one_called_with_the_caption_ids():
 # ---- 9-11 on the references: no false alarm from the new probes ----------------------------------
 @pytest.mark.parametrize("family", ["cnn_transformer", "show_attend_tell"])
 def test_new_probes_pass_the_reference_models(family):
-    from capdiag.loading import load_model_file, make_subject
+    from capdiag.intake.discover import load_model_file
+    from capdiag.intake.subject import make_subject
 
     s = make_subject(load_model_file(f"capdiag.models.{family}"))
     for check in ("batch_independence", "eval_determinism", "frozen_drift"):

@@ -15,17 +15,18 @@ import torch
 
 from capdiag.captioner import Captioner, CaptionSpec
 from capdiag.cli import main
-from capdiag.data import write_coco_folder
+from capdiag.intake.data import write_coco_folder
 from capdiag.errors import DataError
-from capdiag.loading import load_model_file, make_subject
-from capdiag.metrics import cider_d
-from capdiag.models import zoo
+from capdiag.intake.discover import load_model_file
+from capdiag.intake.subject import make_subject
+from capdiag.measure.metrics import cider_d
+from capdiag.testing import zoo
 from capdiag.registry import get_check
 from capdiag.runner import run_checks
-from capdiag.tokenizers import WORD, WordMap
-from capdiag.userdata import Preprocess, read_captions
+from capdiag.intake.tokenizers import WORD, WordMap
+from capdiag.intake.userdata import Preprocess, read_captions
 
-MODEL = ("from capdiag.models import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
+MODEL = ("from capdiag.testing import zoo\nCAPDIAG = dict(zoo.HINTS)\n"
          "def build_model(bug=None):\n    return zoo.make('gru', bug)\n")
 # A model file that brings its own tokenizer (the third tokenizer kind).
 TOKENIZE = '''

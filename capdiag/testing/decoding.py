@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .family import build_member
-from .strangers import _conv, _hints
+from .family import _conv, _hints
 
 BOS, EOS, PAD = 1, 2, 0
 

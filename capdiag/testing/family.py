@@ -7,6 +7,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 def build_member(make: Callable[[Optional[str]], nn.Module], hints: dict, bugs: dict, name: str,
                  bug: Optional[str] = None, seed: int = 0) -> nn.Module:
@@ -17,3 +19,26 @@ def build_member(make: Callable[[Optional[str]], nn.Module], hints: dict, bugs: 
     model = make(bug)
     model.capdiag_hints = dict(hints)
     return model
+
+
+def _hints(**kw):
+    return {**dict(vocab_size=24, pad_id=0, bos_id=1, eos_id=2, image_size=32, image_mean=MEAN, image_std=STD), **kw}
+
+
+def _conv(cin, cout, norm=nn.BatchNorm2d):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), norm(cout), nn.ReLU())
+
+
+def _greedy_steps(step_fn, images, bos, eos, pad, max_len):
+    """The loop most repositories write: feed the argmax back, keep a per-sample ``finished`` mask."""
+    B = images.shape[0]
+    out = torch.full((B, 1), bos, dtype=torch.long, device=images.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=images.device)
+    for _ in range(max_len - 1):
+        word = step_fn(out).argmax(-1)
+        word = word.masked_fill(finished, pad)
+        out = torch.cat([out, word[:, None]], 1)
+        finished = finished | (word == eos)
+        if finished.all():
+            break
+    return out

@@ -32,10 +32,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .family import build_member
-from .strangers import _conv, _hints
+from .family import _conv, _hints
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -165,7 +164,7 @@ BUGS = {
 }
 
 # Where each twin's bug lives: (module a failing check must name, fragment of the line), as
-# ``capdiag.models.planted_sites.SITES``.
+# ``capdiag.testing.planted_sites.SITES``.
 SITES = {
     "held_out/softmax_head": ("", "logits.softmax(-1)"),
     "held_out/caption_view_write": ("", "dec_in[dec_in == EOS] = PAD"),

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 import capdiag
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.data import SyntheticCaptions
-from capdiag.models import zoo
+from capdiag.intake.data import SyntheticCaptions
+from capdiag.testing import zoo
 
 
 def main():

@@ -15,7 +15,7 @@ import torch
 
 import capdiag
 from capdiag.captioner import IMAGENET_MEAN, IMAGENET_STD, Captioner, CaptionSpec
-from capdiag.data import SyntheticCaptions
+from capdiag.intake.data import SyntheticCaptions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from model import CAPDIAG, build_model  # noqa: E402

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import capdiag
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.data import SyntheticCaptions
+from capdiag.intake.data import SyntheticCaptions
 from capdiag.distributed import local_shard, sharding_state
 from capdiag.models import clip_decoder
 

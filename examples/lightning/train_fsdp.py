@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from capdiag.callbacks.lightning import CapdiagCallback
 from capdiag.captioner import Captioner, CaptionSpec
-from capdiag.data import SyntheticCaptions
+from capdiag.intake.data import SyntheticCaptions
 from capdiag.models import clip_decoder
 
 H = clip_decoder.CAPDIAG

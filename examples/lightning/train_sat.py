@@ -12,7 +12,7 @@ import torch
 
 from capdiag.callbacks.lightning import CapdiagCallback
 from capdiag.captioner import IMAGENET_MEAN, IMAGENET_STD
-from capdiag.data import SyntheticCaptions
+from capdiag.intake.data import SyntheticCaptions
 from capdiag.models import show_attend_tell
 
 

@@ -4,7 +4,7 @@
 """
 import pytest
 
-from capdiag.models import zoo
+from capdiag.testing import zoo
 from capdiag.testing import assert_passes, check_batch_independence, check_causal_leak, check_overfit
 
 HINTS = dict(vocab_size=zoo.VOCAB, pad_id=zoo.PAD, bos_id=zoo.BOS, eos_id=zoo.EOS, image_size=32, image_module="encoder")
