@@ -73,7 +73,15 @@ def localization_clean(data: dict) -> str:
             f"({data['seeds']} seeds per family).\n")
 
 
-RENDER = {"false_alarms": false_alarms, "localization": localization, "localization_clean": localization_clean}
+def localization_every_fail(data: dict) -> str:
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(data["kinds"].items(), key=lambda kv: -kv[1]))
+    return (f"`python benchmarks/localization.py --every-fail --json benchmarks/results/localization_every_fail.json`: "
+            f"every check on {data['twins']} planted twins gave {data['failing']} failing findings; "
+            f"**{data['without_location']} without a location** ({kinds}).\n")
+
+
+RENDER = {"false_alarms": false_alarms, "localization": localization, "localization_clean": localization_clean,
+          "localization_every_fail": localization_every_fail}
 
 
 def rendered(text: str) -> str:

@@ -6,6 +6,7 @@ check, and their share of the check's time).
     python benchmarks/localization.py            # every planted bug (~1 min on 2 CPU cores)
     python benchmarks/localization.py --quick    # only the bugs quick checks catch
     python benchmarks/localization.py --clean    # false locations: the engine asked directly on clean models
+    python benchmarks/localization.py --every-fail   # every check on every twin: FAILs without a location
     python benchmarks/localization.py --json benchmarks/results/localization.json   # feeds docs/benchmarks.md
 """
 from __future__ import annotations
@@ -186,13 +187,45 @@ def clean_sweep(seeds: int = 2, json_path=None) -> int:
     return false
 
 
+def every_fail(json_path=None) -> int:
+    """Every failing finding carries a location: all checks on every planted twin (the quick checks where
+    a structural bug is planted, the full suite where a learned one is), by the kind of location."""
+    import false_alarms as fa
+    from capdiag.finding import Status
+
+    cases = list(fa.planted_cases(True)) + [
+        (f"held_out/{b}", lambda p=p, b=b: family_subject(held_out, p, b), [c]) for b, (p, c) in held_out.BUGS.items()]
+    kinds, missing, n = collections.Counter(), [], 0
+    for label, make, checks in cases:
+        learned = any(not get_check(c).cheap for c in checks)
+        for f in fa.run(make(), fa.ALL if learned else fa.QUICK).findings:
+            if f.status is Status.FAIL:
+                n += 1
+                if f.location is None:
+                    missing.append(f"{label}: {f.check}")
+                else:
+                    kinds[f.location.kind or "(no kind)"] += 1
+    print(f"{n} failing findings on {len(cases)} planted twins; without a location: {len(missing)}; by kind: {dict(kinds)}")
+    for m in missing:
+        print("  no location:", m)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"failing": n, "twins": len(cases), "without_location": len(missing), "kinds": dict(kinds)}, fh, indent=1)
+    return len(missing)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only bugs that quick checks catch")
     ap.add_argument("--clean", action="store_true", help="count false locations on clean models instead")
+    ap.add_argument("--every-fail", action="store_true", help="all checks on every planted twin: FAILs without a location")
     ap.add_argument("--json", help="write the results here (benchmarks/results/localization*.json feed docs/benchmarks.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.every_fail:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return every_fail(json_path=args.json)
     if args.clean:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

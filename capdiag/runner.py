@@ -33,6 +33,7 @@ def run_check(subject: Subject, check: Check) -> Finding:
             "Fix the non-finite values first (log/sqrt/division near zero, overflow in half precision, "
             "uninitialized weights); this check cannot judge a model whose outputs are NaN/inf.",
         )
+        finding = dataclasses.replace(finding, location=_called_from(subject, check, finding, "forward"))
     except Exception as e:  # noqa: BLE001 - a crashing check is itself a result
         site = user_site(e)
         if site is not None or isinstance(e, ModelCallError):  # the model raised or broke the contract: a finding
@@ -57,14 +58,15 @@ def run_check(subject: Subject, check: Check) -> Finding:
     return _timed(finding, start)
 
 
-def _called_from(subject: Subject, check: Check, finding: Finding) -> Optional[Location]:
+def _called_from(subject: Subject, check: Check, finding: Finding, method: Optional[str] = None) -> Optional[Location]:
     """A failing finding no traced operation located: the user's method the check judged (its
-    ``calls``), so that every FAIL names a place in the user's code."""
+    ``calls``, or ``method``), so that every FAIL names a place in the user's code."""
     locator = fallback_locator()
     if locator is None:
         return None
     try:
-        return locator(subject.captioner, subject.images, check.calls, f"{check.name} failed on its results")
+        method = method or check.calls
+        return locator(subject.captioner, subject.images, method, f"{check.name} failed on what {method}() returned")
     except Exception:  # noqa: BLE001 - a location is a courtesy; the verdict stands without it
         return None
 

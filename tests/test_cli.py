@@ -126,6 +126,22 @@ def test_overfit_command_passes_clean_and_diagnoses_blind_twin(tmp_path, capsys)
     assert code == 1 and "image-blind floor" in out and "cannot see the image" in out
 
 
+def test_overfit_names_device_precision_weights_and_data_as_check_does(tmp_path, capsys):
+    import torch
+
+    from capdiag.testing import zoo
+
+    path = write(tmp_path, GOOD.replace('arch="transformer"', 'arch="gru"'))
+    torch.save(zoo.make("gru").state_dict(), tmp_path / "w.pt")
+    for command in (["overfit", path, "--steps", "2"], ["check", path, "--only", "causal_leak"]):
+        code, out, _ = run_cli(capsys, *command, "--weights", str(tmp_path / "w.pt"), "--precision", "float32",
+                               "--json", str(tmp_path / "f.json"))
+        assert f"capdiag {command[0]} {path} on cpu in float32 (seed 0), weights {tmp_path / 'w.pt'}" in out
+        data = json.loads((tmp_path / "f.json").read_text())
+        assert data["device"] == "cpu" and data["precision"] == "float32" and str(tmp_path / "w.pt") in data["weights"]
+        assert "data" in data
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
 def test_precision_bfloat16_runs_the_checks_in_bf16_and_says_so(tmp_path, capsys, device):

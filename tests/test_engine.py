@@ -6,6 +6,8 @@ import math
 import re
 from pathlib import Path
 
+import torch
+
 from capdiag import get_check, list_checks
 from capdiag.runner import run_check, run_checks
 from capdiag.measure.training import Recipe
@@ -54,3 +56,27 @@ def test_a_json_only_run_draws_nothing(tmp_path):
     out = procs.run([sys.executable, "-c", code], timeout=300, cwd=tmp_path)
     assert out.stdout.strip().splitlines()[-1] == "False 0", out.stdout + out.stderr
     assert not list(tmp_path.glob("**/*.png"))
+
+
+def test_one_user_code_rule_with_installed_packages_as_a_parameter():
+    import transformers
+
+    from capdiag import usercode
+
+    installed = transformers.__file__
+    assert not usercode.is_user(installed) and usercode.is_user(installed, installed=True)
+    assert not usercode.is_user(usercode.__file__) and not usercode.is_user(torch.__file__)
+    from capdiag.models import cnn_transformer
+    from capdiag.testing import zoo
+
+    assert usercode.is_user(cnn_transformer.__file__) and usercode.is_user(zoo.__file__)  # stand-ins for model files
+    assert usercode.is_user("/home/me/project/model.py") and not usercode.is_user("<string>")
+
+
+def test_one_prefix_stripper_finds_wrapper_prefixes_of_any_depth():
+    from capdiag.intake.checkpoints import strip_prefix
+
+    own = {"a.weight": 1, "b.0.bias": 2}
+    assert strip_prefix({"module.a.weight": 1, "module.b.0.bias": 2}, own) == ({"a.weight": 1, "b.0.bias": 2}, "module.")
+    assert strip_prefix({"model.net.a.weight": 1, "model.net.b.0.bias": 2}, own)[1] == "model.net."
+    assert strip_prefix(own, own) == (own, "")

@@ -87,3 +87,24 @@ def test_reference_model_by_module_name_clean_and_twin(pytester):
     twin.assert_outcomes(passed=outcomes["passed"] - 1, failed=1, skipped=outcomes.get("skipped", 0))
     twin.stdout.fnmatch_lines(["*capdiag causal_leak: FAIL: logits at position * change when tokens after position *",
                                "*fix: Pass a causal mask to the decoder*"])
+
+
+def test_the_plugin_takes_the_clis_model_and_check_options(pytester):
+    """One option table (capdiag/options.py): every CLI model and check option is --capdiag-NAME here."""
+    import torch
+
+    from capdiag.options import MODEL as MODEL_OPTIONS, SELECT
+    from capdiag.testing import zoo
+
+    pytester.makepyfile(model=MODEL)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in zoo.make("gru").state_dict().items()}}, pytester.path / "w.ckpt")
+    result = pytester.runpytest("--capdiag", "model.py", "--capdiag-only", "causal_leak,input_mutation",
+                                "--capdiag-skip", "input_mutation", "--capdiag-weights", "w.ckpt", "--capdiag-seed", "3",
+                                "--capdiag-precision", "float32", "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*causal_leak PASSED*"])
+    bad = pytester.runpytest("--capdiag", "model.py", "--capdiag-only", "causal_leek", "-p", "no:cacheprovider")
+    assert bad.ret != 0 and "did you mean causal_leak" in bad.stderr.str() + bad.stdout.str()
+    helptext = pytester.runpytest("--help").stdout.str()
+    for o in MODEL_OPTIONS + SELECT:
+        assert f"--capdiag-{o.name}" in helptext
