@@ -263,7 +263,7 @@ def called_location(cap, images: torch.Tensor, method: str, evidence: str) -> Op
         return None
     name = getattr(target, "__qualname__", method)
     where = _model_name(model, "") if method in ("forward", "generate") else name
-    return _loc(where, (file, line), f"{evidence}; {method}() gave it (no single operation inside was traced)", CALLED)
+    return _loc(where, (file, line), f"{evidence} (no single operation in it could be traced)", CALLED)
 
 
 def carried_state(cap, first: tuple, then: tuple, generate: bool = False) -> Optional[Location]:
