@@ -10,7 +10,8 @@ The package also holds the fixtures capdiag's own tests and benchmarks use, each
 ``build(name, bug=None, seed=0)``, ``PATTERNS`` (clean members) and ``BUGS`` (twins -> the check that
 must name them): ``zoo`` (tiny one-bug captioners), ``unusual`` (20 clean patterns), ``strangers``
 (15 clean captioners in other people's styles), ``decoding`` (decoders and their decoding twins),
-``held_out`` (the localization classes once missed), ``conventions`` (the convention matrix) and
+``held_out`` (the localization classes once missed), ``vlm`` (tiny vision-language captioner folders
+and collators), ``conventions`` (the convention matrix) and
 ``planted_sites`` (where each planted bug lives, for judging locations).
 """
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""Tiny vision-language captioners, built offline the way transformers' own tests build them: random
+weights from small configs, a byte-level BPE tokenizer trained here on a few words with the family's
+special and image tokens, the family's processor, all saved in one folder with ``save_pretrained()``.
+
+``build_folder(family, folder, seed=0)`` writes one (about a second after transformers is imported);
+``collate(processor, examples, prompt, bug=None)`` is a user's collator for captioning fine-tunes:
+prompt and image positions and padding are ``-100`` in the labels, the caption and its EOS are
+targets, and the model shifts the labels itself. Its twins are the collators users write by mistake
+(``BUGS``). Families so far: LLaVA (``LlavaForConditionalGeneration``: CLIP vision tower read at its
+second-to-last layer, Llama text model, left padding).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+WORDS = ("a the one two red green blue yellow circle square cross triangle on in at top left right bottom "
+         "corner describe image caption this").split()
+
+BUGS = {
+    "prompt_unmasked": "label_sanity",  # labels = input_ids with only padding masked: the loss trains on the prompt
+    "image_tokens_as_targets": "label_sanity",  # the prompt is masked, the image placeholders are not
+    "pre_shifted_labels": "label_sanity",  # labels shifted by the collator, and again by the model
+    "eos_not_target": "label_sanity",  # the caption's EOS masked with the padding (pad == eos recipes)
+}
+
+
+def tokenizer(specials: tuple, padding_side: str = "left", vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on ``WORDS``, with ``specials`` (pad, bos, eos, unk, image, ...)
+    as its first ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=specials[3]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    pad, bos, eos, unk = specials[:4]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk,
+                                   padding_side=padding_side)
+
+
+def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8) -> Path:
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = tokenizer(("<pad>", "<s>", "</s>", "<unk>", "<image>"))
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1)  # the CLS position the "default" strategy drops
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+FAMILIES = {"llava": build_llava}
+
+
+def build_folder(family: str, folder, seed: int = 0) -> Path:
+    """Write a tiny random ``family`` captioner with its tokenizer and processor into ``folder``."""
+    return FAMILIES[family](folder, seed)
+
+
+def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -> dict:
+    """A captioning fine-tune's collator: ``examples`` are ``(image, caption)`` pairs; the text is
+    ``prompt + " " + caption + EOS``; labels are the input ids with prompt, image and padding positions set to
+    -100 (``bug`` plants one of ``BUGS``)."""
+    tok = processor.tokenizer
+    images = [img for img, _ in examples]
+    texts = [f"{prompt} {cap}{tok.eos_token}" for _, cap in examples]
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    if bug != "prompt_unmasked":
+        n_prompt = len(processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0])
+        starts = (mask == 0).sum(1)  # left padding: the prompt starts after the pad tokens
+        for r, s in enumerate(starts.tolist()):
+            labels[r, : s + n_prompt] = -100
+        if bug == "image_tokens_as_targets":
+            image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            labels[ids == image_id] = image_id
+    if bug == "eos_not_target":
+        labels[ids == tok.eos_token_id] = -100
+    if bug == "pre_shifted_labels":  # "the model predicts the next token": shifted here, and again inside the model
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    batch["labels"] = labels
+    return dict(batch)

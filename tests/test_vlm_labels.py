@@ -1,0 +1,54 @@
+"""Labels of a prompted captioner (a tiny LLaVA built offline): the collator users should write passes,
+and each collator they write by mistake is named (capdiag/measure/labels.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from capdiag.measure.labels import label_facts, label_problems  # noqa: E402
+from capdiag.testing import vlm  # noqa: E402
+
+PROMPT = "<image>describe the image:"
+CAPTIONS = ["a red circle", "two blue squares on top", "one green cross in the left corner", "a yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = vlm.build_folder("llava", tmp_path_factory.mktemp("llava"))
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    rng = np.random.RandomState(0)
+    examples = [(rng.randint(0, 255, (32, 32, 3), dtype=np.uint8), c) for c in CAPTIONS]
+    return model, processor, examples
+
+
+def facts(llava, bug=None):
+    model, processor, examples = llava
+    batch = vlm.collate(processor, examples, PROMPT, bug)
+    prompt_len = len(processor(images=[examples[0][0]], text=[PROMPT], return_tensors="pt")["input_ids"][0])
+    tok = processor.tokenizer
+    return label_facts(model, batch, prompt_len, tok.convert_tokens_to_ids("<image>"), tok.eos_token_id)
+
+
+def test_the_clean_collator_has_no_label_problem(llava):
+    f = facts(llava)
+    assert label_problems(f) == [], f
+    assert f.eos_rows == f.rows == 4 and f.same_as_input == 1.0
+    assert abs(f.loss - f.caption_mean) < 1e-4  # the model's loss is the mean over the caption tokens
+
+
+@pytest.mark.parametrize("bug,says", [
+    ("prompt_unmasked", "prompt positions are targets"),
+    ("image_tokens_as_targets", "image placeholder positions are targets"),
+    ("pre_shifted_labels", "labels are pre-shifted"),
+    ("eos_not_target", "EOS is not a target in 4 of 4 captions"),
+])
+def test_each_collator_mistake_is_named(llava, bug, says):
+    problems = label_problems(facts(llava, bug))
+    assert any(says in p for p in problems), problems
+    # and the measurement that tells them apart from a right collator: the loss is no longer the caption mean
+    assert any("is not the mean over the caption tokens" in p for p in problems), problems
