@@ -44,7 +44,10 @@ def tokenizer(specials: tuple, padding_side: str = "left", vocab_size: int = 300
                                    padding_side=padding_side)
 
 
-def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8) -> Path:
+def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
+    """A tiny LLaVA folder; ``bug`` saves a processor that disagrees with the model: ``processor_image_tokens``
+    (it forgets the CLS position the feature strategy drops), ``processor_vocab`` (a tokenizer with tokens
+    the model has no embedding for)."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -63,7 +66,9 @@ def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8) -> 
         image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
                                            crop_size={"height": image_size, "width": image_size}),
         tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", image_token="<image>",
-        num_additional_image_tokens=1)  # the CLS position the "default" strategy drops
+        num_additional_image_tokens=0 if bug == "processor_image_tokens" else 1)  # the CLS the "default" strategy drops
+    if bug == "processor_vocab":
+        tok.add_tokens(["<extra_0>", "<extra_1>"])
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -73,9 +78,9 @@ def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8) -> 
 FAMILIES = {"llava": build_llava}
 
 
-def build_folder(family: str, folder, seed: int = 0) -> Path:
+def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) -> Path:
     """Write a tiny random ``family`` captioner with its tokenizer and processor into ``folder``."""
-    return FAMILIES[family](folder, seed)
+    return FAMILIES[family](folder, seed, bug=bug)
 
 
 def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -> dict:

@@ -1,5 +1,6 @@
-"""Labels of a prompted captioner (a tiny LLaVA built offline): the collator users should write passes,
-and each collator they write by mistake is named (capdiag/measure/labels.py)."""
+"""Prompted captioners (a tiny LLaVA built offline): a processor that disagrees with its model is said in
+the model's terms (capdiag/intake/prompted.py); the collator users should write passes the label
+measurements, and each collator they write by mistake is named (capdiag/measure/labels.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,3 +53,20 @@ def test_each_collator_mistake_is_named(llava, bug, says):
     assert any(says in p for p in problems), problems
     # and the measurement that tells them apart from a right collator: the loss is no longer the caption mean
     assert any("is not the mean over the caption tokens" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("bug,says", [
+    (None, None),
+    ("processor_image_tokens", "the processor writes 15 image tokens per image but the model's vision side gives 16 features"),
+    ("processor_vocab", "the processor's tokenizer has 302 tokens but the model's embedding has 300 rows"),
+])
+def test_a_processor_that_disagrees_with_its_model_is_one_line_in_the_models_terms(tmp_path, bug, says):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from capdiag.intake.prompted import processor_mismatch
+
+    folder = vlm.build_folder("llava", tmp_path, bug=bug)
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    said = processor_mismatch(model, processor, np.zeros((32, 32, 3), dtype=np.uint8))
+    assert said == says if says is None else (said is not None and says in said and "\n" not in said), said
