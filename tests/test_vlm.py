@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from capdiag.measure.labels import label_facts, label_problems  # noqa: E402
+from capdiag.measure.prompted import label_facts, label_problems  # noqa: E402
 from capdiag.testing import vlm  # noqa: E402
 
 PROMPT = "<image>describe the image:"
@@ -70,3 +70,14 @@ def test_a_processor_that_disagrees_with_its_model_is_one_line_in_the_models_ter
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     said = processor_mismatch(model, processor, np.zeros((32, 32, 3), dtype=np.uint8))
     assert said == says if says is None else (said is not None and says in said and "\n" not in said), said
+
+
+def test_right_padded_batched_generation_changes_captions_and_left_padding_does_not(llava):
+    from capdiag.measure.prompted import padding_side_changes
+
+    model, processor, examples = llava
+    images = [im for im, _ in examples]
+    prompts = [PROMPT, "<image>caption this image in a few words:", "<image>describe:", "<image>the image shows"]
+    assert padding_side_changes(model, processor, images, prompts, "left") == 0
+    assert padding_side_changes(model, processor, images, prompts, "right") >= 1
+    assert processor.tokenizer.padding_side == "left"  # the processor is left as it was

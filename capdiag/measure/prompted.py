@@ -93,3 +93,21 @@ def label_problems(f: LabelFacts, tol: float = 2e-5) -> list:
     if f.loss is not None and f.caption_mean is not None and abs(f.loss - f.caption_mean) > tol * max(1.0, f.caption_mean):
         out.append(f"the model's loss {f.loss:.4f} is not the mean over the caption tokens ({f.caption_mean:.4f})")
     return out
+
+
+@torch.no_grad()
+def padding_side_changes(model, processor, images: list, prompts: list, side: str, max_new_tokens: int = 6) -> int:
+    """Rows whose greedy caption, generated in one batch of prompts of different lengths padded on
+    ``side``, differs from the caption generated for that image and prompt alone. A decoder-only model
+    fed right-padded prompts continues after the pad tokens: its batched captions are garbage."""
+    tok = processor.tokenizer
+    kept = tok.padding_side
+    try:
+        alone = [model.generate(**processor(images=[im], text=[p], return_tensors="pt"), max_new_tokens=max_new_tokens,
+                                do_sample=False)[0, -max_new_tokens:] for im, p in zip(images, prompts)]
+        tok.padding_side = side
+        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        together = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)[:, -max_new_tokens:]
+    finally:
+        tok.padding_side = kept
+    return sum(int(not torch.equal(a, b)) for a, b in zip(alone, together))
