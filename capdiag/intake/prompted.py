@@ -17,9 +17,13 @@ def image_tokens_per_image(processor, image, image_token_id: int) -> int:
 
 
 @torch.no_grad()
-def features_per_image(model, pixel_values: torch.Tensor) -> int:
-    """How many feature vectors the model's vision side hands the language model for one image."""
-    out = model.get_image_features(pixel_values=pixel_values[:1])
+def features_per_image(model, inputs: dict) -> int:
+    """How many feature vectors the model's vision side hands the language model for the one image of
+    ``inputs`` (the processor's output: ``pixel_values`` and the family's extras, ``image_grid_thw``...)."""
+    import inspect
+
+    accepted = inspect.signature(model.get_image_features).parameters
+    out = model.get_image_features(**{k: v for k, v in inputs.items() if k in accepted and k != "input_ids"})
     feats = getattr(out, "pooler_output", out)  # transformers 5: per-image projected features
     if isinstance(feats, (list, tuple)):
         feats = feats[0]
@@ -36,11 +40,12 @@ def processor_mismatch(model, processor, image) -> Optional[str]:
                 f"{rows} on index past it; save the processor the model was trained with, or resize the embeddings "
                 "(model.resize_token_embeddings) before training")
     image_id = model.config.image_token_id
-    pixels = processor(images=[image], text=[processor.image_token], return_tensors="pt")["pixel_values"]
-    n_tokens, n_features = image_tokens_per_image(processor, image, image_id), features_per_image(model, pixels)
+    inputs = processor(images=[image], text=[processor.image_token], return_tensors="pt")
+    n_tokens, n_features = int((inputs["input_ids"][0] == image_id).sum()), features_per_image(model, inputs)
     if n_tokens != n_features:
         strategy = getattr(model.config, "vision_feature_select_strategy", None)
         return (f"the processor writes {n_tokens} image tokens per image but the model's vision side gives {n_features} "
-                f"features per image (vision_feature_select_strategy={strategy!r}); make processor_config.json agree "
-                "with the model (patch_size, num_additional_image_tokens, the feature strategy)")
+                f"features per image{f' (vision_feature_select_strategy={strategy!r})' if strategy else ''}; make the "
+                "processor's config agree with the model (patch_size, merge_size, num_additional_image_tokens, the "
+                "feature strategy)")
     return None

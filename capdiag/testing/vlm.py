@@ -7,7 +7,8 @@ special and image tokens, the family's processor, all saved in one folder with `
 prompt and image positions and padding are ``-100`` in the labels, the caption and its EOS are
 targets, and the model shifts the labels itself. Its twins are the collators users write by mistake
 (``BUGS``). Families so far: LLaVA (``LlavaForConditionalGeneration``: CLIP vision tower read at its
-second-to-last layer, Llama text model, left padding).
+second-to-last layer, Llama text model) and Qwen2-VL (patch rows with ``image_grid_thw``, merged 2x2,
+M-RoPE), both padded on the left; ``PROMPTS`` holds each family's captioning prompt.
 """
 from __future__ import annotations
 
@@ -75,7 +76,41 @@ def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug
     return folder
 
 
-FAMILIES = {"llava": build_llava}
+def build_qwen2_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
+    """A tiny Qwen2-VL folder: ``pixel_values`` are rows of patches with ``image_grid_thw``, 2x2 patches merge
+    into one feature, M-RoPE positions; ``bug`` as for ``build_llava``."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = tokenizer(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<|image_pad|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|video_pad|>"))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=patch,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    merge = 1 if bug == "processor_image_tokens" else 2  # the twin's processor forgets the 2x2 merge
+    pixels = dict(min_pixels=image_size * image_size, max_pixels=4 * image_size * image_size)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, **pixels),
+        video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2), tokenizer=tok)
+    if bug == "processor_vocab":
+        tok.add_tokens(["<extra_0>", "<extra_1>"])
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
+PROMPTS = {"llava": "<image>describe the image:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:"}
 
 
 def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) -> Path:
