@@ -68,12 +68,7 @@ def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug
                                            crop_size={"height": image_size, "width": image_size}),
         tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", image_token="<image>",
         num_additional_image_tokens=0 if bug == "processor_image_tokens" else 1)  # the CLS the "default" strategy drops
-    if bug == "processor_vocab":
-        tok.add_tokens(["<extra_0>", "<extra_1>"])
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _save(folder, model, processor, bug)
 
 
 def build_qwen2_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
@@ -101,8 +96,14 @@ def build_qwen2_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, 
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, **pixels),
         video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2), tokenizer=tok)
+    return _save(folder, model, processor, bug)
+
+
+def _save(folder, model, processor, bug: Optional[str]) -> Path:
+    """Save a family's model and processor; the ``processor_vocab`` twin's tokenizer gets two tokens the
+    model has no embedding for."""
     if bug == "processor_vocab":
-        tok.add_tokens(["<extra_0>", "<extra_1>"])
+        processor.tokenizer.add_tokens(["<extra_0>", "<extra_1>"])
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
