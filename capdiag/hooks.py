@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Optional, Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn

@@ -24,7 +24,7 @@ def run_check(subject: Subject, check: Check) -> Finding:
         with contextlib.nullcontext() if check.reads_only(subject) else preserved_state(subject.model):
             finding = check.run(subject)
             if finding.status is Status.FAIL and finding.location is None:
-                finding = dataclasses.replace(finding, location=_called_from(subject, check, finding))
+                finding = dataclasses.replace(finding, location=_called_from(subject, check))
     except KeyboardInterrupt:
         raise
     except NonFiniteOutput as e:
@@ -33,7 +33,7 @@ def run_check(subject: Subject, check: Check) -> Finding:
             "Fix the non-finite values first (log/sqrt/division near zero, overflow in half precision, "
             "uninitialized weights); this check cannot judge a model whose outputs are NaN/inf.",
         )
-        finding = dataclasses.replace(finding, location=_called_from(subject, check, finding, "forward"))
+        finding = dataclasses.replace(finding, location=_called_from(subject, check, "forward"))
     except Exception as e:  # noqa: BLE001 - a crashing check is itself a result
         site = user_site(e)
         if site is not None or isinstance(e, ModelCallError):  # the model raised or broke the contract: a finding
@@ -58,7 +58,7 @@ def run_check(subject: Subject, check: Check) -> Finding:
     return _timed(finding, start)
 
 
-def _called_from(subject: Subject, check: Check, finding: Finding, method: Optional[str] = None) -> Optional[Location]:
+def _called_from(subject: Subject, check: Check, method: Optional[str] = None) -> Optional[Location]:
     """A failing finding no traced operation located: the user's method the check judged (its
     ``calls``, or ``method``), so that every FAIL names a place in the user's code."""
     locator = fallback_locator()

@@ -43,12 +43,12 @@ from typing import Optional
 import torch
 
 from capdiag.check import Check, Subject
-from capdiag.finding import CALLED, Location, Status
+from capdiag.finding import Status
 from capdiag.measure.ablation import generated
 from capdiag.measure.agreement import (StepCheck, agreement, sequence_logprob, step_logits_check, stepwise_check,
                                        subject_noise_floor)
 from capdiag.measure.localize import where_image_dies
-from capdiag.measure.origins import carried_state, generate_loop_site, stuck_positions
+from capdiag.measure.origins import carried_state, loop_location, stuck_positions
 from capdiag.measure.trace import trace_call
 from capdiag.measure.training import learned_of
 from capdiag.registry import register_check
@@ -278,12 +278,7 @@ class DecodingConsistency(Check):
             return self.finding(Status.PASS, f"generate() agrees with the teacher-forced forward on {n} images "
                                 f"(training and unseen), alone and in the batch, call after call ({source})", metrics)
         evidence.sort(key=lambda e: "decoding step" not in e)  # the first departing step, when one was seen
-        where = self._origin(cap, images, captions, s.seed, carried)
-        site = generate_loop_site(cap, images, max_len) if where is None else None
-        if site is not None:
-            module, file, line, code = site
-            where = Location(f"({type(cap.model).__name__})", file, line, f"{evidence[0]}; called from: this line of "
-                             f"generate()'s loop runs the decoder ({module or 'the model'})", code, CALLED)
+        where = self._origin(cap, images, captions, s.seed, carried) or loop_location(cap, images, evidence[0], max_len)
         return self.finding(
             Status.FAIL, "generate() is inconsistent with the forward: " + "; ".join(problems) + f" ({source})", metrics,
             "generate() runs the decoder differently from forward(): compare the masks (a causal mask in beam "

@@ -16,9 +16,8 @@ import torch
 
 from capdiag.check import Check, Subject
 from capdiag.finding import Status
-from capdiag.finding import CALLED, Location
 from capdiag.measure.localize import localize_pair
-from capdiag.measure.origins import carried_state, generate_loop_site, random_draw
+from capdiag.measure.origins import carried_state, loop_location, random_draw
 from capdiag.measure.trace import trace_call
 from capdiag.measure.probe import precision, rel_diff, tolerance
 from capdiag.registry import register_check
@@ -85,10 +84,7 @@ class EvalDeterminism(Check):
                 where = localize_pair(cap, (s.images, s.captions), (s.images, s.captions), any_difference(tol),
                                       "two identical eval-mode calls differ here", seed=None)
             if where is None and gen:
-                site = generate_loop_site(cap, s.images, cap.spec.max_len)
-                where = site and Location(f"({type(cap.model).__name__})", site[1], site[2],
-                                          "two identical generate() calls return different captions; its loop runs "
-                                          f"the decoder ({site[0] or 'the model'}) here", site[3], CALLED)
+                where = loop_location(cap, s.images, "two identical generate() calls return different captions")
             if where is not None:
                 return where
         return None

@@ -10,12 +10,6 @@ from typing import Optional
 import torch
 
 
-def image_tokens_per_image(processor, image, image_token_id: int) -> int:
-    """How many placeholder tokens the processor writes for one image."""
-    batch = processor(images=[image], text=[processor.image_token], return_tensors="pt")
-    return int((batch["input_ids"][0] == image_token_id).sum())
-
-
 @torch.no_grad()
 def features_per_image(model, inputs: dict) -> int:
     """How many feature vectors the model's vision side hands the language model for the one image of

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..finding import CALLED, ORIGIN, SYMPTOM, Location
-from .origins import constant_argument, generate_loop_site, image_substitute, mode_switch, probabilities_into_loss
+from .origins import constant_argument, image_substitute, loop_location, mode_switch, probabilities_into_loss
 from .trace import Op, Trace, first_op, graph, trace_call, trace_function, trace_pair, traced_build
 from .violations import any_difference
 
@@ -266,23 +266,13 @@ def where_image_dies(cap, images: torch.Tensor, captions: torch.Tensor, seed: in
     op, how = dependence_dies(a, b, any_difference(1e-6), within, floating_only=True, moved=any_difference(0.0))
     call = "generate()" if generate else "forward"
     if generate and op is None and not within:  # what generate() feeds its decoder in place of image features
-        fwd = trace_pair(cap, (images, captions), (images, captions), False, seed)[0]
-        sub = image_substitute(fwd, a, cap.model)
+        sub = image_substitute(trace_call(cap, images, captions, seed=seed), a, cap.model)
         if sub is not None or how == "unread":
-            return sub or _loop_location(cap, images, "no operation of generate() reads the images")
+            return sub or loop_location(cap, images, "no operation of generate() reads the images")
     if how == "unread" and not within:
         return constant_argument(a, cap.model, images.shape[0]) or forward_location(cap.model, f"no operation of {call} on the way to the output reads the images")
     evidence = f"reads image-dependent values in {call}, but its output no longer depends on the image"
     return mode_switch(a, op, cap.model, evidence) or locate(op, cap.model, evidence)
-
-
-def _loop_location(cap, images: torch.Tensor, evidence: str) -> Optional[Location]:
-    site = generate_loop_site(cap, images, cap.spec.max_len)
-    if site is None:
-        return None
-    module, file, line, _ = site
-    return _location(f"({type(cap.model).__name__})", file, line, f"{evidence}; generate()'s loop runs the decoder "
-                     f"({module or 'the model'}) here", CALLED)
 
 
 def function_location(fn: Callable, args: tuple, evidence: str,
@@ -309,12 +299,9 @@ def where_probabilities(cap, images: torch.Tensor, captions: torch.Tensor, seed:
     """A softmax whose probabilities reach the training loss, which takes logits (the forward's output
     and the loss the model trains with, each traced once)."""
     from ..captioner import align_logits, extract_logits
-    from ..state import in_mode
 
     fwd = trace_call(cap, images, captions, seed=seed)
-    with torch.no_grad(), in_mode(cap.model, False):
-        out = cap.call(images, captions)
-    logits = extract_logits(out)
+    logits = extract_logits(fwd.result)
     losses = [lambda x, c: cap.loss_from_logits(align_logits(x, c), c)]  # the loss capdiag trains copies with
     if cap.loss_fn is not None:  # and the model file's own, which may apply a softmax itself
         losses.insert(0, cap.loss_fn)

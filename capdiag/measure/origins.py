@@ -61,8 +61,9 @@ def input_write(trace: Trace, model: torch.nn.Module, call: str = "forward") -> 
     op = next((o for o in trace.ops if o.writes is not None and o.site is not None), None)
     if op is None:
         return None
+    what = "an indexed assignment (x[...] = v)" if op.func == "__setitem__" else op.func
     return _loc(_model_name(model, op.module), op.site,
-                f"{op.func} writes into the caller's {op.writes} tensor (or a view of it) during {call}")
+                f"{what} writes into the caller's {op.writes} tensor (or a view of it) during {call}")
 
 
 def mode_switch(trace: Trace, op: Optional[Op], model: torch.nn.Module, evidence: str) -> Optional[Location]:
@@ -188,19 +189,21 @@ def _rows_sum_to_one(t: torch.Tensor) -> bool:
     return t.numel() > 0 and bool((t >= 0).all()) and bool(((t.sum(-1) - 1).abs() < 1e-3).all())
 
 
+def _computed_from(trace: Trace, inputs: set) -> set:
+    """The keys of ``trace`` computed from the named model inputs (the inputs' own keys included)."""
+    out = {("input", name) for name in inputs}
+    for i, op in enumerate(trace.ops):
+        if any(k in out for k in op.inputs):
+            out.update(("op", i, slot) for slot in range(len(op.outputs)))
+    return out
+
+
 def image_substitute(fwd: Trace, gen: Trace, model: torch.nn.Module) -> Optional[Location]:
     """In ``generate()``: an argument of a module call computed from none of the images, where at every
     call of that module in the forward the same argument is computed from them (``memory =
     self.memory0.expand(B, -1, -1)`` passed to the decoder in place of the encoder's output). The
     line that computed it, or None when generate() feeds every such argument from the images."""
-    def image_keys(trace: Trace) -> set:
-        out: set = {("input", "images")}
-        for i, op in enumerate(trace.ops):
-            if any(k in out for k in op.inputs):
-                out.update(("op", i, slot) for slot in range(len(op.outputs)))
-        return out
-
-    img_f, img_g = image_keys(fwd), image_keys(gen)
+    img_f, img_g = _computed_from(fwd, {"images"}), _computed_from(gen, {"images"})
     fed: dict = {}  # (module, argument) -> computed from the images at every forward call
     for module, args in fwd.module_inputs:
         for j, keys in enumerate(args):
@@ -222,10 +225,7 @@ def constant_argument(trace: Trace, model: torch.nn.Module, batch: int) -> Optio
     """In a forward that reads no image: the first batch-sized floating-point argument of a module call
     computed from no input at all (``memory = self.memory_const.expand(B, -1, -1)``, ``torch.zeros(B,
     d)``): what the model feeds where image features belong. Its line, or None."""
-    derived: set = set()
-    for i, op in enumerate(trace.ops):
-        if any(k[0] == "input" or k in derived for k in op.inputs):
-            derived.update(("op", i, slot) for slot in range(len(op.outputs)))
+    derived = _computed_from(trace, set(trace.inputs))
     for module, args in trace.module_inputs:
         for j, keys in enumerate(args):
             if not keys or any(k is None or k[0] != "op" or k in derived for k in keys):
@@ -245,12 +245,9 @@ def called_location(cap, images: torch.Tensor, method: str, evidence: str) -> Op
     ``loss_fn`` and ``bleu_fn`` their ``def`` line. None when the method is not the user's code."""
     model = cap.model
     if method == "generate" and cap.has_generate:
-        site = generate_loop_site(cap, images, cap.spec.max_len)
-        if site is not None:
-            module, file, line, _ = site
-            return _loc(_model_name(model, ""), (file, line),
-                        f"{evidence}; generate()'s loop runs the decoder ({module or 'the model'}) here", CALLED)
-        method = "generate"
+        where = loop_location(cap, images, evidence)
+        if where is not None:
+            return where
     fn = getattr(cap, method, None) if method in ("loss_fn", "bleu_fn") else getattr(type(model), method, None)
     if fn is None:
         return None
@@ -264,6 +261,17 @@ def called_location(cap, images: torch.Tensor, method: str, evidence: str) -> Op
     name = getattr(target, "__qualname__", method)
     where = _model_name(model, "") if method in ("forward", "generate") else name
     return _loc(where, (file, line), f"{evidence} (no single operation in it could be traced)", CALLED)
+
+
+def loop_location(cap, images: torch.Tensor, evidence: str, max_len: Optional[int] = None) -> Optional[Location]:
+    """``called from`` the line of ``generate()``'s loop that runs the decoder (``generate_loop_site``),
+    with ``evidence``; None when nothing of generate() can be traced."""
+    site = generate_loop_site(cap, images, max_len or cap.spec.max_len)
+    if site is None:
+        return None
+    module, file, line, _ = site
+    return _loc(_model_name(cap.model, ""), (file, line),
+                f"{evidence}; generate()'s loop runs the decoder ({module or 'the model'}) here", CALLED)
 
 
 def carried_state(cap, first: tuple, then: tuple, generate: bool = False) -> Optional[Location]:

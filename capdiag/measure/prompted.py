@@ -32,14 +32,13 @@ class LabelFacts:
 
 
 def caption_spans(batch: dict, prompt_len: int) -> list:
-    """Per row, ``(first caption position, end)``: after the padding on the left and the prompt's
-    ``prompt_len`` tokens, up to the last attended position."""
-    mask = batch["attention_mask"]
+    """Per row, ``(prompt start, caption start, end)``: the prompt starts after the padding on the left,
+    its ``prompt_len`` tokens end where the caption starts, which runs to the last attended position."""
     spans = []
-    for row in mask:
+    for row in batch["attention_mask"]:
         on = row.nonzero().flatten()
         first, last = int(on[0]), int(on[-1])
-        spans.append((first + prompt_len, last + 1))
+        spans.append((first, first + prompt_len, last + 1))
     return spans
 
 
@@ -51,8 +50,7 @@ def label_facts(model, batch: dict, prompt_len: int, image_token_id: int, eos_id
     spans = caption_spans(batch, prompt_len)
     in_prompt = torch.zeros_like(target)
     in_caption = torch.zeros_like(target)
-    for r, (start, end) in enumerate(spans):
-        first = int(mask[r].nonzero()[0])
+    for r, (first, start, end) in enumerate(spans):
         in_prompt[r, first:start] = True
         in_caption[r, start:end] = True
     image = ids == image_token_id

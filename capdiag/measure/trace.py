@@ -53,6 +53,7 @@ class Trace:
     switches: list = field(default_factory=list)  # Switch: mode changes the user's code made during the call
     stores: list = field(default_factory=list)  # Store: tensors the user's code put on a module during the call
     storages: dict = field(default_factory=dict, repr=False)  # storage address -> input name, while the trace runs
+    result: object = field(default=None, repr=False)  # what the traced call returned (``trace_call``)
 
     def returned(self, out) -> None:
         """Mark what a traced call returned as the output (a model's generate() calls its forward
@@ -182,49 +183,52 @@ def traced(model: torch.nn.Module, inputs: dict, max_bytes: int = 1 << 30):
 
 
 @contextlib.contextmanager
+def _module_method_wrapped(name: str, wrap: Callable):
+    """``nn.Module.<name>`` replaced by ``wrap(original)`` while the block runs; restored in ``finally``."""
+    original = getattr(torch.nn.Module, name)
+    setattr(torch.nn.Module, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(torch.nn.Module, name, original)
+
+
 def _stores_recorded(names: dict, out: list, stack: list):
     """Record tensors (or tuples/lists/dicts holding them) that the user's code assigns to an attribute
-    of a module of ``names`` while the block runs. ``nn.Module.__setattr__`` is restored in ``finally``."""
-    original = torch.nn.Module.__setattr__
+    of a module of ``names`` while the block runs (``nn.Module.__setattr__`` wrapped for the block)."""
+    def wrap(original):
+        def setattr_(module, attr, value):
+            if module in names and not isinstance(value, (torch.nn.Parameter, torch.nn.Module)) and \
+                    any(True for _ in tensors_in(value)):
+                caller = sys._getframe(1)  # the assignment itself must be the user's (not torch's own bookkeeping)
+                if is_user(caller.f_code.co_filename):
+                    out.append(Store(names[module], attr, (caller.f_code.co_filename, caller.f_lineno),
+                                     stack[-1] if stack else "", value))
+            original(module, attr, value)
+        return setattr_
 
-    def setattr_(module, attr, value):
-        if module in names and not isinstance(value, (torch.nn.Parameter, torch.nn.Module)) and any(True for _ in tensors_in(value)):
-            caller = sys._getframe(1)  # the assignment itself must be the user's (not torch's own bookkeeping)
-            if is_user(caller.f_code.co_filename):
-                out.append(Store(names[module], attr, (caller.f_code.co_filename, caller.f_lineno),
-                                 stack[-1] if stack else "", value))
-        original(module, attr, value)
-
-    torch.nn.Module.__setattr__ = setattr_
-    try:
-        yield
-    finally:
-        torch.nn.Module.__setattr__ = original
+    return _module_method_wrapped("__setattr__", wrap)
 
 
-@contextlib.contextmanager
 def _switches_recorded(names: dict, out: list, stack: list):
     """Record every ``.train(mode)`` (``.eval()`` calls it) that the user's code makes on a module of
-    ``names`` while the block runs: the outermost call only (``train`` recurses into children).
-    ``nn.Module.train`` is restored in ``finally``."""
-    original, depth = torch.nn.Module.train, [0]
+    ``names`` while the block runs: the outermost call only (``train`` recurses into children)."""
+    depth = [0]
 
-    def train(module, mode=True):
-        if depth[0] == 0 and module in names:
-            site = user_frame()
-            if site is not None:
-                out.append(Switch(names[module], bool(mode), site, stack[-1] if stack else ""))
-        depth[0] += 1
-        try:
-            return original(module, mode)
-        finally:
-            depth[0] -= 1
+    def wrap(original):
+        def train(module, mode=True):
+            if depth[0] == 0 and module in names:
+                site = user_frame()
+                if site is not None:
+                    out.append(Switch(names[module], bool(mode), site, stack[-1] if stack else ""))
+            depth[0] += 1
+            try:
+                return original(module, mode)
+            finally:
+                depth[0] -= 1
+        return train
 
-    torch.nn.Module.train = train
-    try:
-        yield
-    finally:
-        torch.nn.Module.train = original
+    return _module_method_wrapped("train", wrap)
 
 
 def trace_pair(cap, a: tuple, b: tuple, train: bool = False, seed: Optional[int] = 0, generate: bool = False) -> list:
@@ -254,8 +258,9 @@ def trace_call(cap, images, captions, train: bool = False, seed: Optional[int] =
     with torch.set_grad_enabled(grad), in_mode(cap.model, train), \
             (seeded(seed) if seed is not None else contextlib.nullcontext()), \
             traced(cap.model, {"images": images, "captions": captions}) as trace:
-        trace.returned(cap.model.generate(images, max_len=cap.spec.max_len) if generate
-                       else cap.call(images, captions, protect=protect))
+        trace.result = cap.model.generate(images, max_len=cap.spec.max_len) if generate \
+            else cap.call(images, captions, protect=protect)
+        trace.returned(trace.result)
     return trace
 
 
@@ -337,21 +342,18 @@ def traced_build(build: Callable[[], torch.nn.Module]) -> tuple:
     restored in ``finally``."""
     writes: dict = {}
     loads: list = []  # (module object, site, n_given, missing, unexpected)
-    original = torch.nn.Module.load_state_dict
 
-    def load_state_dict(module, state_dict, strict=True, assign=False):
-        result = original(module, state_dict, strict=strict, assign=assign)
-        site = user_frame()
-        if site is not None and (result.missing_keys or result.unexpected_keys):
-            loads.append((module, site, len(state_dict), tuple(result.missing_keys), tuple(result.unexpected_keys)))
-        return result
+    def wrap(original):
+        def load_state_dict(module, state_dict, strict=True, assign=False):
+            result = original(module, state_dict, strict=strict, assign=assign)
+            site = user_frame()
+            if site is not None and (result.missing_keys or result.unexpected_keys):
+                loads.append((module, site, len(state_dict), tuple(result.missing_keys), tuple(result.unexpected_keys)))
+            return result
+        return load_state_dict
 
-    torch.nn.Module.load_state_dict = load_state_dict
-    try:
-        with _WriteRecorder(writes):
-            model = build()
-    finally:
-        torch.nn.Module.load_state_dict = original
+    with _module_method_wrapped("load_state_dict", wrap), _WriteRecorder(writes):
+        model = build()
     names = {m: n for n, m in model.named_modules()}
     return (model, {n: writes[id(p)] for n, p in model.named_parameters() if id(p) in writes},
             [Load(names.get(m, "?"), *rest) for m, *rest in loads])
