@@ -46,6 +46,7 @@ class Subject:
     first; ``learned`` is what every check that needs a learned model judges.
     """
 
+    kind: ClassVar[str] = "captioner"  # what a check's ``subjects`` name (capdiag.prompted adds "prompted")
     captioner: Captioner
     images: torch.Tensor
     captions: torch.Tensor
@@ -64,6 +65,23 @@ class Subject:
     @property
     def model(self) -> torch.nn.Module:
         return self.captioner.model
+
+    # What the front ends and reports read of any subject kind.
+    @property
+    def name(self) -> str:
+        return self.captioner.name
+
+    @property
+    def assumptions(self) -> list:
+        return list(self.captioner.spec.assumptions)
+
+    @property
+    def device(self) -> torch.device:
+        return self.captioner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.captioner.dtype
 
     def decode(self, ids) -> str:
         """Token ids of this subject's batch as words for reports: the user's tokenizer, the
@@ -108,6 +126,9 @@ class Check(abc.ABC):
     # The user's method whose results the verdict judges ("forward", "generate", "loss_fn", "bleu_fn"):
     # a failing finding that no traced operation located points there (a "called from" location).
     calls: ClassVar[str] = "forward"
+    # The subject kinds this check judges: "captioner" (``Subject``), "prompted" (``capdiag.prompted``'s
+    # vision-language captioners). On another kind the runner reports SKIP without calling ``run``.
+    subjects: ClassVar[tuple] = ("captioner",)
 
     @abc.abstractmethod
     def run(self, subject: Subject) -> Finding: ...

@@ -96,12 +96,12 @@ def _header(command: str, mf, subject, args) -> dict:
     ctx = context(subject)
     loaded = f", weights {ctx['weights']}" if ctx["weights"] else ""
     print_header(f"capdiag {command} {mf.path} on {ctx['device']} in {ctx['precision']} (seed {args.seed}){loaded}",
-                 subject.captioner.spec.assumptions, data=ctx["data"])
+                 subject.assumptions, data=ctx["data"])
     return ctx
 
 
 def _with_context(report, subject, ctx: dict):
-    report.assumptions = list(subject.captioner.spec.assumptions)
+    report.assumptions = list(subject.assumptions)
     report.device, report.precision, report.weights, report.data = ctx["device"], ctx["precision"], ctx["weights"], ctx["data"]
     return report
 
@@ -142,8 +142,9 @@ def cmd_check(args) -> int:
     from .runner import run_checks
 
     started = time.perf_counter()
-    names = selected(lambda name: getattr(args, name, None))
+    selected(lambda name: getattr(args, name, None))  # bad names fail before the model is built
     mf, subject = _subject(args)
+    names = selected(lambda name: getattr(args, name, None), subject.kind)
     ctx = _header("check", mf, subject, args)
     color = use_color(sys.stdout)
     report = run_checks(subject, [get_check(n) for n in names], on_finding=lambda f: print(format_finding(f, color), flush=True))
@@ -179,7 +180,7 @@ def cmd_overfit(args) -> int:
     check = get_check("overfit")
     finding = run_check(subject, check)
     print(format_finding(finding, use_color(sys.stdout)))
-    report = _with_context(Report([finding], model_name=subject.captioner.name), subject, ctx)
+    report = _with_context(Report([finding], model_name=subject.name), subject, ctx)
     code = _finish(report, args, started)
     if finding.metrics.get("interrupted"):
         print("capdiag: interrupted; the result above is partial", file=sys.stderr)

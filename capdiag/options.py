@@ -51,6 +51,10 @@ MODEL = (
     Option("tokenizer", "with --data: a word-map JSON or a Hugging Face tokenizer folder (default: tokenize() in "
            "the model file)", metavar="PATH"),
     Option("seed", "seed of every random draw (which images --data uses, too)", default=0, type=int),
+    Option("prompt", "a vision-language captioner's prompt before each caption, {image} for the image token "
+           "(default: the family's, or PROMPT in the model file)", metavar="TEXT"),
+    Option("adapter", "a vision-language folder: load this LoRA adapter (the folder peft's save_pretrained() "
+           "wrote) onto the model, trainable as for fine-tuning", metavar="DIR"),
 )
 SELECT = (
     Option("only", "comma-separated checks to run (repeatable)", metavar="CHECKS", repeat=True),
@@ -79,12 +83,12 @@ def split(values) -> list:
     return out
 
 
-def selected(get: Callable[[str], Any]) -> list:
-    """The check names ``--only``/``--skip``/``--quick`` pick (validated: unknown names are a
-    ``UsageError`` naming close matches)."""
+def selected(get: Callable[[str], Any], kind: str = "captioner") -> list:
+    """The check names ``--only``/``--skip``/``--quick`` pick for a subject of ``kind`` (validated: unknown
+    names are a ``UsageError`` naming close matches)."""
     from .registry import select_checks
 
-    return select_checks(split(get("only")), split(get("skip")), quick=bool(get("quick")))
+    return select_checks(split(get("only")), split(get("skip")), quick=bool(get("quick")), kind=kind)
 
 
 def subject_from(target: str, get: Callable[[str], Any], batch_size: int = 8, progress: Optional[bool] = None):
@@ -97,10 +101,22 @@ def subject_from(target: str, get: Callable[[str], Any], batch_size: int = 8, pr
 
     from .intake.discover import load_model_file
     from .intake.modelfile import model_kwargs
+    from .errors import UsageError
     from .intake.subject import make_subject
+    from .prompted.families import supported
 
-    mf = load_model_file(target, get("factory") or "build_model")
     precision = get("precision")
+    from .prompted.front import folder_subject, is_prompted_file, is_prompted_target, model_file_subject
+
+    if is_prompted_target(target):
+        return folder_subject(target, get)
+    mf = load_model_file(target, get("factory") or "build_model")
+    if is_prompted_file(mf):
+        return model_file_subject(mf, get)
+    for name in ("prompt", "adapter"):
+        if get(name):
+            raise UsageError(f"--{name} is for vision-language captioners (a folder of {supported()} or a model "
+                             f"file defining collate()); {target} is not one")
     subject = make_subject(
         mf, device=get("device"), seed=get("seed") or 0, batch_size=batch_size, model_kwargs=model_kwargs(get("arg")),
         progress=sys.stderr.isatty() if progress is None else progress,
@@ -112,6 +128,5 @@ def subject_from(target: str, get: Callable[[str], Any], batch_size: int = 8, pr
 
 def context(subject) -> dict:
     """What every report names: device, precision, weights and data."""
-    cap = subject.captioner
-    return {"device": str(cap.device), "precision": str(cap.dtype).replace("torch.", ""),
+    return {"device": str(subject.device), "precision": str(subject.dtype).replace("torch.", ""),
             "weights": subject.weights or "", "data": subject.dataset.describe() if subject.dataset is not None else ""}

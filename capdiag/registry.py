@@ -60,9 +60,10 @@ def get_check(name: str, **options):
     return cls(**options)
 
 
-def select_checks(only=None, skip=None, quick: bool = False) -> list:
-    """Names picked by --only/--skip (validated), optionally only the cheap ones."""
+def select_checks(only=None, skip=None, quick: bool = False, kind: str = "captioner") -> list:
+    """Names picked by --only/--skip (validated), optionally only the cheap ones; without --only, only the
+    checks that judge subjects of ``kind``."""
     for n in list(only or []) + list(skip or []):
         get_check(n)  # raises a UsageError naming close matches
-    chosen = list(only) if only else [c.name for c in list_checks() if (c.cheap or not quick)]
+    chosen = list(only) if only else [c.name for c in list_checks() if (c.cheap or not quick) and kind in c.subjects]
     return [n for n in chosen if n not in set(skip or [])]

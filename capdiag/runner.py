@@ -20,6 +20,8 @@ def run_check(subject: Subject, check: Check) -> Finding:
     contract) becomes a ``fail`` naming the call and the user's line; one raised by capdiag itself an
     ``error``."""
     start = time.perf_counter()
+    if subject.kind not in check.subjects:
+        return check.skip(f"does not apply to {subject.kind} captioners")
     try:
         with contextlib.nullcontext() if check.reads_only(subject) else preserved_state(subject.model):
             finding = check.run(subject)
@@ -62,7 +64,7 @@ def _called_from(subject: Subject, check: Check, method: Optional[str] = None) -
     """A failing finding no traced operation located: the user's method the check judged (its
     ``calls``, or ``method``), so that every FAIL names a place in the user's code."""
     locator = fallback_locator()
-    if locator is None:
+    if locator is None or subject.kind != "captioner":
         return None
     try:
         method = method or check.calls
@@ -95,7 +97,7 @@ def run_checks(
     report: Optional[Report] = None,
 ) -> Report:
     """Run checks (names or ``Check`` objects) in order and collect a ``Report``."""
-    report = report or Report(model_name=subject.captioner.name)
+    report = report or Report(model_name=subject.name)
     raised: dict = {}  # the model's own exceptions so far -> the finding that reported it
     for c in checks:
         check = get_check(c) if isinstance(c, str) else c

@@ -15,6 +15,8 @@ from . import (  # noqa: F401
     gradient_reachability,
     eval_determinism,
     input_sanity,
+    label_sanity,
+    prompt_ablation,
     loss_sanity,
     metric_sanity,
     pretrained_guard,
@@ -27,6 +29,7 @@ from . import (  # noqa: F401
     attribution,
     caption_collapse,
     word_grounding,
+    adapters,
 )
 
 # A failing check that located nothing points at the user's method it called ("called from").

@@ -87,6 +87,7 @@ class Judged:
 @dataclass
 class DecodingConsistency(Check):
     name = "decoding_consistency"
+    subjects = ("captioner", "prompted")  # prompted: capdiag.prompted.verdicts.decoding
     calls = "generate"
     catches = "generate() disagreeing with the teacher-forced forward (beam state, masks, image or state missing at inference, batched stopping)"
     cheap = False
@@ -111,6 +112,10 @@ class DecodingConsistency(Check):
         return stuck_positions(gen, cap.model, fwd) or where_image_dies(cap, images, captions, seed, generate=True)
 
     def run(self, s: Subject):
+        if s.kind == "prompted":
+            from capdiag.prompted import verdicts
+
+            return verdicts.decoding(self, s)
         if not s.captioner.has_generate:
             return self.skip("the model has no generate(); capdiag's own greedy decoding is consistent by construction")
         learned = learned_of(s)

@@ -48,6 +48,7 @@ def update_ratios(s: Subject, grads: dict, lr: float = 1e-3, eps: float = 1e-8) 
 @dataclass
 class GradientFlow(Check):
     name = "gradient_flow"
+    subjects = ("captioner", "prompted")  # prompted: capdiag.prompted.verdicts.gradient_flow
     catches = "encoder starved of gradient vs the decoder, vanishing/exploding layers, odd update ratios"
     starved_ratio: float = 1e-3  # image-path mean |g| over text-path mean |g| below this fails
     vanish: float = 1e-4  # layer mean |g| relative to the median layer
@@ -61,6 +62,10 @@ class GradientFlow(Check):
         return s.live  # live: statistics of the .grad the step left, nothing else
 
     def run(self, s: Subject):
+        if s.kind == "prompted":
+            from capdiag.prompted import verdicts
+
+            return verdicts.gradient_flow(self, s)
         cap = s.captioner
         named = trainable(cap.model)
         if not named:

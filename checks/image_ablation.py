@@ -28,12 +28,17 @@ LIVE_KINDS = ("shuffled_images", "zeroed_features")  # during training: two extr
 @dataclass
 class ImageAblation(Check):
     name = "image_ablation"
+    subjects = ("captioner", "prompted")  # prompted: capdiag.prompted.verdicts.image_ablation
     catches = "decoder ignoring the image: loss unchanged when images are shuffled, zeroed or noised"
     cheap = False
     live = True
     min_reliance: float = 0.2
 
     def run(self, s: Subject):
+        if s.kind == "prompted":
+            from capdiag.prompted import verdicts
+
+            return verdicts.image_ablation(self, s)
         learned = learned_of(s)
         if learned.unlearned:  # no verdict on a copy that did not learn
             return self.finding(Status.WARN, learned.inconclusive(), {"learned_loss": learned.loss, "blind_floor": learned.floor})

@@ -64,6 +64,10 @@ def test_core_imports_no_room_and_intake_no_measurement():
             assert not {t for t in targets if t.split(".")[1] not in CORE}, m
         if len(parts) > 2 and parts[1] == "intake":
             assert not {t for t in targets if t.startswith("capdiag.measure")}, m
+        if len(parts) > 2 and parts[1] in ("intake", "measure"):  # the prompted room sits above them
+            assert not {t for t in targets if t.startswith("capdiag.prompted")}, m
+        if len(parts) > 2 and parts[1] == "prompted":  # and reads only the core and intake
+            assert not {t for t in targets if t.split(".")[1] in ("measure", "checks", "report", "viz")}, m
 
 
 def test_folders_files_and_functions_stay_small():

@@ -1,7 +1,7 @@
 """Prompted captioners (tiny LLaVA and Qwen2-VL folders built offline): a processor that disagrees with
-its model is said in the model's terms (capdiag/intake/prompted.py); the collator users should write
+its model is said in the model's terms (capdiag/prompted/folder.py); the collator users should write
 passes the label measurements, each collator they write by mistake is named, and right-padded batched
-generation is told from left-padded (capdiag/measure/prompted.py)."""
+generation is told from left-padded (capdiag/prompted/labels.py, generation.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from capdiag.measure.prompted import label_facts, label_problems, padding_side_changes  # noqa: E402
+from capdiag.prompted.generation import batched_vs_alone  # noqa: E402
+from capdiag.prompted.labels import label_facts, label_problems  # noqa: E402
 from capdiag.testing import vlm  # noqa: E402
 
 CAPTIONS = ["a red circle", "two blue squares on top", "one green cross in the left corner", "a yellow triangle"]
@@ -62,10 +63,12 @@ def test_each_collator_mistake_is_named(family, bug, says):
 
 def test_right_padded_batched_generation_changes_captions_and_left_padding_does_not(family):
     name, model, processor, examples = family
-    images = [im for im, _ in examples]
-    prompts = [vlm.PROMPTS[name] + s for s in ("", " caption this image in a few words:", " what:", " the image shows")]
-    assert padding_side_changes(model, processor, images, prompts, "left") == 0
-    assert padding_side_changes(model, processor, images, prompts, "right") >= 1
+    batch = vlm.collate(processor, examples, vlm.PROMPTS[name])
+    n = len(processor(images=[examples[0][0]], text=[vlm.PROMPTS[name]], return_tensors="pt")["input_ids"][0])
+    left = batched_vs_alone(model, batch, n, processor.tokenizer, "left")
+    right = batched_vs_alone(model, batch, n, processor.tokenizer, "right")
+    assert left.changed == 0 and left.first_step <= left.floor, left
+    assert right.changed >= 1 and right.first_step > 100 * right.floor, right
     assert processor.tokenizer.padding_side == "left"  # the processor is left as it was
 
 
@@ -78,7 +81,7 @@ def test_right_padded_batched_generation_changes_captions_and_left_padding_does_
     ("qwen2_vl", None, None),
 ])
 def test_a_processor_that_disagrees_with_its_model_is_one_line_in_the_models_terms(tmp_path, name, bug, says):
-    from capdiag.intake.prompted import processor_mismatch
+    from capdiag.prompted.folder import processor_mismatch
 
     model, processor = load(vlm.build_folder(name, tmp_path, bug=bug))
     said = processor_mismatch(model, processor, np.zeros((32, 32, 3), dtype=np.uint8))

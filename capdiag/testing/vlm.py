@@ -25,6 +25,8 @@ BUGS = {
     "image_tokens_as_targets": "label_sanity",  # the prompt is masked, the image placeholders are not
     "pre_shifted_labels": "label_sanity",  # labels shifted by the collator, and again by the model
     "eos_not_target": "label_sanity",  # the caption's EOS masked with the padding (pad == eos recipes)
+    "image_dropped": "image_ablation",  # the texts through processor.tokenizer: placeholders, no pixel_values
+    "prompt_hidden": "prompt_ablation",  # attention_mask 0 on the prompt's words "so the loss skips them"
 }
 
 
@@ -101,9 +103,11 @@ def build_qwen2_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, 
 
 def _save(folder, model, processor, bug: Optional[str]) -> Path:
     """Save a family's model and processor; the ``processor_vocab`` twin's tokenizer gets two tokens the
-    model has no embedding for."""
+    model has no embedding for, the ``right_padding`` twin's pads on the right (decoding_consistency)."""
     if bug == "processor_vocab":
         processor.tokenizer.add_tokens(["<extra_0>", "<extra_1>"])
+    if bug == "right_padding":  # saved as a training recipe pads, and generate() then reads it the same way
+        processor.tokenizer.padding_side = "right"
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -120,19 +124,24 @@ def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) 
 
 
 def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -> dict:
-    """A captioning fine-tune's collator: ``examples`` are ``(image, caption)`` pairs; the text is
-    ``prompt + " " + caption + EOS``; labels are the input ids with prompt, image and padding positions set to
-    -100 (``bug`` plants one of ``BUGS``)."""
+    """A captioning fine-tune's collator: ``examples`` are ``(image, caption)`` pairs or ``{"image",
+    "caption"}`` dicts; the text is ``prompt + " " + caption + EOS``; labels are the input ids with prompt,
+    image and padding positions set to -100 (``bug`` plants one of ``BUGS``)."""
     tok = processor.tokenizer
-    images = [img for img, _ in examples]
-    texts = [f"{prompt} {cap}{tok.eos_token}" for _, cap in examples]
-    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    pairs = [(e["image"], e["caption"]) if isinstance(e, dict) else e for e in examples]
+    images = [img for img, _ in pairs]
+    texts = [f"{prompt} {cap}{tok.eos_token}" for _, cap in pairs]
+    if bug == "image_dropped":  # the texts through the tokenizer alone: one placeholder each, no pixel_values
+        batch = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    else:
+        batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = ids.clone()
     labels[mask == 0] = -100
+    n_prompt = len(processor.tokenizer(prompt)["input_ids"] if bug == "image_dropped" else
+                   processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0])
+    starts = (mask == 0).sum(1)  # left padding: the prompt starts after the pad tokens
     if bug != "prompt_unmasked":
-        n_prompt = len(processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0])
-        starts = (mask == 0).sum(1)  # left padding: the prompt starts after the pad tokens
         for r, s in enumerate(starts.tolist()):
             labels[r, : s + n_prompt] = -100
         if bug == "image_tokens_as_targets":
@@ -142,5 +151,70 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
         labels[ids == tok.eos_token_id] = -100
     if bug == "pre_shifted_labels":  # "the model predicts the next token": shifted here, and again inside the model
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    if bug == "prompt_hidden":  # the prompt's ordinary words hidden from attention; image and special tokens kept
+        special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
+        mask = mask.clone()
+        for r, s in enumerate(starts.tolist()):
+            for t in range(s, s + n_prompt):
+                if int(ids[r, t]) not in special:
+                    mask[r, t] = 0
+        batch["attention_mask"] = mask
     batch["labels"] = labels
     return dict(batch)
+
+
+MODEL_FILE = """\
+# A captioning fine-tune's model file (written by capdiag.testing.vlm.write_model_file)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from capdiag.testing import vlm
+
+FOLDER = {folder!r}
+PROMPT = vlm.PROMPTS[{family!r}]
+
+
+def build_model():
+    model = AutoModelForImageTextToText.from_pretrained(FOLDER, local_files_only=True, attn_implementation="eager")
+{extra}    return model
+
+
+def build_processor():
+    return AutoProcessor.from_pretrained(FOLDER, local_files_only=True)
+
+
+def collate(examples):
+    return vlm.collate(build_processor(), examples, PROMPT, bug={bug!r})
+"""
+
+MODEL_BUGS = {  # changes to build_model(), each a line a user writes
+    "vision_no_grad": "gradient_flow",  # the vision tower's forward wrapped in torch.no_grad() "to save memory"
+}
+_MODEL_EXTRA = {
+    None: "",
+    "vision_no_grad": ("    import torch\n    tower = model.model.{tower}\n    inner = tower.forward\n\n"
+                       "    def frozen(*args, **kwargs):\n        with torch.no_grad():\n"
+                       "            return inner(*args, **kwargs)\n\n    tower.forward = frozen\n"),
+}
+
+
+def write_model_file(path, folder, family: str, bug: Optional[str] = None) -> Path:
+    """A model file over the tiny ``family`` folder whose ``collate`` is ``collate(..., bug)`` (``BUGS``) or
+    whose ``build_model`` plants one of ``MODEL_BUGS``."""
+    tower = {"llava": "vision_tower", "qwen2_vl": "visual"}[family]
+    extra = _MODEL_EXTRA[bug if bug in MODEL_BUGS else None].format(tower=tower)
+    path = Path(path)
+    path.write_text(MODEL_FILE.format(folder=str(folder), family=family, extra=extra,
+                                      bug=None if bug in MODEL_BUGS else bug))
+    return path
+
+
+def save_lora(model, folder, target_modules: list, modules_to_save: Optional[list] = None) -> Path:
+    """Attach a LoRA adapter (peft) to ``model`` and save the adapter alone into ``folder``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, modules_to_save=modules_to_save,
+                        init_lora_weights="gaussian")
+    peft = get_peft_model(model, config)
+    peft.save_pretrained(folder)
+    return Path(folder)

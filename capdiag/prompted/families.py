@@ -1,0 +1,39 @@
+"""The vision-language families capdiag reads, keyed by ``config.json``'s ``model_type``: where each keeps
+its vision tower, projector and language model, which side it pads prompts on for batched generation,
+and the captioning prompt it is fine-tuned with by default."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    name: str  # the transformers class, for messages
+    vision: tuple  # dotted paths (inside the model, after peft's wrapping is removed) of the vision tower
+    projector: tuple  # ... of what maps vision features into the language model
+    language: tuple  # ... of the language model (lm_head included)
+    prompt: str  # the default captioning prompt; "{image}" stands for the processor's image token
+    padding_side: str = "left"  # for batched generation: decoder-only models pad prompts on the left
+    encoder_decoder: bool = False  # the caption is the decoder's input (labels), the prompt the encoder's
+    notes: tuple = ()  # facts about the family a correct check must not flag
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("llava", "LlavaForConditionalGeneration", ("model.vision_tower",), ("model.multi_modal_projector",),
+           ("model.language_model", "lm_head"), "{image}describe the image:",
+           notes=("reads the second-to-last vision layer: the last one gets no gradient by design",)),
+    Family("qwen2_vl", "Qwen2VLForConditionalGeneration", ("model.visual.patch_embed", "model.visual.blocks"),
+           ("model.visual.merger",), ("model.language_model", "lm_head"),
+           "<|vision_start|>{image}<|vision_end|>describe the image:",
+           notes=("pixel_values are rows of patches with image_grid_thw",)),
+)}
+
+
+def family_of(model_type: Optional[str]) -> Optional[Family]:
+    return FAMILIES.get(model_type or "")
+
+
+def supported() -> str:
+    return ", ".join(FAMILIES)

@@ -1,0 +1,116 @@
+"""How much a prompted captioner's caption depends on its image and on its prompt, against a noise floor
+measured in the same run.
+
+Every probe compares the log-probabilities the model gives at the positions that predict caption tokens
+(teacher-forced, one no-grad forward) with those of the same batch changed in one way: images moved between
+rows (or blanked where no two rows share a shape), prompt words replaced. The floor is what the batch's
+composition alone changes: the same batch with its rows in reverse order, put back in order, plus float
+rounding at the logits' scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .batches import TEXT_KEYS, caption_mask, join_images, per_image, prompt_replaced, swapped_images
+
+DEPENDS = 4.0  # an effect this many floors above the floor is a dependence; at or under the floor, none
+
+
+@dataclass
+class Effect:
+    effect: float  # max |change| of a caption log-probability
+    floor: float  # what reordering the batch's rows changes, or float rounding, whichever is larger
+    how: str  # what was changed, in words
+
+    @property
+    def ratio(self) -> float:
+        return self.effect / self.floor if self.floor > 0 else float("inf")
+
+    @property
+    def verdict(self) -> str:
+        """"none" (at or under the floor), "depends" (DEPENDS floors above it) or "weak" (between)."""
+        return "none" if self.effect <= self.floor else "depends" if self.effect >= DEPENDS * self.floor else "weak"
+
+
+def predicting(batch: dict, prompt_len: int, within: bool = False) -> torch.Tensor:
+    """``(B, T)`` True at the positions whose next-token prediction is a caption token; ``within``: only
+    those that are caption tokens themselves (the prompt's last token, which predicts the caption's first,
+    left out: it reads its own embedding, not only what attention lets through)."""
+    cap = caption_mask(batch, prompt_len)
+    out = torch.zeros_like(cap)
+    out[:, :-1] = cap[:, 1:]
+    return out & cap if within else out
+
+
+@torch.no_grad()
+def caption_logprobs(model, batch: dict, prompt_len: int, within: bool = False) -> torch.Tensor:
+    """Log-probabilities (float32) at the caption-predicting positions: ``(N, V)``."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    return torch.log_softmax(logits[predicting(batch, prompt_len, within)], -1)
+
+
+def reordered(batch: dict, order: list) -> dict:
+    """The batch with its rows (text and images) in ``order``."""
+    out = {k: v[order] if k in TEXT_KEYS and torch.is_tensor(v) else v for k, v in batch.items()}
+    if "pixel_values" in batch:
+        parts = per_image(batch)
+        if len(parts) == len(order):
+            out.update(join_images([parts[i] for i in order]))
+    return out
+
+
+def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within: bool = False) -> float:
+    """Max |change| of the caption log-probabilities when only the rows' order changes, or float rounding
+    (64 eps of the model's dtype at the logits' scale), whichever is larger."""
+    n = batch["input_ids"].shape[0]
+    back = list(range(n))[::-1]
+    again = caption_logprobs(model, reordered(batch, back), prompt_len, within)
+    # rows reversed, then each row's positions back in the original order
+    sizes = predicting(batch, prompt_len, within).sum(1).tolist()
+    pieces = list(again.split([sizes[i] for i in back]))
+    again = torch.cat([pieces[back.index(r)] for r in range(n)])
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    rounding = 64 * torch.finfo(dtype).eps * (1.0 + float(base.abs().max()))
+    return max(float((again - base).abs().max()), rounding)
+
+
+def blanked_images(batch: dict) -> dict:
+    return {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}
+
+
+def image_effect(model, batch: dict, prompt_len: int) -> Optional[Effect]:
+    """How much the captions' log-probabilities move when each row gets another row's image (or, where no
+    two rows share an image shape, a blank image); None when the batch carries no image."""
+    if "pixel_values" not in batch:
+        return None
+    base = caption_logprobs(model, batch, prompt_len)
+    floor = noise_floor(model, batch, prompt_len, base)
+    other, how = swapped_images(batch), "images swapped between rows"
+    if other is None:
+        other, how = blanked_images(batch), "images blanked (no two rows share a shape)"
+    return Effect(float((caption_logprobs(model, other, prompt_len) - base).abs().max()), floor, how)
+
+
+def ordinary_ids(tokenizer, rows: int) -> list:
+    """Token ids that are neither special nor added tokens (image placeholders, chat markers), below ``rows``."""
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [i for i in range(min(len(tokenizer), rows)) if i not in special]
+
+
+def prompt_effect(model, batch: dict, prompt_len: int, tokenizer, image_id: int) -> Optional[Effect]:
+    """How much the captions' log-probabilities move when the prompt's words are replaced by other words (the
+    image placeholders and special tokens kept); None when the prompt has no word to replace."""
+    keep = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | {image_id}
+    vocab = ordinary_ids(tokenizer, model.get_input_embeddings().num_embeddings)
+    other = prompt_replaced(batch, prompt_len, keep, vocab)
+    if torch.equal(other["input_ids"], batch["input_ids"]):
+        return None
+    # Measured where the queries are caption tokens: they see the prompt only through attention.
+    base = caption_logprobs(model, batch, prompt_len, within=True)
+    floor = noise_floor(model, batch, prompt_len, base, within=True)
+    return Effect(float((caption_logprobs(model, other, prompt_len, within=True) - base).abs().max()), floor,
+                  "prompt words replaced by other words")

@@ -1,0 +1,173 @@
+"""The verdicts of the checks on a prompted captioner, one function per check: each takes the check (for
+``finding``) and the ``PromptedSubject`` and returns the ``Finding``. The checks in ``capdiag.checks`` call
+them when ``subject.kind == "prompted"``; every threshold is a noise floor measured in the same run or
+exact arithmetic.
+"""
+from __future__ import annotations
+
+from ..finding import Finding, Status
+from .generation import batched_vs_alone
+from .labels import label_facts, label_problems
+from .parts import IMAGE_SIDE, SIDES, last_vision_layer_unread, part_gradients
+from .probes import image_effect, prompt_effect
+from .folder import quiet
+
+
+def _batch_words(s) -> str:
+    from .subject import SOURCES
+
+    return SOURCES[s.source]
+
+
+def label_sanity(check, s) -> Finding:
+    facts = s.measured("label_facts", lambda: label_facts(s.model, s.batch, s.prompt_len, s.image_token_id,
+                                                          s.tokenizer.eos_token_id))
+    metrics = {"targets": facts.targets, "prompt_targets": facts.prompt_targets, "image_targets": facts.image_targets,
+               "pad_targets": facts.pad_targets, "eos_rows": facts.eos_rows, "rows": facts.rows,
+               "shifted_share": facts.next_input}
+    if facts.loss is not None:
+        metrics.update(loss=facts.loss, caption_mean=facts.caption_mean)
+    problems = label_problems(facts)
+    if problems:
+        return check.finding(Status.FAIL, f"the labels of the batch from {_batch_words(s)}: " + "; ".join(problems),
+                             metrics, "Labels are the input ids with every prompt, image placeholder and padding "
+                             "position set to -100, the caption and its EOS kept; do not shift them (the model "
+                             "shifts), and pass the processor's pixel_values with the input ids.")
+    return check.finding(Status.PASS, f"{facts.targets} targets, all on the captions, EOS in {facts.eos_rows} of "
+                         f"{facts.rows}; the model's loss is the caption mean ({_batch_words(s)})", metrics)
+
+
+def _effect_metrics(prefix: str, e) -> dict:
+    return {f"{prefix}_effect": e.effect, f"{prefix}_floor": e.floor, f"{prefix}_ratio": e.ratio}
+
+
+def image_ablation(check, s) -> Finding:
+    e = s.measured("image_effect", lambda: image_effect(s.model, s.batch, s.prompt_len))
+    if e is None:
+        return check.finding(Status.FAIL, f"the batch from {_batch_words(s)} carries no pixel_values: the model "
+                             "captions without the image", {}, "Pass the images to the processor with the text "
+                             "(processor(images=..., text=...)) and keep pixel_values (and image_grid_thw, "
+                             "pixel_attention_mask, ...) in the batch.")
+    metrics = _effect_metrics("image", e)
+    said = f"{e.how}: caption log-probabilities move by at most {e.effect:.2g} (noise floor {e.floor:.2g})"
+    if e.verdict == "none":
+        return check.finding(Status.FAIL, f"the captions ignore the image: {said}", metrics,
+                             "The image features never reach the caption tokens: check that the attention mask "
+                             "covers the image placeholders, that the projector's output is not zeroed or "
+                             "detached, and that the vision tower runs on pixel_values.")
+    if e.verdict == "weak":
+        return check.finding(Status.WARN, f"the captions barely depend on the image: {said}", metrics)
+    return check.finding(Status.PASS, f"the captions depend on the image: {said}", metrics)
+
+
+def prompt_ablation(check, s) -> Finding:
+    image = s.measured("image_effect", lambda: image_effect(s.model, s.batch, s.prompt_len))
+    prompt = s.measured("prompt_effect", lambda: prompt_effect(s.model, s.batch, s.prompt_len, s.tokenizer,
+                                                               s.image_token_id))
+    metrics = _effect_metrics("prompt", prompt) if prompt is not None else {}
+    if image is not None:
+        metrics.update(_effect_metrics("image", image))
+    if prompt is None:
+        return check.skip(f"the prompt {s.prompt!r} has no word to replace (image and special tokens only)")
+    said = (f"replacing the prompt's words moves caption log-probabilities by at most {prompt.effect:.2g} "
+            f"(noise floor {prompt.floor:.2g})")
+    hint = ("The caption tokens cannot see the prompt: check the attention mask over the prompt (built from the "
+            "labels?) and that the prompt is in input_ids, not only in the labels.")
+    if prompt.verdict == "none":
+        return check.finding(Status.FAIL, f"the captions ignore the prompt: {said}", metrics, hint)
+    if image is None or image.verdict == "none":
+        return check.finding(Status.FAIL, f"the captions read the prompt but not the image ({said}; "
+                             f"{'no pixel_values' if image is None else f'{image.how}: at most {image.effect:.2g}'})",
+                             metrics, "See image_ablation.")
+    return check.finding(Status.PASS if prompt.verdict == "depends" else Status.WARN,
+                         f"the captions depend on the prompt ({said}) and on the image", metrics)
+
+
+def decoding(check, s) -> Finding:
+    side = s.tokenizer.padding_side
+    if s.family.encoder_decoder:
+        return check.skip("batched generation of an encoder-decoder pads the encoder's input: no padding side to judge")
+    with quiet():
+        b = s.measured(f"batched_{side}", lambda: batched_vs_alone(s.model, s.batch, s.prompt_len, s.tokenizer, side))
+    metrics = {"rows": b.rows, "changed": b.changed, "near_ties": b.near_ties, "first_step_gap": b.first_step,
+               "floor": b.floor}
+    if b.changed:
+        shown = "; ".join(f"{a!r} alone, {t!r} batched" for a, t in b.examples[:2])
+        return check.finding(
+            Status.FAIL, f"batched generate() of prompts of different lengths, padded on the {side} as the processor "
+            f"pads them, changes {b.changed} of {b.rows} captions against each prompt alone (first-step log-probs "
+            f"differ by up to {b.first_step:.2g}, floor {b.floor:.2g}): {shown}", metrics,
+            "A decoder-only model continues each row from its last position: pad prompts on the left for "
+            "generation (processor.tokenizer.padding_side = \"left\", or save the processor with padding_side=\"left\").")
+    ties = f"; {b.near_ties} differ only after a near tie" if b.near_ties else ""
+    return check.finding(Status.PASS, f"batched generate() padded on the {side} gives each prompt's caption alone "
+                         f"({b.rows} rows, first-step gap {b.first_step:.2g} <= floor {b.floor:.2g}){ties}", metrics)
+
+
+def gradient_flow(check, s) -> Finding:
+    g = s.measured("part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
+    metrics = {"loss": g.loss}
+    dead, by_design = [], []
+    for side in SIDES:
+        for adapter in (False, True):
+            names = g.group(side, adapter)
+            label = f"{side} {'adapters' if adapter else 'weights'}"
+            if not names:
+                continue
+            reached = g.reached(names)
+            metrics[f"{side}{'_adapter' if adapter else ''}_reached"] = len(reached) / len(names)
+            missed = [n for n in names if n not in reached]
+            if not reached:
+                dead.append(f"no {label} get gradient ({len(names)} trainable)")
+            elif missed and side == "vision" and last_vision_layer_unread(s.model, missed):
+                by_design.append(f"{len(missed)} {label} after the vision layer the model reads get none, by design")
+            elif missed:
+                dead.append(f"{len(missed)} of {len(names)} {label} get no gradient (e.g. {missed[0]})")
+    if g.nonfinite:
+        return check.finding(Status.FAIL, f"{len(g.nonfinite)} parameters get NaN/inf gradients (e.g. {g.nonfinite[0]})",
+                             metrics, "Look for overflow in half precision or a log/division near zero in the loss.")
+    if dead:
+        return check.finding(Status.FAIL, "; ".join(dead) + " from the caption loss", metrics,
+                             "A part that gets no gradient does not learn: a vision tower run under no_grad or "
+                             "detached, features that never reach the caption, or a batch without pixel_values.")
+    trainable = {side: len(g.group(side, False)) + len(g.group(side, True)) for side in SIDES}
+    parts = ", ".join(f"{side} {n}" for side, n in trainable.items() if n)
+    extra = f" ({'; '.join(by_design)})" if by_design else ""
+    return check.finding(Status.PASS, f"every trainable part gets gradient from the caption loss: {parts} "
+                         f"parameters{extra}", metrics)
+
+
+def adapters(check, s) -> Finding:
+    peft_config = getattr(s.model, "peft_config", None)
+    if not peft_config:
+        return check.skip("no peft adapter on the model (pass --adapter DIR, or return a PeftModel from build_model)")
+    config = next(iter(peft_config.values()))
+    g = s.measured("part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
+    metrics = {f"{side}_{kind}": len(g.group(side, kind == "adapters")) for side in SIDES for kind in ("adapters", "weights")}
+    targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list, tuple)) else config.target_modules
+    base = [n for n in g.norms if n not in g.adapters]
+    if base:
+        return check.finding(Status.FAIL, f"{len(base)} base-model parameters are trainable beside the adapters "
+                             f"(e.g. {base[0]}): the base is not frozen", metrics,
+                             "With LoRA only the adapters (and modules_to_save) train: load with "
+                             "PeftModel.from_pretrained / get_peft_model and do not set requires_grad on the base.")
+    image_side = [n for side in IMAGE_SIDE for n in g.group(side, True)]
+    if not image_side:
+        return check.finding(Status.FAIL, f"nothing image-side can train: the LoRA config targets {targets} "
+                             f"(modules_to_save {config.modules_to_save}) and none of them is in the vision tower "
+                             f"or the projector", metrics,
+                             "The image features stay as the base model made them. Add the projector to "
+                             "modules_to_save (e.g. multi_modal_projector) or target the vision tower's attention "
+                             "projections.")
+    reached = g.reached(image_side)
+    if not reached:
+        return check.finding(Status.FAIL, f"none of the {len(image_side)} image-side adapter weights gets gradient "
+                             "from the caption loss", metrics,
+                             "The adapters sit where the caption loss does not reach: a vision tower run under "
+                             "no_grad, or layers after the one the model reads.")
+    missed = [n for n in image_side if n not in reached]
+    note = (f"; {len(missed)} sit after the vision layer the model reads and get none, by design"
+            if missed and last_vision_layer_unread(s.model, missed) else
+            f"; {len(missed)} get none (e.g. {missed[0]})" if missed else "")
+    return check.finding(Status.PASS, f"LoRA on {targets}: {len(reached)} of {len(image_side)} image-side adapter "
+                         f"weights get gradient, the base is frozen{note}", metrics)

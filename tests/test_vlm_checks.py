@@ -1,0 +1,108 @@
+"""Prompted captioners through ``capdiag check``: tiny LLaVA and Qwen2-VL folders (and model files whose
+``collate`` is the user's) pass every applicable check; each twin, built from a clean one by the change a
+real user makes, fails the check named for it; bad input is one line and exit code 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from capdiag.cli import main  # noqa: E402
+from capdiag.testing import vlm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {name: vlm.build_folder(name, tmp_path_factory.mktemp(name)) for name in vlm.FAMILIES}
+
+
+def run(tmp_path, *argv) -> tuple:
+    out = tmp_path / "findings.json"
+    code = main(["check", *map(str, argv), "--json", str(out)])
+    found = {f["check"]: f for f in json.loads(out.read_text())["checks"]} if out.exists() else {}
+    return code, found
+
+
+@pytest.mark.parametrize("name", sorted(vlm.FAMILIES))
+def test_a_clean_folder_passes_every_applicable_check(folders, tmp_path, name):
+    code, found = run(tmp_path, folders[name])
+    assert code == 0, {k: f["summary"] for k, f in found.items()}
+    assert {k for k, f in found.items() if f["status"] == "pass"} >= {
+        "label_sanity", "prompt_ablation", "gradient_flow", "image_ablation", "decoding_consistency"}, found
+    assert found["adapters"]["status"] == "skip"  # no adapter on the folder
+    assert "caption_dependence" not in found  # checks of (images, captions) -> logits captioners do not run
+
+
+@pytest.mark.parametrize("name", sorted(vlm.FAMILIES))
+def test_a_clean_collate_in_a_model_file_passes(folders, tmp_path, name):
+    path = vlm.write_model_file(tmp_path / "model.py", folders[name], name)
+    code, found = run(tmp_path, path, "--only", "label_sanity,image_ablation,prompt_ablation,gradient_flow")
+    assert code == 0, {k: f["summary"] for k, f in found.items()}
+    assert "your collate()" in found["label_sanity"]["summary"]
+
+
+TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items()] + [
+    ("pre_shifted_labels", "label_sanity", "qwen2_vl"), ("image_dropped", "image_ablation", "qwen2_vl"),
+    ("vision_no_grad", "gradient_flow", "llava"), ("vision_no_grad", "gradient_flow", "qwen2_vl")]
+
+
+@pytest.mark.parametrize("bug,check,name", TWINS)
+def test_each_collator_or_model_twin_fails_its_check(folders, tmp_path, bug, check, name):
+    path = vlm.write_model_file(tmp_path / "model.py", folders[name], name, bug)
+    code, found = run(tmp_path, path, "--only", check)
+    assert code == 1 and found[check]["status"] == "fail", found
+
+
+def test_right_padded_generation_fails_decoding_consistency_with_the_fix(tmp_path):
+    folder = vlm.build_folder("llava", tmp_path / "right", bug="right_padding")
+    code, found = run(tmp_path, folder, "--only", "decoding_consistency")
+    f = found["decoding_consistency"]
+    assert code == 1 and f["status"] == "fail" and "padded on the right" in f["summary"], f
+    assert 'padding_side = "left"' in f["hint"]
+
+
+def test_a_lora_config_that_freezes_everything_image_side_fails_and_one_that_trains_the_projector_passes(folders, tmp_path):
+    from capdiag.prompted.folder import load_folder
+
+    model, _, _ = load_folder(str(folders["llava"]))
+    language_only = vlm.save_lora(model, tmp_path / "lang", r".*language_model.*\.(q_proj|v_proj)")
+    model, _, _ = load_folder(str(folders["llava"]))
+    with_projector = vlm.save_lora(model, tmp_path / "proj", ["q_proj", "v_proj"], ["multi_modal_projector"])
+    code, found = run(tmp_path, folders["llava"], "--adapter", language_only, "--only", "adapters,gradient_flow")
+    assert code == 1 and found["adapters"]["status"] == "fail", found
+    assert "nothing image-side can train" in found["adapters"]["summary"]
+    code, found = run(tmp_path, folders["llava"], "--adapter", with_projector, "--only", "adapters,gradient_flow")
+    assert code == 0, {k: f["summary"] for k, f in found.items()}
+    # LLaVA's last vision layer is not read: its adapters get no gradient, by design, and are not failed
+    assert "by design" in found["adapters"]["summary"], found["adapters"]["summary"]
+
+
+def _bad(capsys, *argv) -> str:
+    capsys.readouterr()  # what building the twins printed
+    assert main(["check", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    assert "llava, qwen2_vl" in _bad(capsys, other)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in folders["llava"].iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            (bare / f.name).write_bytes(f.read_bytes())
+    assert "has no tokenizer" in _bad(capsys, bare)
+    mismatched = vlm.build_folder("llava", tmp_path / "tokens", bug="processor_image_tokens")
+    assert "15 image tokens per image but the model's vision side gives 16" in _bad(capsys, mismatched)
+    from capdiag.prompted.folder import load_folder
+
+    model, _, _ = load_folder(str(folders["qwen2_vl"]))
+    foreign = vlm.save_lora(model, tmp_path / "qwen_lora", ["qkv"])  # Qwen2-VL's fused vision attention
+    assert "does not have" in _bad(capsys, folders["llava"], "--adapter", foreign)
+    assert "--prompt is for vision-language captioners" in _bad(capsys, "capdiag.models.cnn_transformer", "--prompt", "x")
