@@ -96,7 +96,8 @@ def _header(command: str, mf, subject, args) -> dict:
     ctx = context(subject)
     loaded = f", weights {ctx['weights']}" if ctx["weights"] else ""
     print_header(f"capdiag {command} {mf.path} on {ctx['device']} in {ctx['precision']} (seed {args.seed}){loaded}",
-                 subject.assumptions, data=ctx["data"])
+                 subject.assumptions, data=ctx["data"],
+                 **({"change": "--prompt, --adapter, collate() in a model file"} if subject.kind == "prompted" else {}))
     return ctx
 
 

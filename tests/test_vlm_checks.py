@@ -45,7 +45,9 @@ def test_a_clean_collate_in_a_model_file_passes(folders, tmp_path, name):
 
 TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items()] + [
     ("pre_shifted_labels", "label_sanity", "qwen2_vl"), ("image_dropped", "image_ablation", "qwen2_vl"),
-    ("vision_no_grad", "gradient_flow", "llava"), ("vision_no_grad", "gradient_flow", "qwen2_vl")]
+    ("prompt_unmasked", "label_sanity", "paligemma"), ("image_dropped", "image_ablation", "paligemma"),
+    ("prompt_hidden", "prompt_ablation", "paligemma")] + [
+    ("vision_no_grad", "gradient_flow", name) for name in sorted(vlm.FAMILIES)]
 
 
 @pytest.mark.parametrize("bug,check,name", TWINS)

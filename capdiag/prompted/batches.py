@@ -25,13 +25,18 @@ def prompt_text(family, processor, prompt: Optional[str]) -> str:
     return (prompt or family.prompt).replace("{image}", processor.image_token)
 
 
-def reference_batch(processor, examples: list, prompt: str) -> dict:
+def reference_batch(processor, examples: list, prompt: str, suffix: bool = False) -> dict:
     """capdiag's captioning collator: ``examples`` are ``{"image", "caption"}`` dicts; prompt, image and
-    padding positions are -100 in the labels, the caption and its EOS are targets."""
+    padding positions are -100 in the labels, the caption and its EOS are targets. ``suffix``: the processor
+    takes the caption as ``suffix=`` (PaliGemma) and appends its EOS."""
     tok = processor.tokenizer
     images = [e["image"] for e in examples]
-    batch = dict(processor(images=images, text=[f"{prompt} {e['caption']}{tok.eos_token}" for e in examples],
-                           return_tensors="pt", padding=True))
+    if suffix:
+        batch = dict(processor(images=images, text=[prompt] * len(examples), suffix=[e["caption"] for e in examples],
+                               return_tensors="pt", padding=True))
+    else:
+        batch = dict(processor(images=images, text=[f"{prompt} {e['caption']}{tok.eos_token}" for e in examples],
+                               return_tensors="pt", padding=True))
     n = prompt_length(processor, images[0], prompt)
     labels = batch["input_ids"].clone()
     for r, (first, start, end) in enumerate(spans(batch["attention_mask"], n)):

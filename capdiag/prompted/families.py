@@ -17,6 +17,7 @@ class Family:
     prompt: str  # the default captioning prompt; "{image}" stands for the processor's image token
     padding_side: str = "left"  # for batched generation: decoder-only models pad prompts on the left
     encoder_decoder: bool = False  # the caption is the decoder's input (labels), the prompt the encoder's
+    suffix: bool = False  # the processor takes the caption as suffix= (and writes token_type_ids)
     notes: tuple = ()  # facts about the family a correct check must not flag
 
 
@@ -28,6 +29,10 @@ FAMILIES = {f.model_type: f for f in (
            ("model.visual.merger",), ("model.language_model", "lm_head"),
            "<|vision_start|>{image}<|vision_end|>describe the image:",
            notes=("pixel_values are rows of patches with image_grid_thw",)),
+    Family("paligemma", "PaliGemmaForConditionalGeneration", ("model.vision_tower",), ("model.multi_modal_projector",),
+           ("model.language_model", "lm_head"), "{image}caption en", suffix=True,
+           notes=("attends bidirectionally over image and prompt (token_type_ids 0)",
+                  "tied embeddings: a random model repeats one token")),
 )}
 
 

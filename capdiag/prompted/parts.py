@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .folder import base_model
 from .probes import predicting
 
 SIDES = ("vision", "projector", "language")
@@ -49,6 +48,13 @@ class PartGradients:
     adapters: set  # parameter names that are adapter weights
     loss: float
     nonfinite: list = field(default_factory=list)
+    unread: set = field(default_factory=set)  # parameters whose module ran with grad enabled, output not read
+
+    def by_design(self, names: list) -> bool:
+        """True when every name in ``names`` belongs to a module that ran with gradients enabled but whose
+        output the caption never reads (LLaVA's last vision layer, SigLIP's unused head): no gradient by the
+        architecture's design, measured, not assumed."""
+        return bool(names) and all(n in self.unread for n in names)
 
     def group(self, side: str, adapter: bool) -> list:
         return [n for n in self.norms if self.sides[n] == side and (n in self.adapters) == adapter]
@@ -64,8 +70,25 @@ def part_gradients(model, batch: dict, prompt_len: int, family) -> PartGradients
     """Gradient norms of every trainable parameter under the caption cross-entropy (see the module doc)."""
     params = trainable(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    owners = {n.rsplit(".", 1)[0] for n, _ in params}
+    owners |= {o.rsplit(".", 1)[0] for o in owners}  # parents: a module used functionally (MHA's out_proj) never fires
+    ran = {}
+
+    def seen(name):
+        def hook(module, args, out):
+            outs = [out] if torch.is_tensor(out) else out if isinstance(out, (tuple, list)) else \
+                list(out.values()) if isinstance(out, dict) else []
+            ran[name] = ran.get(name, False) or any(torch.is_tensor(o) and o.requires_grad for o in outs)
+        return hook
+
+    handles = [m.register_forward_hook(seen(n)) for n, m in model.named_modules() if n in owners]
+    try:
+        with torch.enable_grad():
+            logits = model(**inputs).logits.float()
+    finally:
+        for h in handles:
+            h.remove()
     with torch.enable_grad():
-        logits = model(**inputs).logits.float()
         where = predicting(batch, prompt_len)
         target = torch.zeros_like(batch["input_ids"])
         target[:, :-1] = batch["input_ids"][:, 1:]
@@ -78,24 +101,8 @@ def part_gradients(model, batch: dict, prompt_len: int, family) -> PartGradients
             bad.append(n)
         norms[n] = v
     sides = {n: side_of(n, family) for n, _ in params}
-    return PartGradients(norms, sides, {n for n, _ in params if is_adapter(n)}, float(loss.detach()), bad)
-
-
-def last_vision_layer_unread(model, names: list) -> bool:
-    """LLaVA-style models read vision layer ``vision_feature_layer`` (-2 by default): the layers after it and
-    the tower's post-layernorm get no gradient by design. True when every name in ``names`` is one of them."""
-    cfg = base_model(model).config
-    layer = getattr(cfg, "vision_feature_layer", None)
-    n_layers = getattr(getattr(cfg, "vision_config", None), "num_hidden_layers", None)
-    if not isinstance(layer, int) or n_layers is None:
-        return False
-    first_unread = layer % (n_layers + 1)  # hidden_states[0] is the embeddings: layer k's output is index k + 1
-    def unread(n: str) -> bool:
-        if "post_layernorm" in n or ".head." in n:
-            return True
-        parts = n.split(".")
-        for i, p in enumerate(parts[:-1]):
-            if p == "layers" and parts[i + 1].isdigit():
-                return int(parts[i + 1]) >= first_unread
-        return False
-    return bool(names) and all(unread(n) for n in names)
+    def computed(n):
+        module = n.rsplit(".", 1)[0]
+        return ran.get(module, ran.get(module.rsplit(".", 1)[0]) if module not in ran else False)
+    unread = {n for n, _ in params if norms[n] == 0 and computed(n)}
+    return PartGradients(norms, sides, {n for n, _ in params if is_adapter(n)}, float(loss.detach()), bad, unread)

@@ -148,7 +148,7 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
     elif collate is not None:
         batch, source = _called(collate, "collate(examples)", examples), "collate"
     else:
-        batch, source = reference_batch(processor, examples, text), "data" if dataset is not None else "capdiag"
+        batch, source = reference_batch(processor, examples, text, family.suffix), "data" if dataset is not None else "capdiag"
     batch = _checked(dict(batch), f"from {SOURCES[source]}")
     n = _prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}")
     subject = PromptedSubject(model, processor, family, batch, text, n, source, path, seed=seed, adapter=adapter,

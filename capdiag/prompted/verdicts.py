@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..finding import Finding, Status
 from .generation import batched_vs_alone
 from .labels import label_facts, label_problems
-from .parts import IMAGE_SIDE, SIDES, last_vision_layer_unread, part_gradients
+from .parts import IMAGE_SIDE, SIDES, part_gradients
 from .probes import image_effect, prompt_effect
 from .folder import quiet
 
@@ -119,8 +119,9 @@ def gradient_flow(check, s) -> Finding:
             missed = [n for n in names if n not in reached]
             if not reached:
                 dead.append(f"no {label} get gradient ({len(names)} trainable)")
-            elif missed and side == "vision" and last_vision_layer_unread(s.model, missed):
-                by_design.append(f"{len(missed)} {label} after the vision layer the model reads get none, by design")
+            elif missed and g.by_design(missed):
+                by_design.append(f"{len(missed)} {label} in modules whose output the caption never reads "
+                                 f"(e.g. {missed[0]}) get none, by design")
             elif missed:
                 dead.append(f"{len(missed)} of {len(names)} {label} get no gradient (e.g. {missed[0]})")
     if g.nonfinite:
@@ -166,8 +167,8 @@ def adapters(check, s) -> Finding:
                              "The adapters sit where the caption loss does not reach: a vision tower run under "
                              "no_grad, or layers after the one the model reads.")
     missed = [n for n in image_side if n not in reached]
-    note = (f"; {len(missed)} sit after the vision layer the model reads and get none, by design"
-            if missed and last_vision_layer_unread(s.model, missed) else
+    note = (f"; {len(missed)} sit in modules whose output the caption never reads and get none, by design"
+            if missed and g.by_design(missed) else
             f"; {len(missed)} get none (e.g. {missed[0]})" if missed else "")
     return check.finding(Status.PASS, f"LoRA on {targets}: {len(reached)} of {len(image_side)} image-side adapter "
                          f"weights get gradient, the base is frozen{note}", metrics)

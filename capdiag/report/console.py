@@ -40,13 +40,14 @@ def format_finding(f: Finding, color: bool = False, width: int = 0) -> str:
     return "\n".join(lines)
 
 
-def print_header(title: str, assumptions: list, stream: Optional[TextIO] = None, data: str = "") -> None:
+def print_header(title: str, assumptions: list, stream: Optional[TextIO] = None, data: str = "",
+                 change: str = "set CAPDIAG hints in the model file") -> None:
     stream = stream or sys.stdout
     print(title, file=stream)
     if data:
         print(f"data: {data}", file=stream)
     if assumptions:
-        print("assumed (set CAPDIAG hints in the model file to change):", file=stream)
+        print(f"assumed ({change} to change):", file=stream)
         for a in assumptions:
             print(f"  - {a}", file=stream)
     print(file=stream)

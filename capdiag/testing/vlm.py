@@ -12,6 +12,7 @@ M-RoPE), both padded on the left; ``PROMPTS`` holds each family's captioning pro
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -101,6 +102,33 @@ def build_qwen2_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, 
     return _save(folder, model, processor, bug)
 
 
+def build_paligemma(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
+    """A tiny PaliGemma folder: SigLIP vision tower, Gemma text model with tied embeddings, attention
+    bidirectional over image and prompt (``token_type_ids`` 0), the caption passed to the processor as
+    ``suffix``; ``bug`` as for ``build_llava``."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    tok = tokenizer(("<pad>", "<bos>", "<eos>", "<unk>", "<image>"))
+    tok._tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B:1")  # the suffix is type 1
+    images = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    n = (image_size // patch) ** 2
+    images.image_seq_length = n - 1 if bug == "processor_image_tokens" else n
+    processor = PaliGemmaProcessor(image_processor=images, tokenizer=tok)  # adds PaliGemma's <loc> and <seg> tokens
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=image_size, patch_size=patch)
+    text = GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=image_id, projection_dim=32,
+                             hidden_size=32, vocab_size=len(tok))
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
+    return _save(folder, model, processor, bug)
+
+
 def _save(folder, model, processor, bug: Optional[str]) -> Path:
     """Save a family's model and processor; the ``processor_vocab`` twin's tokenizer gets two tokens the
     model has no embedding for, the ``right_padding`` twin's pads on the right (decoding_consistency)."""
@@ -114,8 +142,9 @@ def _save(folder, model, processor, bug: Optional[str]) -> Path:
     return folder
 
 
-FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
-PROMPTS = {"llava": "<image>describe the image:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:"}
+FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "paligemma": build_paligemma}
+PROMPTS = {"llava": "<image>describe the image:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:",
+           "paligemma": "<image>caption en"}
 
 
 def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) -> Path:
@@ -133,6 +162,10 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
     texts = [f"{prompt} {cap}{tok.eos_token}" for _, cap in pairs]
     if bug == "image_dropped":  # the texts through the tokenizer alone: one placeholder each, no pixel_values
         batch = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    elif "suffix" in inspect.signature(processor.__call__).parameters:  # PaliGemma: the caption is the suffix
+        batch = processor(images=images, text=[prompt] * len(pairs), suffix=[c for _, c in pairs], return_tensors="pt",
+                          padding=True)
+        del batch["labels"]  # written below, as for the other families
     else:
         batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -200,7 +233,7 @@ _MODEL_EXTRA = {
 def write_model_file(path, folder, family: str, bug: Optional[str] = None) -> Path:
     """A model file over the tiny ``family`` folder whose ``collate`` is ``collate(..., bug)`` (``BUGS``) or
     whose ``build_model`` plants one of ``MODEL_BUGS``."""
-    tower = {"llava": "vision_tower", "qwen2_vl": "visual"}[family]
+    tower = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower"}[family]
     extra = _MODEL_EXTRA[bug if bug in MODEL_BUGS else None].format(tower=tower)
     path = Path(path)
     path.write_text(MODEL_FILE.format(folder=str(folder), family=family, extra=extra,
