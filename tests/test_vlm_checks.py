@@ -46,7 +46,8 @@ def test_a_clean_collate_in_a_model_file_passes(folders, tmp_path, name):
 TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items()] + [
     ("pre_shifted_labels", "label_sanity", "qwen2_vl"), ("image_dropped", "image_ablation", "qwen2_vl"),
     ("prompt_unmasked", "label_sanity", "paligemma"), ("image_dropped", "image_ablation", "paligemma"),
-    ("prompt_hidden", "prompt_ablation", "paligemma")] + [
+    ("prompt_hidden", "prompt_ablation", "paligemma"), ("image_tokens_as_targets", "label_sanity", "blip-2"),
+    ("image_dropped", "image_ablation", "blip-2"), ("prompt_hidden", "prompt_ablation", "blip-2")] + [
     ("vision_no_grad", "gradient_flow", name) for name in sorted(vlm.FAMILIES)]
 
 

@@ -8,7 +8,7 @@ shifts them itself.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -22,7 +22,8 @@ TEXT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_toke
 def prompt_text(family, processor, prompt: Optional[str]) -> str:
     """The prompt as written before each caption: ``prompt`` (``--prompt``, ``PROMPT``) or the family's
     default, with ``{image}`` standing for the processor's image token."""
-    return (prompt or family.prompt).replace("{image}", processor.image_token)
+    token = processor.image_token
+    return (prompt or family.prompt).replace("{image}", str(getattr(token, "content", token)))
 
 
 def reference_batch(processor, examples: list, prompt: str, suffix: bool = False) -> dict:
@@ -37,11 +38,10 @@ def reference_batch(processor, examples: list, prompt: str, suffix: bool = False
     else:
         batch = dict(processor(images=images, text=[f"{prompt} {e['caption']}{tok.eos_token}" for e in examples],
                                return_tensors="pt", padding=True))
-    n = prompt_length(processor, images[0], prompt)
-    labels = batch["input_ids"].clone()
-    for r, (first, start, end) in enumerate(spans(batch["attention_mask"], n)):
-        labels[r, :start] = IGNORE
-        labels[r, end:] = IGNORE
+    n = Split(prompt_length(processor, images[0], prompt), tok.pad_token_id)
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    for r, sp in enumerate(spans(batch, n)):
+        labels[r, sp.caption] = batch["input_ids"][r, sp.caption]
     batch["labels"] = labels
     return batch
 
@@ -51,31 +51,49 @@ def prompt_length(processor, image, prompt: str) -> int:
     return len(processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0])
 
 
-def spans(attention_mask: torch.Tensor, prompt_len: int) -> list:
-    """Per row, ``(prompt start, caption start, end)``: the prompt starts at the first attended position,
-    the caption ``prompt_len`` tokens later and runs to the last attended position."""
+class Split(NamedTuple):
+    """Where each row's prompt ends: after ``tokens`` tokens of the row (its image placeholders expanded),
+    padding skipped. Padding is the attention-mask-0 positions holding ``pad_id`` (any attention-mask-0
+    position when None): a collator may mask other positions too, and BLIP-2's processor puts the padding
+    between the image tokens and the text."""
+
+    tokens: int
+    pad_id: Optional[int] = None
+
+
+class Span(NamedTuple):
+    prompt: torch.Tensor  # positions of the row's prompt
+    caption: torch.Tensor  # positions of its caption (EOS included), padding skipped
+
+
+def spans(batch: dict, split) -> list:
+    """Per row, a ``Span``: the row's first ``split.tokens`` positions that are not padding are the prompt,
+    the rest up to the last attended position the caption. ``split`` is a ``Split`` or the prompt's length."""
+    split = split if isinstance(split, Split) else Split(int(split))
+    mask, ids = batch["attention_mask"], batch["input_ids"]
+    padding = (mask == 0) if split.pad_id is None else (mask == 0) & (ids == split.pad_id)
     out = []
-    for row in attention_mask:
-        on = row.nonzero().flatten()
-        first, last = int(on[0]), int(on[-1])
-        out.append((first, first + prompt_len, last + 1))
+    for r in range(ids.shape[0]):
+        last = int(mask[r].nonzero().flatten()[-1])
+        content = (~padding[r, : last + 1]).nonzero().flatten()
+        out.append(Span(content[: split.tokens], content[split.tokens:]))
     return out
 
 
-def caption_mask(batch: dict, prompt_len: int) -> torch.Tensor:
+def caption_mask(batch: dict, prompt_len) -> torch.Tensor:
     """``(B, T)`` True on each row's caption tokens (its EOS included)."""
     mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    for r, (_, start, end) in enumerate(spans(batch["attention_mask"], prompt_len)):
-        mask[r, start:end] = True
+    for r, sp in enumerate(spans(batch, prompt_len)):
+        mask[r, sp.caption] = True
     return mask
 
 
-def check_prompt(batch: dict, prompt_ids: list, where: str) -> None:
+def check_prompt(batch: dict, prompt_ids: list, where: str, pad_id: Optional[int] = None) -> None:
     """Each row of ``batch`` must begin (after padding) with ``prompt_ids``: else capdiag would split prompt
     from caption in the wrong place, and every measurement after would be wrong."""
     n = len(prompt_ids)
-    for r, (first, start, end) in enumerate(spans(batch["attention_mask"], n)):
-        row = batch["input_ids"][r, first:start].tolist()
+    for r, sp in enumerate(spans(batch, Split(n, pad_id))):
+        row = batch["input_ids"][r, sp.prompt].tolist()
         if row != prompt_ids:
             raise UsageError(f"row {r} of the batch {where} does not begin with the prompt's {n} tokens; pass the "
                              "prompt your collator writes with --prompt (or PROMPT = '...' in the model file)")
@@ -126,8 +144,8 @@ def prompt_replaced(batch: dict, prompt_len: int, keep: set, vocab: list) -> dic
     another token of ``vocab`` (the next one, cyclically): the same length, the same image positions."""
     ids = batch["input_ids"].clone()
     nxt = {v: vocab[(i + 1) % len(vocab)] for i, v in enumerate(vocab)}
-    for r, (first, start, _) in enumerate(spans(batch["attention_mask"], prompt_len)):
-        for t in range(first, start):
+    for r, sp in enumerate(spans(batch, prompt_len)):
+        for t in sp.prompt.tolist():
             tid = int(ids[r, t])
             if tid not in keep:
                 ids[r, t] = nxt.get(tid, vocab[0])
@@ -137,8 +155,7 @@ def prompt_replaced(batch: dict, prompt_len: int, keep: set, vocab: list) -> dic
 def prompts_only(batch: dict, prompt_len: int, side: str, pad_id: int) -> dict:
     """The prompts of ``batch`` alone (captions cut off), re-padded on ``side``, with the batch's images:
     what a user hands ``generate``."""
-    rows = [batch["input_ids"][r, first:start] for r, (first, start, _) in
-            enumerate(spans(batch["attention_mask"], prompt_len))]
+    rows = [batch["input_ids"][r, sp.prompt] for r, sp in enumerate(spans(batch, prompt_len))]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=batch["input_ids"].dtype)
     mask = torch.zeros_like(ids)
@@ -150,6 +167,5 @@ def prompts_only(batch: dict, prompt_len: int, side: str, pad_id: int) -> dict:
 
 def row(batch: dict, r: int, prompt_len: int) -> dict:
     """Row ``r``'s prompt alone, unpadded, with its image."""
-    first, start, _ = spans(batch["attention_mask"], prompt_len)[r]
-    ids = batch["input_ids"][r:r + 1, first:start]
+    ids = batch["input_ids"][r, spans(batch, prompt_len)[r].prompt][None]
     return {**per_image(batch)[r], "input_ids": ids, "attention_mask": torch.ones_like(ids)}

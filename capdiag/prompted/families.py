@@ -33,6 +33,10 @@ FAMILIES = {f.model_type: f for f in (
            ("model.language_model", "lm_head"), "{image}caption en", suffix=True,
            notes=("attends bidirectionally over image and prompt (token_type_ids 0)",
                   "tied embeddings: a random model repeats one token")),
+    Family("blip-2", "Blip2ForConditionalGeneration", ("vision_model",), ("qformer", "query_tokens", "language_projection"),
+           ("language_model",), "a photo of",
+           notes=("the processor writes the query tokens' placeholders before the prompt, padding between them",
+                  "the default vision initializer_range (1e-10) gives a from-scratch tower ~1e-20 gradients")),
 )}
 
 

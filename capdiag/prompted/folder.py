@@ -131,9 +131,10 @@ def features_per_image(model, inputs: dict) -> int:
     return int(feats.shape[-2])
 
 
-def processor_mismatch(model, processor, image) -> Optional[str]:
+def processor_mismatch(model, processor, image, prompt: Optional[str] = None) -> Optional[str]:
     """One line naming what the processor and the model disagree on (vocabulary, image tokens), or None.
-    Said per image and per token, not as transformers' element counts ("tokens: 30, features: 1024")."""
+    Said per image and per token, not as transformers' element counts ("tokens: 30, features: 1024").
+    ``prompt``: the text the processor writes the image into (default: its image token alone)."""
     tok = processor.tokenizer
     rows = base_model(model).get_input_embeddings().num_embeddings
     if len(tok) > rows:
@@ -141,7 +142,8 @@ def processor_mismatch(model, processor, image) -> Optional[str]:
                 f"{rows} on index past it; save the processor the model was trained with, or resize the embeddings "
                 "(model.resize_token_embeddings) before training")
     image_id = image_token_id(model)
-    inputs = processor(images=[image], text=[processor.image_token], return_tensors="pt")
+    token = processor.image_token
+    inputs = processor(images=[image], text=[prompt or str(getattr(token, "content", token))], return_tensors="pt")
     n_tokens, n_features = int((inputs["input_ids"][0] == image_id).sum()), features_per_image(model, inputs)
     if n_tokens != n_features:
         strategy = getattr(base_model(model).config, "vision_feature_select_strategy", None)

@@ -31,8 +31,8 @@ class Batched:
 def _prompts(batch: dict, prompt_len: int, tokenizer) -> list:
     extra = tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
     out = []
-    for r, (first, start, _) in enumerate(spans(batch["attention_mask"], prompt_len)):
-        out.append(torch.cat([batch["input_ids"][r, first:start], torch.tensor(extra[:r], dtype=torch.long,
+    for r, sp in enumerate(spans(batch, prompt_len)):
+        out.append(torch.cat([batch["input_ids"][r, sp.prompt], torch.tensor(extra[:r], dtype=torch.long,
                                                                                  device=batch["input_ids"].device)]))
     return out
 

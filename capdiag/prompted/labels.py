@@ -39,8 +39,8 @@ def label_facts(model, batch: dict, prompt_len: int, image_token_id: int, eos_id
     target = labels != IGNORE
     in_caption = caption_mask(batch, prompt_len)
     in_prompt = torch.zeros_like(target)
-    for r, (first, start, _) in enumerate(spans(mask, prompt_len)):
-        in_prompt[r, first:start] = True
+    for r, sp in enumerate(spans(batch, prompt_len)):
+        in_prompt[r, sp.prompt] = True
     image = ids == image_token_id
     eos = (ids == eos_id) & in_caption
     eos_rows = sum(bool((target[r] & eos[r]).any()) for r in range(ids.shape[0]))

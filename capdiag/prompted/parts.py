@@ -49,12 +49,19 @@ class PartGradients:
     loss: float
     nonfinite: list = field(default_factory=list)
     unread: set = field(default_factory=set)  # parameters whose module ran with grad enabled, output not read
+    flat: set = field(default_factory=set)  # parameters on the loss's path whose gradient is exactly zero here
 
     def by_design(self, names: list) -> bool:
         """True when every name in ``names`` belongs to a module that ran with gradients enabled but whose
         output the caption never reads (LLaVA's last vision layer, SigLIP's unused head): no gradient by the
-        architecture's design, measured, not assumed."""
+        architecture's design, measured (autograd finds no path), not assumed."""
         return bool(names) and all(n in self.unread for n in names)
+
+    def on_path(self, names: list) -> bool:
+        """True when every name in ``names`` is on the loss's path with an exactly zero gradient at these
+        weights (identical inputs at a random init, e.g. BLIP-2's zero-initialized query tokens): not
+        disconnected, and it moves once what feeds it does."""
+        return bool(names) and all(n in self.flat for n in names)
 
     def group(self, side: str, adapter: bool) -> list:
         return [n for n in self.norms if self.sides[n] == side and (n in self.adapters) == adapter]
@@ -104,5 +111,8 @@ def part_gradients(model, batch: dict, prompt_len: int, family) -> PartGradients
     def computed(n):
         module = n.rsplit(".", 1)[0]
         return ran.get(module, ran.get(module.rsplit(".", 1)[0]) if module not in ran else False)
-    unread = {n for n, _ in params if norms[n] == 0 and computed(n)}
-    return PartGradients(norms, sides, {n for n, _ in params if is_adapter(n)}, float(loss.detach()), bad, unread)
+    off_path = {n for (n, _), g in zip(params, grads) if g is None}  # autograd: the loss does not depend on it
+    unread = {n for n in off_path if computed(n)}
+    flat = {n for n, _ in params if norms[n] == 0 and n not in off_path}
+    return PartGradients(norms, sides, {n for n, _ in params if is_adapter(n)}, float(loss.detach()), bad, unread,
+                         flat)

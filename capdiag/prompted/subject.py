@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelCallError, UsageError
-from .batches import check_prompt, prompt_text, reference_batch
+from .batches import Split, check_prompt, prompt_text, reference_batch
 from .families import Family
 from .folder import base_model, image_token_id, processor_mismatch
 
@@ -34,7 +34,7 @@ class PromptedSubject:
     family: Family
     batch: dict
     prompt: str  # the prompt text before each caption, image token included
-    prompt_len: int  # its tokens as the processor writes them (image placeholders expanded)
+    prompt_len: Split  # its tokens as the processor writes them (image placeholders expanded), and the pad id
     source: str
     path: str
     seed: int = 0
@@ -72,7 +72,7 @@ class PromptedSubject:
     @property
     def assumptions(self) -> list:
         side = self.tokenizer.padding_side
-        out = [f"{self.family.name}: prompt {self.prompt!r} ({self.prompt_len} tokens with the image's), "
+        out = [f"{self.family.name}: prompt {self.prompt!r} ({self.prompt_len.tokens} tokens with the image's), "
                f"batch from {SOURCES[self.source]}, {self.batch['input_ids'].shape[0]} rows, padded on the {side}"]
         if self.adapter:
             out.append(f"LoRA adapter {self.adapter}")
@@ -139,10 +139,10 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
-    said = processor_mismatch(model, processor, examples[0]["image"])
+    text = prompt_text(family, processor, prompt)
+    said = processor_mismatch(model, processor, examples[0]["image"], text)
     if said:
         raise UsageError(f"{path}: {said}")
-    text = prompt_text(family, processor, prompt)
     if sample_batch is not None:
         batch, source = _called(sample_batch, "sample_batch()"), "sample_batch"
     elif collate is not None:
@@ -150,7 +150,8 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
     else:
         batch, source = reference_batch(processor, examples, text, family.suffix), "data" if dataset is not None else "capdiag"
     batch = _checked(dict(batch), f"from {SOURCES[source]}")
-    n = _prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}")
+    n = Split(_prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}"),
+              processor.tokenizer.pad_token_id)
     subject = PromptedSubject(model, processor, family, batch, text, n, source, path, seed=seed, adapter=adapter,
                               dataset=dataset)
     subject.batch = subject.to_device(batch)
@@ -160,18 +161,19 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
 def _prompt_split(processor, batch: dict, image, text: str, where: str) -> int:
     """The prompt's length in the batch's rows: as the processor writes it with the image, or, for a batch
     without ``pixel_values`` (a collator that dropped the image), as it writes the text alone."""
+    pad = processor.tokenizer.pad_token_id
     with_image = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
     if "pixel_values" in batch:
-        check_prompt(batch, with_image, where)
+        check_prompt(batch, with_image, where, pad)
         return len(with_image)
     alone = processor.tokenizer(text)["input_ids"]
     for ids in (alone, with_image):
         try:
-            check_prompt(batch, ids, where)
+            check_prompt(batch, ids, where, pad)
             return len(ids)
         except UsageError:
             pass
-    check_prompt(batch, alone, where)  # raises, naming the row
+    check_prompt(batch, alone, where, pad)  # raises, naming the row
     return len(alone)
 
 

@@ -119,9 +119,15 @@ def gradient_flow(check, s) -> Finding:
             missed = [n for n in names if n not in reached]
             if not reached:
                 dead.append(f"no {label} get gradient ({len(names)} trainable)")
-            elif missed and g.by_design(missed):
-                by_design.append(f"{len(missed)} {label} in modules whose output the caption never reads "
-                                 f"(e.g. {missed[0]}) get none, by design")
+            elif missed and all(g.by_design([n]) or g.on_path([n]) for n in missed):
+                unread = [n for n in missed if g.by_design([n])]
+                if unread:
+                    by_design.append(f"{len(unread)} {label} in modules whose output the caption never reads "
+                                     f"(e.g. {unread[0]}) get none, by design")
+                if len(unread) < len(missed):
+                    flat = [n for n in missed if g.on_path([n])]
+                    by_design.append(f"{len(flat)} {label} on the loss's path have an exactly zero gradient at "
+                                     f"these weights (e.g. {flat[0]})")
             elif missed:
                 dead.append(f"{len(missed)} of {len(names)} {label} get no gradient (e.g. {missed[0]})")
     if g.nonfinite:

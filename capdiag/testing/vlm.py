@@ -129,6 +129,29 @@ def build_paligemma(folder, seed: int = 0, image_size: int = 32, patch: int = 8,
     return _save(folder, model, processor, bug)
 
 
+def build_blip2(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
+    """A tiny BLIP-2 folder: vision tower, Q-Former with 4 query tokens, OPT language model (bos == eos);
+    the processor puts the query tokens' placeholders before the padded text (left padding lands between
+    them and the prompt); ``bug`` as for ``build_llava``."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, OPTConfig
+
+    tok = tokenizer(("<pad>", "</s>", "</s>", "<unk>", "<image>"))
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+                               tokenizer=tok, num_query_tokens=3 if bug == "processor_image_tokens" else 4)
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            encoder_hidden_size=32, vocab_size=64),
+        text_config=OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                              num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=256,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id),
+        num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    return _save(folder, Blip2ForConditionalGeneration(config), processor, bug)
+
+
 def _save(folder, model, processor, bug: Optional[str]) -> Path:
     """Save a family's model and processor; the ``processor_vocab`` twin's tokenizer gets two tokens the
     model has no embedding for, the ``right_padding`` twin's pads on the right (decoding_consistency)."""
@@ -142,9 +165,9 @@ def _save(folder, model, processor, bug: Optional[str]) -> Path:
     return folder
 
 
-FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "paligemma": build_paligemma}
+FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "paligemma": build_paligemma, "blip-2": build_blip2}
 PROMPTS = {"llava": "<image>describe the image:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:",
-           "paligemma": "<image>caption en"}
+           "paligemma": "<image>caption en", "blip-2": "a photo of"}
 
 
 def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) -> Path:
@@ -178,7 +201,8 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
         for r, s in enumerate(starts.tolist()):
             labels[r, : s + n_prompt] = -100
         if bug == "image_tokens_as_targets":
-            image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            token = processor.image_token
+            image_id = processor.tokenizer.convert_tokens_to_ids(str(getattr(token, "content", token)))
             labels[ids == image_id] = image_id
     if bug == "eos_not_target":
         labels[ids == tok.eos_token_id] = -100
@@ -188,8 +212,8 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
         special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
         mask = mask.clone()
         for r, s in enumerate(starts.tolist()):
-            for t in range(s, s + n_prompt):
-                if int(ids[r, t]) not in special:
+            for t in range(s + n_prompt):  # the pads precede the caption on every family's layout
+                if int(ids[r, t]) not in special and mask[r, t]:
                     mask[r, t] = 0
         batch["attention_mask"] = mask
     batch["labels"] = labels
@@ -224,7 +248,7 @@ MODEL_BUGS = {  # changes to build_model(), each a line a user writes
 }
 _MODEL_EXTRA = {
     None: "",
-    "vision_no_grad": ("    import torch\n    tower = model.model.{tower}\n    inner = tower.forward\n\n"
+    "vision_no_grad": ("    import torch\n    tower = model.{tower}\n    inner = tower.forward\n\n"
                        "    def frozen(*args, **kwargs):\n        with torch.no_grad():\n"
                        "            return inner(*args, **kwargs)\n\n    tower.forward = frozen\n"),
 }
@@ -233,7 +257,8 @@ _MODEL_EXTRA = {
 def write_model_file(path, folder, family: str, bug: Optional[str] = None) -> Path:
     """A model file over the tiny ``family`` folder whose ``collate`` is ``collate(..., bug)`` (``BUGS``) or
     whose ``build_model`` plants one of ``MODEL_BUGS``."""
-    tower = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower"}[family]
+    tower = {"llava": "model.vision_tower", "qwen2_vl": "model.visual", "paligemma": "model.vision_tower",
+             "blip-2": "vision_model"}[family]
     extra = _MODEL_EXTRA[bug if bug in MODEL_BUGS else None].format(tower=tower)
     path = Path(path)
     path.write_text(MODEL_FILE.format(folder=str(folder), family=family, extra=extra,
