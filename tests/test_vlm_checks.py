@@ -47,7 +47,8 @@ TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items()] + [
     ("pre_shifted_labels", "label_sanity", "qwen2_vl"), ("image_dropped", "image_ablation", "qwen2_vl"),
     ("prompt_unmasked", "label_sanity", "paligemma"), ("image_dropped", "image_ablation", "paligemma"),
     ("prompt_hidden", "prompt_ablation", "paligemma"), ("image_tokens_as_targets", "label_sanity", "blip-2"),
-    ("image_dropped", "image_ablation", "blip-2"), ("prompt_hidden", "prompt_ablation", "blip-2")] + [
+    ("image_dropped", "image_ablation", "blip-2"), ("prompt_hidden", "prompt_ablation", "blip-2"),
+    ("pre_shifted_labels", "label_sanity", "smolvlm"), ("image_dropped", "image_ablation", "smolvlm")] + [
     ("vision_no_grad", "gradient_flow", name) for name in sorted(vlm.FAMILIES)]
 
 

@@ -33,10 +33,10 @@ def reference_batch(processor, examples: list, prompt: str, suffix: bool = False
     tok = processor.tokenizer
     images = [e["image"] for e in examples]
     if suffix:
-        batch = dict(processor(images=images, text=[prompt] * len(examples), suffix=[e["caption"] for e in examples],
+        batch = dict(processor(images=[[im] for im in images], text=[prompt] * len(examples), suffix=[e["caption"] for e in examples],
                                return_tensors="pt", padding=True))
     else:
-        batch = dict(processor(images=images, text=[f"{prompt} {e['caption']}{tok.eos_token}" for e in examples],
+        batch = dict(processor(images=[[im] for im in images], text=[f"{prompt} {e['caption']}{tok.eos_token}" for e in examples],
                                return_tensors="pt", padding=True))
     n = Split(prompt_length(processor, images[0], prompt), tok.pad_token_id)
     labels = torch.full_like(batch["input_ids"], IGNORE)
@@ -48,7 +48,7 @@ def reference_batch(processor, examples: list, prompt: str, suffix: bool = False
 
 def prompt_length(processor, image, prompt: str) -> int:
     """Tokens of the prompt as the processor writes it before a caption (image placeholders expanded)."""
-    return len(processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0])
+    return len(processor(images=[[image]], text=[prompt], return_tensors="pt")["input_ids"][0])
 
 
 class Split(NamedTuple):

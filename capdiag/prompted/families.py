@@ -37,6 +37,10 @@ FAMILIES = {f.model_type: f for f in (
            ("language_model",), "a photo of",
            notes=("the processor writes the query tokens' placeholders before the prompt, padding between them",
                   "the default vision initializer_range (1e-10) gives a from-scratch tower ~1e-20 gradients")),
+    *(Family(kind, name, ("model.vision_model",), ("model.connector",), ("model.text_model", "lm_head"),
+             "{image}describe the image:", notes=("pixel_values are 5-D (batch, images, C, H, W) with a pixel_attention_mask",
+                                                 "each image is wrapped in <fake_token_around_image><global-img>"))
+      for kind, name in (("smolvlm", "SmolVLMForConditionalGeneration"), ("idefics3", "Idefics3ForConditionalGeneration"))),
 )}
 
 

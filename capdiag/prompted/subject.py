@@ -162,7 +162,7 @@ def _prompt_split(processor, batch: dict, image, text: str, where: str) -> int:
     """The prompt's length in the batch's rows: as the processor writes it with the image, or, for a batch
     without ``pixel_values`` (a collator that dropped the image), as it writes the text alone."""
     pad = processor.tokenizer.pad_token_id
-    with_image = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+    with_image = processor(images=[[image]], text=[text], return_tensors="pt")["input_ids"][0].tolist()
     if "pixel_values" in batch:
         check_prompt(batch, with_image, where, pad)
         return len(with_image)

@@ -152,6 +152,36 @@ def build_blip2(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug
     return _save(folder, Blip2ForConditionalGeneration(config), processor, bug)
 
 
+def build_smolvlm(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
+    """A tiny SmolVLM (Idefics3 architecture) folder: SigLIP-style vision tower, pixel shuffle by 2 into a
+    connector, Llama text model; ``pixel_values`` are 5-D (batch, images, C, H, W) with a
+    ``pixel_attention_mask``; each image is written as ``<fake_token_around_image><global-img><image>*n
+    <fake_token_around_image>``; the processor needs ``num2words``. ``bug`` as for ``build_llava``."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    tok = tokenizer(("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<unk>", "<image>",
+                     "<fake_token_around_image>", "<global-img>", "<video>")
+                    + tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+    scale = 2
+    config = SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    edge = {"longest_edge": image_size}
+    seq = (image_size // patch) ** 2 // scale ** 2
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(do_image_splitting=False, size=edge, max_image_size=edge),
+        video_processor=SmolVLMVideoProcessor(size=edge, max_image_size=edge), tokenizer=tok,
+        image_seq_len=seq + 1 if bug == "processor_image_tokens" else seq)
+    return _save(folder, model, processor, bug)
+
+
 def _save(folder, model, processor, bug: Optional[str]) -> Path:
     """Save a family's model and processor; the ``processor_vocab`` twin's tokenizer gets two tokens the
     model has no embedding for, the ``right_padding`` twin's pads on the right (decoding_consistency)."""
@@ -165,9 +195,10 @@ def _save(folder, model, processor, bug: Optional[str]) -> Path:
     return folder
 
 
-FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "paligemma": build_paligemma, "blip-2": build_blip2}
+FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "paligemma": build_paligemma, "blip-2": build_blip2,
+            "smolvlm": build_smolvlm}
 PROMPTS = {"llava": "<image>describe the image:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:",
-           "paligemma": "<image>caption en", "blip-2": "a photo of"}
+           "paligemma": "<image>caption en", "blip-2": "a photo of", "smolvlm": "<image>describe the image:"}
 
 
 def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) -> Path:
@@ -186,16 +217,16 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
     if bug == "image_dropped":  # the texts through the tokenizer alone: one placeholder each, no pixel_values
         batch = processor.tokenizer(texts, return_tensors="pt", padding=True)
     elif "suffix" in inspect.signature(processor.__call__).parameters:  # PaliGemma: the caption is the suffix
-        batch = processor(images=images, text=[prompt] * len(pairs), suffix=[c for _, c in pairs], return_tensors="pt",
+        batch = processor(images=[[im] for im in images], text=[prompt] * len(pairs), suffix=[c for _, c in pairs], return_tensors="pt",
                           padding=True)
         del batch["labels"]  # written below, as for the other families
     else:
-        batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        batch = processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = ids.clone()
     labels[mask == 0] = -100
     n_prompt = len(processor.tokenizer(prompt)["input_ids"] if bug == "image_dropped" else
-                   processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0])
+                   processor(images=[images[:1]], text=[prompt], return_tensors="pt")["input_ids"][0])
     starts = (mask == 0).sum(1)  # left padding: the prompt starts after the pad tokens
     if bug != "prompt_unmasked":
         for r, s in enumerate(starts.tolist()):
@@ -258,7 +289,7 @@ def write_model_file(path, folder, family: str, bug: Optional[str] = None) -> Pa
     """A model file over the tiny ``family`` folder whose ``collate`` is ``collate(..., bug)`` (``BUGS``) or
     whose ``build_model`` plants one of ``MODEL_BUGS``."""
     tower = {"llava": "model.vision_tower", "qwen2_vl": "model.visual", "paligemma": "model.vision_tower",
-             "blip-2": "vision_model"}[family]
+             "blip-2": "vision_model", "smolvlm": "model.vision_model"}[family]
     extra = _MODEL_EXTRA[bug if bug in MODEL_BUGS else None].format(tower=tower)
     path = Path(path)
     path.write_text(MODEL_FILE.format(folder=str(folder), family=family, extra=extra,
