@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -48,7 +49,9 @@ class TrainingDiagnostics:
 
     Args:
         model: the captioner (DDP-wrapped or FSDP-sharded is fine), called ``model(images, captions)``.
-        probe_batch: a fixed ``(images, captions)`` batch (at least 2 images) on the model's device.
+        probe_batch: a fixed ``(images, captions)`` batch (at least 2 images) on the model's device; for a
+            vision-language captioner (LLaVA, Qwen2-VL, ...: ``capdiag.prompted``) the dict its collator writes
+            (pixel_values, input_ids, attention_mask, labels), with ``processor=`` (and ``prompt=``) as hints.
         log_dir: TensorBoard run directory (rank 0 writes; None: no files).
         every: probe cadence in steps; ``grad_every`` the gradient cadence (default the same).
         warmup: steps before the image-ignoring flag may fire.
@@ -65,21 +68,15 @@ class TrainingDiagnostics:
                  every: int = 100, grad_every: Optional[int] = None, warmup: int = 200, min_reliance: float = 0.05,
                  patience: int = 3, action: str = "warn", frozen_modules: Sequence[str] = (), histograms: bool = False,
                  figures: bool = True, figure_every: int = 10, max_history: int = 10_000, **hints):
-        images, captions = probe_batch[0].detach(), probe_batch[1].detach()
-        for bad, message in ((action not in ("warn", "raise", "stop"), f"action must be 'warn', 'raise' or 'stop', got {action!r}"),
-                             (every < 1, f"every must be >= 1, got {every}"),
-                             (images.shape[0] < 2, "probe_batch needs at least 2 images (reliance shuffles them across the batch)")):
-            if bad:
-                raise UsageError(message)
+        if action not in ("warn", "raise", "stop") or every < 1:
+            raise UsageError(f"action must be 'warn', 'raise' or 'stop' (got {action!r}) and every >= 1 (got {every})")
         self.model, inner = model, unwrap(model)
-        spec = caption_spec(hints, inner, "TrainingDiagnostics(...)")
-        self.captioner = Captioner(inner, spec, name=type(inner).__name__, stateless=True)
-        if not spec.vocab_size:
-            with torch.no_grad(), in_mode(inner, False), preserved_rng():
-                spec.vocab_size = int(self.captioner.logits(images[:2], captions[:2]).shape[-1])
-        self.images, self.captions = images, captions
         self._fsdp2, self._errored = bool(sharding_state(model)), set()  # resolved once: walking the modules costs ~1 ms a step
-        self.frozen = [DriftWatcher(self.captioner.submodule(n), n) for n in frozen_modules]
+        if isinstance(probe_batch, Mapping):  # a vision-language captioner's batch, as its processor writes it
+            self.prompted, self.captioner = self._prompted_subject(inner, probe_batch, frozen_modules, hints), None
+        else:
+            self.prompted = None
+            self._captioner_probe(inner, probe_batch, frozen_modules, hints)
         self.probe_checks = [get_check(n) for n in ("image_ablation", "attention_maps", "frozen_drift")]
         self.grad_checks = [get_check("gradient_flow")]
         self.every, self.grad_every = every, grad_every or every
@@ -94,12 +91,39 @@ class TrainingDiagnostics:
 
     writer = property(lambda self: self.sink.writer if self.sink else None)  # SummaryWriter (rank 0, log_dir)
 
+    def _captioner_probe(self, inner: nn.Module, probe_batch, frozen_modules, hints: dict) -> None:
+        images, captions = probe_batch[0].detach(), probe_batch[1].detach()
+        if images.shape[0] < 2:
+            raise UsageError("probe_batch needs at least 2 images (reliance shuffles them across the batch)")
+        spec = caption_spec(hints, inner, "TrainingDiagnostics(...)")
+        self.captioner = Captioner(inner, spec, name=type(inner).__name__, stateless=True)
+        if not spec.vocab_size:
+            with torch.no_grad(), in_mode(inner, False), preserved_rng():
+                spec.vocab_size = int(self.captioner.logits(images[:2], captions[:2]).shape[-1])
+        self.images, self.captions = images, captions
+        self.frozen = [DriftWatcher(self.captioner.submodule(n), n) for n in frozen_modules]
+
+
+    @staticmethod
+    def _prompted_subject(inner: nn.Module, batch, frozen_modules, hints: dict):
+        """The live subject of a vision-language captioner: ``hints`` carry its ``processor`` (and ``prompt``)."""
+        from .prompted.subject import subject_from_batch
+
+        processor, prompt = hints.pop("processor", None), hints.pop("prompt", None)
+        if processor is None or hints or frozen_modules:
+            raise UsageError("a vision-language probe batch (the processor's dict) takes processor= and prompt=: "
+                             "TrainingDiagnostics(model, batch, processor=processor, prompt=PROMPT)"
+                             + (f"; {', '.join(hints)} and frozen_modules are for (images, captions) captioners"
+                                if hints or frozen_modules else ""))
+        return subject_from_batch(inner, processor, batch, prompt, live=True)
+
     def _run(self, checks, reduce: bool = True) -> tuple:
         """Run live checks on the probe batch; ``(findings, metrics averaged / maxed over ranks)``.
         Gradient statistics need no reduction: DDP synchronized the gradients, and sharded ones
         were summed over ranks by the measurement itself."""
-        subject = Subject(self.captioner, self.images, self.captions, seed=0, batch_source="user", live=True,
-                          frozen_reference=self.frozen)
+        subject = dataclasses.replace(self.prompted, _cache={}) if self.prompted is not None else Subject(
+            self.captioner, self.images, self.captions, seed=0, batch_source="user", live=True,
+            frozen_reference=self.frozen)
         with preserved_sharding(self.model) if self._fsdp2 else contextlib.nullcontext():
             findings = run_checks(subject, checks).findings
         for f in findings:
@@ -129,7 +153,7 @@ class TrainingDiagnostics:
             self._flag(step, "nonfinite", f, f.summary if f.status.failed else "non-finite gradients on another rank")
         self._log(step, out)
         if self.sink is not None and self.histograms:
-            self.sink.gradient_histograms(self.captioner.model, step)
+            self.sink.gradient_histograms(inner_model(self), step)
         return out
 
     def after_step(self, step: int, loss: Optional[float] = None) -> dict:
@@ -216,6 +240,10 @@ class TrainingDiagnostics:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def inner_model(diag: "TrainingDiagnostics") -> nn.Module:
+    return diag.prompted.model if diag.prompted is not None else diag.captioner.model
 
 
 def _tensorboard(log_dir):

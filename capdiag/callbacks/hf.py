@@ -3,11 +3,14 @@
     trainer = Trainer(model=..., callbacks=[CapdiagTrainerCallback(probe_batch, vocab_size=V)])
 
 The Trainer's model is called ``model(images, captions)`` by the probes; a model returning a
-dict or ``ModelOutput`` with ``logits`` works.
+dict or ``ModelOutput`` with ``logits`` works. For a vision-language captioner (LLaVA, Qwen2-VL, ...,
+with or without a peft adapter) the probe batch is the dict your collator writes, with the processor:
+
+    CapdiagTrainerCallback(collate(examples), processor=processor, prompt=PROMPT)
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 try:
     from transformers import TrainerCallback
@@ -28,6 +31,10 @@ class CapdiagTrainerCallback(TrainerCallback):
             kw = dict(self.kwargs)
             kw.setdefault("log_dir", f"{getattr(args, 'logging_dir', None) or args.output_dir}/capdiag")
             device = next(model.parameters()).device
+            if isinstance(self.probe_batch, Mapping):  # a vision-language collator's dict
+                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in self.probe_batch.items()}
+                self.diag = TrainingDiagnostics(model, batch, **kw)
+                return
             images, captions = self.probe_batch
             self.diag = TrainingDiagnostics(model, (images.to(device), captions.to(device)), **kw)
 

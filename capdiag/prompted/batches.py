@@ -8,7 +8,7 @@ shifts them itself.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -57,8 +57,11 @@ class Split(NamedTuple):
     position when None): a collator may mask other positions too, and BLIP-2's processor puts the padding
     between the image tokens and the text."""
 
-    tokens: int
+    tokens: Union[int, tuple]  # one length for every row, or one per row (images of different sizes)
     pad_id: Optional[int] = None
+
+    def of(self, row: int) -> int:
+        return self.tokens if isinstance(self.tokens, int) else self.tokens[row]
 
 
 class Span(NamedTuple):
@@ -76,7 +79,8 @@ def spans(batch: dict, split) -> list:
     for r in range(ids.shape[0]):
         last = int(mask[r].nonzero().flatten()[-1])
         content = (~padding[r, : last + 1]).nonzero().flatten()
-        out.append(Span(content[: split.tokens], content[split.tokens:]))
+        n = split.of(r)
+        out.append(Span(content[:n], content[n:]))
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .batches import TEXT_KEYS, caption_mask, join_images, per_image, prompt_replaced, swapped_images
+from .batches import TEXT_KEYS, Split, caption_mask, join_images, per_image, prompt_replaced, swapped_images
 
 DEPENDS = 4.0  # an effect this many floors above the floor is a dependence; at or under the floor, none
 
@@ -68,7 +68,8 @@ def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within:
     (64 eps of the model's dtype at the logits' scale), whichever is larger."""
     n = batch["input_ids"].shape[0]
     back = list(range(n))[::-1]
-    again = caption_logprobs(model, reordered(batch, back), prompt_len, within)
+    split = prompt_len if isinstance(prompt_len, Split) else Split(int(prompt_len))
+    again = caption_logprobs(model, reordered(batch, back), Split(tuple(split.of(i) for i in back), split.pad_id), within)
     # rows reversed, then each row's positions back in the original order
     sizes = predicting(batch, prompt_len, within).sum(1).tolist()
     pieces = list(again.split([sizes[i] for i in back]))
@@ -114,3 +115,26 @@ def prompt_effect(model, batch: dict, prompt_len: int, tokenizer, image_id: int)
     floor = noise_floor(model, batch, prompt_len, base, within=True)
     return Effect(float((caption_logprobs(model, other, prompt_len, within=True) - base).abs().max()), floor,
                   "prompt words replaced by other words")
+
+
+@torch.no_grad()
+def caption_loss(model, batch: dict, prompt_len) -> float:
+    """Mean cross-entropy of the caption tokens (teacher-forced), from the logits and the input ids."""
+    lp = caption_logprobs(model, batch, prompt_len)
+    where = predicting(batch, prompt_len)
+    target = torch.zeros_like(batch["input_ids"])
+    target[:, :-1] = batch["input_ids"][:, 1:]
+    return float(-lp.gather(-1, target[where][:, None]).mean())
+
+
+def reliance(model, batch: dict, prompt_len) -> Optional[tuple]:
+    """``(image reliance, caption loss, loss with the images swapped (or blanked), how)``: the reliance is
+    ``1 - L_true / L_swapped`` as image_ablation computes it for captioners (0: the captions ignore the
+    image). None when the batch carries no image."""
+    if "pixel_values" not in batch:
+        return None
+    other, how = swapped_images(batch), "images swapped between rows"
+    if other is None:
+        other, how = blanked_images(batch), "images blanked"
+    true, moved = caption_loss(model, batch, prompt_len), caption_loss(model, other, prompt_len)
+    return (1.0 - true / moved if moved > 0 else 0.0), true, moved, how

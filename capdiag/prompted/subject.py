@@ -20,7 +20,7 @@ from .families import Family
 from .folder import base_model, image_token_id, processor_mismatch
 
 SOURCES = {"capdiag": "capdiag's own collator on synthetic shapes", "data": "capdiag's own collator on --data",
-           "collate": "your collate()", "sample_batch": "your sample_batch()"}
+           "collate": "your collate()", "sample_batch": "your sample_batch()", "probe": "your probe batch"}
 
 
 @dataclass
@@ -72,7 +72,9 @@ class PromptedSubject:
     @property
     def assumptions(self) -> list:
         side = self.tokenizer.padding_side
-        out = [f"{self.family.name}: prompt {self.prompt!r} ({self.prompt_len.tokens} tokens with the image's), "
+        n = self.prompt_len.tokens
+        n = n if isinstance(n, int) else "/".join(map(str, n))
+        out = [f"{self.family.name}: prompt {self.prompt!r} ({n} tokens with the image's), "
                f"batch from {SOURCES[self.source]}, {self.batch['input_ids'].shape[0]} rows, padded on the {side}"]
         if self.adapter:
             out.append(f"LoRA adapter {self.adapter}")
@@ -150,31 +152,62 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
     else:
         batch, source = reference_batch(processor, examples, text, family.suffix), "data" if dataset is not None else "capdiag"
     batch = _checked(dict(batch), f"from {SOURCES[source]}")
-    n = Split(_prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}"),
-              processor.tokenizer.pad_token_id)
+    n = _prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}", image_token_id(model))
     subject = PromptedSubject(model, processor, family, batch, text, n, source, path, seed=seed, adapter=adapter,
                               dataset=dataset)
     subject.batch = subject.to_device(batch)
     return subject
 
 
-def _prompt_split(processor, batch: dict, image, text: str, where: str) -> int:
-    """The prompt's length in the batch's rows: as the processor writes it with the image, or, for a batch
-    without ``pixel_values`` (a collator that dropped the image), as it writes the text alone."""
+def _prompt_split(processor, batch: dict, image, text: str, where: str, image_id: int) -> Split:
+    """Where each row's prompt ends: the prompt as the processor writes it with an image, its run of image
+    placeholders as long as the row's own (Qwen2-VL writes one per merged patch: images of other sizes get
+    other counts), checked against every row; for a batch without ``pixel_values`` (a collator that dropped
+    the image), the prompt as the tokenizer writes the text alone."""
     pad = processor.tokenizer.pad_token_id
     with_image = processor(images=[[image]], text=[text], return_tensors="pt")["input_ids"][0].tolist()
     if "pixel_values" in batch:
-        check_prompt(batch, with_image, where, pad)
-        return len(with_image)
+        rows = [_with_run(with_image, image_id, int((batch["input_ids"][r] == image_id).sum()))
+                for r in range(batch["input_ids"].shape[0])]
+        for r, ids in enumerate(rows):
+            check_prompt({k: batch[k][r:r + 1] for k in ("input_ids", "attention_mask")}, ids, f"{where} (row {r})", pad)
+        lengths = tuple(len(ids) for ids in rows)
+        return Split(lengths[0] if len(set(lengths)) == 1 else lengths, pad)
     alone = processor.tokenizer(text)["input_ids"]
     for ids in (alone, with_image):
         try:
             check_prompt(batch, ids, where, pad)
-            return len(ids)
+            return Split(len(ids), pad)
         except UsageError:
             pass
     check_prompt(batch, alone, where, pad)  # raises, naming the row
-    return len(alone)
+    return Split(len(alone), pad)
+
+
+def _with_run(ids: list, image_id: int, n: int) -> list:
+    """``ids`` with its one run of image placeholders made ``n`` long (unchanged when it has no single run)."""
+    at = [i for i, t in enumerate(ids) if t == image_id]
+    if not at or at != list(range(at[0], at[-1] + 1)) or n == 0:
+        return ids
+    return ids[:at[0]] + [image_id] * n + ids[at[-1] + 1:]
+
+
+def subject_from_batch(model, processor, batch: dict, prompt: Optional[str] = None, *, live: bool = False,
+                       path: str = "probe batch") -> PromptedSubject:
+    """A subject over a batch the user's collator wrote (the training monitor's probe batch): the prompt's
+    split is measured against the rows with a blank image of the processor's making."""
+    from PIL import Image
+
+    from .families import family_of, supported
+
+    family = family_of(getattr(base_model(model).config, "model_type", None))
+    if family is None:
+        raise UsageError(f"{type(base_model(model)).__name__} is not a vision-language captioner capdiag reads "
+                         f"({supported()})")
+    text = prompt_text(family, processor, prompt)
+    batch = _checked(dict(batch), "given")
+    split = _prompt_split(processor, batch, Image.new("RGB", (64, 64)), text, "given", image_token_id(model))
+    return PromptedSubject(model, processor, family, batch, text, split, "probe", path, live=live)
 
 
 def _called(fn: Callable, what: str, *args):

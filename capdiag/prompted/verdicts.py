@@ -5,11 +5,13 @@ exact arithmetic.
 """
 from __future__ import annotations
 
+import math
+
 from ..finding import Finding, Status
 from .generation import batched_vs_alone
 from .labels import label_facts, label_problems
-from .parts import IMAGE_SIDE, SIDES, part_gradients
-from .probes import image_effect, prompt_effect
+from .parts import IMAGE_SIDE, SIDES, part_gradients, side_of
+from .probes import image_effect, prompt_effect, reliance
 from .folder import quiet
 
 
@@ -42,6 +44,18 @@ def _effect_metrics(prefix: str, e) -> dict:
 
 
 def image_ablation(check, s) -> Finding:
+    if s.live:  # the training monitor judges the history of the reliance, not one probe
+        r = reliance(s.model, s.batch, s.prompt_len)
+        if r is None:
+            return check.finding(Status.WARN, "the probe batch carries no pixel_values", {"image_reliance": 0.0})
+        score, true, moved, how = r
+        ln_v = math.log(s.base.get_input_embeddings().num_embeddings)
+        if true > 0.8 * ln_v:  # nothing learned yet: a reliance of 0 would say nothing about the image
+            return check.finding(Status.WARN, f"caption loss {true:.2f} near ln V = {ln_v:.2f}: nothing to judge yet",
+                                 {"loss_true": true})
+        return check.finding(Status.PASS if score >= check.min_reliance else Status.WARN,
+                             f"image reliance {score:.2f} ({how}: caption loss {true:.3f} -> {moved:.3f})",
+                             {"image_reliance": score, "loss_true": true, "loss_other": moved})
     e = s.measured("image_effect", lambda: image_effect(s.model, s.batch, s.prompt_len))
     if e is None:
         return check.finding(Status.FAIL, f"the batch from {_batch_words(s)} carries no pixel_values: the model "
@@ -105,6 +119,17 @@ def decoding(check, s) -> Finding:
 
 
 def gradient_flow(check, s) -> Finding:
+    if s.live:  # the training step's own .grad, nothing recomputed
+        norms = {n: float(p.grad.detach().float().norm()) for n, p in s.model.named_parameters()
+                 if p.requires_grad and p.grad is not None}
+        bad = [n for n, v in norms.items() if not math.isfinite(v)]
+        metrics = {"n_nonfinite_grads": float(len(bad))}
+        for side in SIDES:
+            vals = [v for n, v in norms.items() if side_of(n, s.family) == side and math.isfinite(v)]
+            if vals:
+                metrics[f"{side}_grad_norm"] = math.sqrt(sum(v * v for v in vals))
+        return check.finding(Status.FAIL if bad else Status.PASS, f"{len(bad)} non-finite gradients" if bad else
+                             f"gradients of {len(norms)} parameters", metrics)
     g = s.measured("part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
     metrics = {"loss": g.loss}
     dead, by_design = [], []

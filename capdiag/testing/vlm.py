@@ -28,6 +28,7 @@ BUGS = {
     "eos_not_target": "label_sanity",  # the caption's EOS masked with the padding (pad == eos recipes)
     "image_dropped": "image_ablation",  # the texts through processor.tokenizer: placeholders, no pixel_values
     "prompt_hidden": "prompt_ablation",  # attention_mask 0 on the prompt's words "so the loss skips them"
+    "image_masked": "image_ablation",  # attention_mask 0 on the image placeholders "because they are not text"
 }
 
 
@@ -247,6 +248,9 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
                 if int(ids[r, t]) not in special and mask[r, t]:
                     mask[r, t] = 0
         batch["attention_mask"] = mask
+    if bug == "image_masked":
+        token = processor.image_token
+        batch["attention_mask"] = mask * (ids != tok.convert_tokens_to_ids(str(getattr(token, "content", token))))
     batch["labels"] = labels
     return dict(batch)
 
