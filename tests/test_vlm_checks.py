@@ -43,12 +43,14 @@ def test_a_clean_collate_in_a_model_file_passes(folders, tmp_path, name):
     assert "your collate()" in found["label_sanity"]["summary"]
 
 
-TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items()] + [
+TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items() if bug != "pads_as_targets"] + [
     ("pre_shifted_labels", "label_sanity", "qwen2_vl"), ("image_dropped", "image_ablation", "qwen2_vl"),
     ("prompt_unmasked", "label_sanity", "paligemma"), ("image_dropped", "image_ablation", "paligemma"),
     ("prompt_hidden", "prompt_ablation", "paligemma"), ("image_tokens_as_targets", "label_sanity", "blip-2"),
     ("image_dropped", "image_ablation", "blip-2"), ("prompt_hidden", "prompt_ablation", "blip-2"),
-    ("pre_shifted_labels", "label_sanity", "smolvlm"), ("image_dropped", "image_ablation", "smolvlm")] + [
+    ("pre_shifted_labels", "label_sanity", "smolvlm"), ("image_dropped", "image_ablation", "smolvlm"),
+    ("pads_as_targets", "label_sanity", "florence2"), ("pre_shifted_labels", "label_sanity", "florence2"),
+    ("image_dropped", "image_ablation", "florence2")] + [
     ("vision_no_grad", "gradient_flow", name) for name in sorted(vlm.FAMILIES)]
 
 
@@ -57,6 +59,14 @@ def test_each_collator_or_model_twin_fails_its_check(folders, tmp_path, bug, che
     path = vlm.write_model_file(tmp_path / "model.py", folders[name], name, bug)
     code, found = run(tmp_path, path, "--only", check)
     assert code == 1 and found[check]["status"] == "fail", found
+
+
+def test_a_generation_config_starting_elsewhere_than_training_fails_decoding_consistency(tmp_path):
+    folder = vlm.build_folder("florence2", tmp_path / "start", bug="generation_start")
+    code, found = run(tmp_path, folder, "--only", "decoding_consistency")
+    f = found["decoding_consistency"]
+    assert code == 1 and f["status"] == "fail", f
+    assert "starts the decoder from token 1" in f["summary"] and "behind token 2" in f["summary"], f["summary"]
 
 
 def test_right_padded_generation_fails_decoding_consistency_with_the_fix(tmp_path):
@@ -110,3 +120,10 @@ def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, capsys):
     foreign = vlm.save_lora(model, tmp_path / "qwen_lora", ["qkv"])  # Qwen2-VL's fused vision attention
     assert "does not have" in _bad(capsys, folders["llava"], "--adapter", foreign)
     assert "--prompt is for vision-language captioners" in _bad(capsys, "capdiag.models.cnn_transformer", "--prompt", "x")
+
+
+@pytest.mark.parametrize("name", sorted(vlm.FAMILIES))
+def test_a_processor_writing_another_image_token_count_is_one_line_in_every_family(tmp_path, capsys, name):
+    folder = vlm.build_folder(name, tmp_path / name, bug="processor_image_tokens")
+    said = _bad(capsys, folder)
+    assert "image tokens per image but the model's vision side gives" in said, said

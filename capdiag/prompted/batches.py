@@ -26,12 +26,19 @@ def prompt_text(family, processor, prompt: Optional[str]) -> str:
     return (prompt or family.prompt).replace("{image}", str(getattr(token, "content", token)))
 
 
-def reference_batch(processor, examples: list, prompt: str, suffix: bool = False) -> dict:
+def reference_batch(processor, examples: list, prompt: str, suffix: bool = False, encoder_decoder: bool = False) -> dict:
     """capdiag's captioning collator: ``examples`` are ``{"image", "caption"}`` dicts; prompt, image and
     padding positions are -100 in the labels, the caption and its EOS are targets. ``suffix``: the processor
-    takes the caption as ``suffix=`` (PaliGemma) and appends its EOS."""
+    takes the caption as ``suffix=`` (PaliGemma) and appends its EOS; ``encoder_decoder``: the prompt goes to
+    the encoder and the labels are the caption alone (Florence-2)."""
     tok = processor.tokenizer
     images = [e["image"] for e in examples]
+    if encoder_decoder:  # the prompt is the encoder's; the labels are the caption as the tokenizer writes it
+        batch = dict(processor(images=[[im] for im in images], text=[prompt] * len(examples), return_tensors="pt",
+                               padding=True))
+        caps = tok([e["caption"] for e in examples], return_tensors="pt", padding=True)
+        batch["labels"] = caps["input_ids"].masked_fill(caps["attention_mask"] == 0, IGNORE)
+        return batch
     if suffix:
         batch = dict(processor(images=[[im] for im in images], text=[prompt] * len(examples), suffix=[e["caption"] for e in examples],
                                return_tensors="pt", padding=True))
@@ -59,6 +66,7 @@ class Split(NamedTuple):
 
     tokens: Union[int, tuple]  # one length for every row, or one per row (images of different sizes)
     pad_id: Optional[int] = None
+    decoder: bool = False  # encoder-decoder: input_ids hold the prompt alone, the caption is the labels
 
     def of(self, row: int) -> int:
         return self.tokens if isinstance(self.tokens, int) else self.tokens[row]
@@ -79,13 +87,17 @@ def spans(batch: dict, split) -> list:
     for r in range(ids.shape[0]):
         last = int(mask[r].nonzero().flatten()[-1])
         content = (~padding[r, : last + 1]).nonzero().flatten()
-        n = split.of(r)
+        n = len(content) if split.decoder else split.of(r)
         out.append(Span(content[:n], content[n:]))
     return out
 
 
 def caption_mask(batch: dict, prompt_len) -> torch.Tensor:
-    """``(B, T)`` True on each row's caption tokens (its EOS included)."""
+    """``(B, T)`` True on each row's caption tokens (its EOS included); encoder-decoder: on the labels'
+    positions that hold a token (not -100, not the pad id)."""
+    if isinstance(prompt_len, Split) and prompt_len.decoder:
+        labels = batch["labels"]
+        return (labels != IGNORE) & (labels != prompt_len.pad_id)
     mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     for r, sp in enumerate(spans(batch, prompt_len)):
         mask[r, sp.caption] = True

@@ -41,6 +41,9 @@ FAMILIES = {f.model_type: f for f in (
              "{image}describe the image:", notes=("pixel_values are 5-D (batch, images, C, H, W) with a pixel_attention_mask",
                                                  "each image is wrapped in <fake_token_around_image><global-img>"))
       for kind, name in (("smolvlm", "SmolVLMForConditionalGeneration"), ("idefics3", "Idefics3ForConditionalGeneration"))),
+    Family("florence2", "Florence2ForConditionalGeneration", ("model.vision_tower",), ("model.multi_modal_projector",),
+           ("model.language_model", "lm_head"), "<CAPTION>", padding_side="right", encoder_decoder=True,
+           notes=("encoder-decoder: the prompt and image go to the encoder, the caption is the labels; pads on the right",)),
 )}
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .batches import per_image, spans
+from .folder import base_model
 
 SUFFIX = " in a few words the image shows"
 
@@ -28,8 +29,8 @@ class Batched:
     examples: list  # (alone, batched) captions of changed rows, as text
 
 
-def _prompts(batch: dict, prompt_len: int, tokenizer) -> list:
-    extra = tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
+def _prompts(batch: dict, prompt_len: int, tokenizer, extra: bool = True) -> list:
+    extra = tokenizer(SUFFIX, add_special_tokens=False)["input_ids"] if extra else []
     out = []
     for r, sp in enumerate(spans(batch, prompt_len)):
         out.append(torch.cat([batch["input_ids"][r, sp.prompt], torch.tensor(extra[:r], dtype=torch.long,
@@ -57,8 +58,38 @@ def _images(batch: dict) -> dict:
 def _generate(model, inputs: dict, steps: int, pad_id: int, eos_id):
     out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
-    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    return tokens, torch.stack([s.float() for s in out.logits], 1).log_softmax(-1)
+    # decoder-only: the prompt, then the new tokens; encoder-decoder: the decoder start token, then the new tokens
+    start = 1 if getattr(base_model(model).config, "is_encoder_decoder", False) else inputs["input_ids"].shape[1]
+    return out.sequences[:, start:], torch.stack([s.float() for s in out.logits], 1).log_softmax(-1)
+
+
+@dataclass
+class StartToken:
+    train: int  # the decoder start token training shifts the labels behind (the model's config)
+    generate: int  # the one generate() starts from (generation_config.json)
+    gap: float  # max |difference| of the first step's log-probabilities, generate() vs the teacher-forced forward
+    floor: float
+
+
+@torch.no_grad()
+def start_token_gap(model, batch: dict, split, tokenizer) -> StartToken:
+    """An encoder-decoder's first generated step against the forward that training runs (its decoder fed
+    the start token the labels are shifted behind), on the batch's prompts and images."""
+    inner = base_model(model)
+    text = getattr(inner.config, "text_config", inner.config)
+    train = getattr(text, "decoder_start_token_id", None)
+    train = getattr(inner.config, "decoder_start_token_id", None) if train is None else train
+    gen = inner.generation_config.decoder_start_token_id
+    gen = train if gen is None else gen
+    pad = tokenizer.pad_token_id
+    ids, mask = _padded(_prompts(batch, split, tokenizer, extra=False), "right", pad)
+    inputs = {**_images(batch), "input_ids": ids, "attention_mask": mask}
+    _, lp = _generate(model, inputs, 1, pad, tokenizer.eos_token_id)
+    start = torch.full((ids.shape[0], 1), int(train), dtype=torch.long, device=ids.device)
+    forward = model(**inputs, decoder_input_ids=start).logits[:, 0].float().log_softmax(-1)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    floor = max(1024 * torch.finfo(torch.float32).eps, 8 * torch.finfo(dtype).eps) * (1.0 + float(forward.abs().max()))
+    return StartToken(int(train), int(gen), float((lp[:, 0] - forward).abs().max()), floor)
 
 
 def batched_vs_alone(model, batch: dict, prompt_len: int, tokenizer, side: str, steps: int = 5) -> Batched:

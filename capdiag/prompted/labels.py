@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .batches import IGNORE, caption_mask, per_image, spans
+from .batches import IGNORE, Split, caption_mask, per_image, spans
 from .folder import features_per_image
 
 
@@ -30,11 +30,17 @@ class LabelFacts:
     image_features: Optional[int] = None  # features per image the vision side gives (None: no image in the batch)
     loss: Optional[float] = None  # the model's loss on the batch, labels as given
     caption_mean: Optional[float] = None  # next-token cross-entropy averaged over the caption tokens only
+    start_rows: int = 0  # encoder-decoder: rows whose labels begin with the decoder start token
+    start_id: Optional[int] = None  # ... that token
 
 
-def label_facts(model, batch: dict, prompt_len: int, image_token_id: int, eos_id: int) -> LabelFacts:
+def label_facts(model, batch: dict, prompt_len: int, image_token_id: int, eos_id: int,
+                start_id: Optional[int] = None) -> LabelFacts:
     """Measure the labels of ``batch`` (see ``LabelFacts``); one no-grad forward of ``model`` in its current
-    mode compares its loss with the mean over the caption tokens."""
+    mode compares its loss with the mean over the caption tokens. ``start_id``: an encoder-decoder's decoder
+    start token (its labels are the caption alone, see ``decoder_label_facts``)."""
+    if isinstance(prompt_len, Split) and prompt_len.decoder:
+        return decoder_label_facts(model, batch, prompt_len, image_token_id, eos_id, start_id)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     target = labels != IGNORE
     in_caption = caption_mask(batch, prompt_len)
@@ -64,6 +70,29 @@ def label_facts(model, batch: dict, prompt_len: int, image_token_id: int, eos_id
     return facts
 
 
+def decoder_label_facts(model, batch: dict, split, image_token_id: int, eos_id: int, start_id) -> LabelFacts:
+    """``LabelFacts`` of an encoder-decoder's batch: the labels are the caption (BOS, words, EOS) that the
+    model shifts right after its decoder start token; padding in them must be -100."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    target = labels != IGNORE
+    pad = target & (labels == split.pad_id)
+    rows = ids.shape[0]
+    eos_rows = sum(bool((target[r] & (labels[r] == eos_id)).any()) for r in range(rows))
+    starts = sum(int(labels[r, 0]) == start_id for r in range(rows)) if start_id is not None else 0
+    image = ids == image_token_id
+    facts = LabelFacts(rows, int(target.sum()), 0, 0, int(pad.sum()), 0, eos_rows, 1.0, 0.0,
+                       tuple(int(x) for x in image.sum(1)), start_rows=starts, start_id=start_id)
+    if "pixel_values" in batch:
+        facts.image_features = features_per_image(model, per_image(batch)[0])
+    with torch.no_grad():
+        out = model(**batch)
+    facts.loss = float(out.loss) if getattr(out, "loss", None) is not None else None
+    caption = caption_mask(batch, split)
+    nll = -F.log_softmax(out.logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    facts.caption_mean = float(nll[caption].mean()) if bool(caption.any()) else None
+    return facts
+
+
 def label_problems(f: LabelFacts, tol: float = 2e-5) -> list:
     """What is wrong with the labels, one clause each (empty when nothing is). The loss comparison is exact
     arithmetic on the same logits, so ``tol`` is float rounding (relative), not a model's noise."""
@@ -75,6 +104,9 @@ def label_problems(f: LabelFacts, tol: float = 2e-5) -> list:
         out.append(f"the rows carry {sorted(set(f.image_tokens))} image placeholders but the vision side gives "
                    f"{f.image_features} features per image")
     shifted = f.next_input > 0.5 and f.same_as_input < 0.5
+    if f.start_rows and f.start_rows > f.rows // 2:
+        out.append(f"labels begin with the decoder start token (id {f.start_id}) in {f.start_rows} of {f.rows} rows: "
+                   "the model prepends it again when it shifts them, so every target is one token late")
     if shifted:  # every other clause would describe the shift's side effects (a prompt target, EOS untargeted)
         out.append(f"labels are pre-shifted ({f.next_input:.0%} of targets are the next input token) for a model "
                    "that shifts them itself: every target is one token late")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .probes import predicting
+from .probes import inputs_of, predicting, targets
 
 SIDES = ("vision", "projector", "language")
 IMAGE_SIDE = ("vision", "projector")
@@ -76,7 +76,7 @@ class PartGradients:
 def part_gradients(model, batch: dict, prompt_len: int, family) -> PartGradients:
     """Gradient norms of every trainable parameter under the caption cross-entropy (see the module doc)."""
     params = trainable(model)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = inputs_of(batch, prompt_len)
     owners = {n.rsplit(".", 1)[0] for n, _ in params}
     owners |= {o.rsplit(".", 1)[0] for o in owners}  # parents: a module used functionally (MHA's out_proj) never fires
     ran = {}
@@ -97,9 +97,7 @@ def part_gradients(model, batch: dict, prompt_len: int, family) -> PartGradients
             h.remove()
     with torch.enable_grad():
         where = predicting(batch, prompt_len)
-        target = torch.zeros_like(batch["input_ids"])
-        target[:, :-1] = batch["input_ids"][:, 1:]
-        loss = F.cross_entropy(logits[where], target[where])
+        loss = F.cross_entropy(logits[where], targets(batch, prompt_len)[where])
         grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
     norms, bad = {}, []
     for (n, _), g in zip(params, grads):

@@ -35,21 +35,44 @@ class Effect:
         return "none" if self.effect <= self.floor else "depends" if self.effect >= DEPENDS * self.floor else "weak"
 
 
+def decoder(split) -> bool:
+    return isinstance(split, Split) and split.decoder
+
+
 def predicting(batch: dict, prompt_len: int, within: bool = False) -> torch.Tensor:
     """``(B, T)`` True at the positions whose next-token prediction is a caption token; ``within``: only
     those that are caption tokens themselves (the prompt's last token, which predicts the caption's first,
-    left out: it reads its own embedding, not only what attention lets through)."""
+    left out: it reads its own embedding, not only what attention lets through). Encoder-decoder: the
+    decoder positions whose label is a caption token (the decoder never reads the prompt's embeddings)."""
     cap = caption_mask(batch, prompt_len)
+    if decoder(prompt_len):
+        return cap
     out = torch.zeros_like(cap)
     out[:, :-1] = cap[:, 1:]
     return out & cap if within else out
 
 
+def targets(batch: dict, prompt_len) -> torch.Tensor:
+    """``(B, T)`` the token each position predicts (meaningful where ``predicting``)."""
+    if decoder(prompt_len):
+        return batch["labels"].clamp(min=0)
+    out = torch.zeros_like(batch["input_ids"])
+    out[:, :-1] = batch["input_ids"][:, 1:]
+    return out
+
+
+def inputs_of(batch: dict, prompt_len) -> dict:
+    """What the forward gets: the batch without its labels (decoder-only), or with the decoder's input ids
+    made from them as the model makes them (encoder-decoder: the labels shifted right after the start token)."""
+    if not decoder(prompt_len):
+        return {k: v for k, v in batch.items() if k != "labels"}
+    return dict(batch)
+
+
 @torch.no_grad()
 def caption_logprobs(model, batch: dict, prompt_len: int, within: bool = False) -> torch.Tensor:
     """Log-probabilities (float32) at the caption-predicting positions: ``(N, V)``."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()
+    logits = model(**inputs_of(batch, prompt_len)).logits.float()
     return torch.log_softmax(logits[predicting(batch, prompt_len, within)], -1)
 
 
@@ -69,7 +92,8 @@ def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within:
     n = batch["input_ids"].shape[0]
     back = list(range(n))[::-1]
     split = prompt_len if isinstance(prompt_len, Split) else Split(int(prompt_len))
-    again = caption_logprobs(model, reordered(batch, back), Split(tuple(split.of(i) for i in back), split.pad_id), within)
+    again = caption_logprobs(model, reordered(batch, back),
+                             Split(tuple(split.of(i) for i in back), split.pad_id, split.decoder), within)
     # rows reversed, then each row's positions back in the original order
     sizes = predicting(batch, prompt_len, within).sum(1).tolist()
     pieces = list(again.split([sizes[i] for i in back]))
@@ -121,10 +145,7 @@ def prompt_effect(model, batch: dict, prompt_len: int, tokenizer, image_id: int)
 def caption_loss(model, batch: dict, prompt_len) -> float:
     """Mean cross-entropy of the caption tokens (teacher-forced), from the logits and the input ids."""
     lp = caption_logprobs(model, batch, prompt_len)
-    where = predicting(batch, prompt_len)
-    target = torch.zeros_like(batch["input_ids"])
-    target[:, :-1] = batch["input_ids"][:, 1:]
-    return float(-lp.gather(-1, target[where][:, None]).mean())
+    return float(-lp.gather(-1, targets(batch, prompt_len)[predicting(batch, prompt_len)][:, None]).mean())
 
 
 def reliance(model, batch: dict, prompt_len) -> Optional[tuple]:

@@ -80,6 +80,15 @@ class PromptedSubject:
             out.append(f"LoRA adapter {self.adapter}")
         return out
 
+    @property
+    def start_id(self) -> Optional[int]:
+        """An encoder-decoder's decoder start token as training uses it (None for decoder-only models)."""
+        if not self.family.encoder_decoder:
+            return None
+        cfg = self.base.config
+        got = getattr(getattr(cfg, "text_config", cfg), "decoder_start_token_id", None)
+        return getattr(cfg, "decoder_start_token_id", None) if got is None else got
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)
 
@@ -150,9 +159,11 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
     elif collate is not None:
         batch, source = _called(collate, "collate(examples)", examples), "collate"
     else:
-        batch, source = reference_batch(processor, examples, text, family.suffix), "data" if dataset is not None else "capdiag"
+        batch = reference_batch(processor, examples, text, family.suffix, family.encoder_decoder)
+        source = "data" if dataset is not None else "capdiag"
     batch = _checked(dict(batch), f"from {SOURCES[source]}")
     n = _prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}", image_token_id(model))
+    n = n._replace(decoder=family.encoder_decoder)
     subject = PromptedSubject(model, processor, family, batch, text, n, source, path, seed=seed, adapter=adapter,
                               dataset=dataset)
     subject.batch = subject.to_device(batch)
@@ -207,6 +218,7 @@ def subject_from_batch(model, processor, batch: dict, prompt: Optional[str] = No
     text = prompt_text(family, processor, prompt)
     batch = _checked(dict(batch), "given")
     split = _prompt_split(processor, batch, Image.new("RGB", (64, 64)), text, "given", image_token_id(model))
+    split = split._replace(decoder=family.encoder_decoder)
     return PromptedSubject(model, processor, family, batch, text, split, "probe", path, live=live)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from ..finding import Finding, Status
-from .generation import batched_vs_alone
+from .generation import batched_vs_alone, start_token_gap
 from .labels import label_facts, label_problems
 from .parts import IMAGE_SIDE, SIDES, part_gradients, side_of
 from .probes import image_effect, prompt_effect, reliance
@@ -23,7 +23,7 @@ def _batch_words(s) -> str:
 
 def label_sanity(check, s) -> Finding:
     facts = s.measured("label_facts", lambda: label_facts(s.model, s.batch, s.prompt_len, s.image_token_id,
-                                                          s.tokenizer.eos_token_id))
+                                                          s.tokenizer.eos_token_id, s.start_id))
     metrics = {"targets": facts.targets, "prompt_targets": facts.prompt_targets, "image_targets": facts.image_targets,
                "pad_targets": facts.pad_targets, "eos_rows": facts.eos_rows, "rows": facts.rows,
                "shifted_share": facts.next_input}
@@ -100,7 +100,18 @@ def prompt_ablation(check, s) -> Finding:
 def decoding(check, s) -> Finding:
     side = s.tokenizer.padding_side
     if s.family.encoder_decoder:
-        return check.skip("batched generation of an encoder-decoder pads the encoder's input: no padding side to judge")
+        with quiet():
+            st = s.measured("start_token", lambda: start_token_gap(s.model, s.batch, s.prompt_len, s.tokenizer))
+        metrics = {"start_gap": st.gap, "floor": st.floor, "train_start": st.train, "generate_start": st.generate}
+        if st.gap > st.floor:
+            said = (f"generate() starts the decoder from token {st.generate} (generation_config.decoder_start_token_id) "
+                    f"but training shifts the labels behind token {st.train}" if st.generate != st.train else
+                    f"generate() and the teacher-forced forward both start from token {st.train}")
+            return check.finding(Status.FAIL, f"the first generated step's log-probabilities differ from the "
+                                 f"forward's by {st.gap:.2g} (floor {st.floor:.2g}): {said}", metrics,
+                                 "Make generation_config.decoder_start_token_id the model config's "
+                                 "decoder_start_token_id (the token training puts before the labels)."
+                                 if st.generate != st.train else "Compare generate()'s inputs with the forward's.")
     with quiet():
         b = s.measured(f"batched_{side}", lambda: batched_vs_alone(s.model, s.batch, s.prompt_len, s.tokenizer, side))
     metrics = {"rows": b.rows, "changed": b.changed, "near_ties": b.near_ties, "first_step_gap": b.first_step,
@@ -114,8 +125,12 @@ def decoding(check, s) -> Finding:
             "A decoder-only model continues each row from its last position: pad prompts on the left for "
             "generation (processor.tokenizer.padding_side = \"left\", or save the processor with padding_side=\"left\").")
     ties = f"; {b.near_ties} differ only after a near tie" if b.near_ties else ""
+    start = (f"; generate() starts the decoder where training does (token {st.train}, first-step gap {st.gap:.2g})"
+             if s.family.encoder_decoder else "")
+    if s.family.encoder_decoder:
+        metrics.update(start_gap=st.gap, train_start=st.train)
     return check.finding(Status.PASS, f"batched generate() padded on the {side} gives each prompt's caption alone "
-                         f"({b.rows} rows, first-step gap {b.first_step:.2g} <= floor {b.floor:.2g}){ties}", metrics)
+                         f"({b.rows} rows, first-step gap {b.first_step:.2g} <= floor {b.floor:.2g}){ties}{start}", metrics)
 
 
 def gradient_flow(check, s) -> Finding:

@@ -29,12 +29,14 @@ BUGS = {
     "image_dropped": "image_ablation",  # the texts through processor.tokenizer: placeholders, no pixel_values
     "prompt_hidden": "prompt_ablation",  # attention_mask 0 on the prompt's words "so the loss skips them"
     "image_masked": "image_ablation",  # attention_mask 0 on the image placeholders "because they are not text"
+    "pads_as_targets": "label_sanity",  # encoder-decoder: labels = the caption's input ids, padding left in
 }
 
 
-def tokenizer(specials: tuple, padding_side: str = "left", vocab_size: int = 300):
+def tokenizer(specials: tuple, padding_side: str = "left", vocab_size: int = 300, template: bool = False, **extra):
     """A byte-level BPE tokenizer trained on ``WORDS``, with ``specials`` (pad, bos, eos, unk, image, ...)
-    as its first ids."""
+    as its first ids; ``template``: it writes ``bos text eos`` as BART's does; ``extra``: more keyword
+    arguments of ``PreTrainedTokenizerFast`` (``extra_special_tokens``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,8 +47,13 @@ def tokenizer(specials: tuple, padding_side: str = "left", vocab_size: int = 300
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     pad, bos, eos, unk = specials[:4]
+    if template:
+        from tokenizers.processors import TemplateProcessing
+
+        tok.post_processor = TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[
+            (bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk,
-                                   padding_side=padding_side)
+                                   padding_side=padding_side, **extra)
 
 
 def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
@@ -183,6 +190,34 @@ def build_smolvlm(folder, seed: int = 0, image_size: int = 32, patch: int = 8, b
     return _save(folder, model, processor, bug)
 
 
+def build_florence2(folder, seed: int = 0, image_size: int = 16, bug: Optional[str] = None) -> Path:
+    """A tiny Florence-2 folder: DaViT vision tower (one stage, stride 4), BART encoder-decoder. The prompt
+    (``<CAPTION>``, which the processor writes as a question) and the image go to the encoder; the caption is
+    the labels, which the model shifts right behind ``decoder_start_token_id``; padding is on the right.
+    ``bug``: ``generation_start`` saves a generation config that starts the decoder from BOS instead."""
+    from transformers import CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+
+    tok = tokenizer(("<pad>", "<s>", "</s>", "<unk>", "<image>"), padding_side="right", template=True,
+                    extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False)
+    images.image_seq_length = (image_size // 4) ** 2 + (0 if bug == "processor_image_tokens" else 1)  # + the pooled one
+    processor = Florence2Processor(image_processor=images, tokenizer=tok)
+    bart = dict(model_type="bart", vocab_size=len(tok), max_position_embeddings=128, encoder_layers=2, encoder_ffn_dim=64,
+                decoder_layers=2, decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4, d_model=32,
+                dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
+                forced_eos_token_id=tok.eos_token_id)
+    davit = dict(drop_path_rate=0.0, patch_size=[7], depths=[1], patch_stride=[4], patch_padding=[3],
+                 patch_prenorm=[False], embed_dim=[32], num_heads=[4], num_groups=[4], window_size=12, projection_dim=32)
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(Florence2Config(text_config=bart, vision_config=davit,
+                                                              image_token_id=tok.convert_tokens_to_ids("<image>")))
+    model.generation_config.decoder_start_token_id = tok.eos_token_id
+    if bug == "generation_start":  # "the decoder starts with <s>": set in generation_config.json only
+        model.generation_config.decoder_start_token_id = tok.bos_token_id
+    return _save(folder, model, processor, bug)
+
+
 def _save(folder, model, processor, bug: Optional[str]) -> Path:
     """Save a family's model and processor; the ``processor_vocab`` twin's tokenizer gets two tokens the
     model has no embedding for, the ``right_padding`` twin's pads on the right (decoding_consistency)."""
@@ -197,9 +232,10 @@ def _save(folder, model, processor, bug: Optional[str]) -> Path:
 
 
 FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "paligemma": build_paligemma, "blip-2": build_blip2,
-            "smolvlm": build_smolvlm}
+            "smolvlm": build_smolvlm, "florence2": build_florence2}
 PROMPTS = {"llava": "<image>describe the image:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:",
-           "paligemma": "<image>caption en", "blip-2": "a photo of", "smolvlm": "<image>describe the image:"}
+           "paligemma": "<image>caption en", "blip-2": "a photo of", "smolvlm": "<image>describe the image:",
+           "florence2": "<CAPTION>"}
 
 
 def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) -> Path:
@@ -214,6 +250,8 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
     tok = processor.tokenizer
     pairs = [(e["image"], e["caption"]) if isinstance(e, dict) else e for e in examples]
     images = [img for img, _ in pairs]
+    if type(processor).__name__.startswith("Florence2"):
+        return _collate_encoder_decoder(processor, images, [c for _, c in pairs], prompt, bug)
     texts = [f"{prompt} {cap}{tok.eos_token}" for _, cap in pairs]
     if bug == "image_dropped":  # the texts through the tokenizer alone: one placeholder each, no pixel_values
         batch = processor.tokenizer(texts, return_tensors="pt", padding=True)
@@ -255,6 +293,24 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
     return dict(batch)
 
 
+def _collate_encoder_decoder(processor, images: list, captions: list, prompt: str, bug: Optional[str]) -> dict:
+    """Florence-2's fine-tuning collator: the prompt and image to the encoder, the caption (BOS ... EOS) as the
+    labels with padding -100; ``pads_as_targets`` keeps the pad ids (the tutorials' ``labels=input_ids``),
+    ``pre_shifted_labels`` prepends the decoder start token the model prepends again."""
+    tok = processor.tokenizer
+    if bug == "image_dropped":
+        batch = dict(tok([prompt] * len(images), return_tensors="pt", padding=True))
+    else:
+        batch = dict(processor(images=[[im] for im in images], text=[prompt] * len(images), return_tensors="pt",
+                               padding=True))
+    caps = tok(captions, return_tensors="pt", padding=True)
+    labels = caps["input_ids"] if bug == "pads_as_targets" else caps["input_ids"].masked_fill(caps["attention_mask"] == 0, -100)
+    if bug == "pre_shifted_labels":
+        labels = torch.cat([torch.full_like(labels[:, :1], tok.eos_token_id), labels], 1)
+    batch["labels"] = labels
+    return batch
+
+
 MODEL_FILE = """\
 # A captioning fine-tune's model file (written by capdiag.testing.vlm.write_model_file)
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -293,7 +349,7 @@ def write_model_file(path, folder, family: str, bug: Optional[str] = None) -> Pa
     """A model file over the tiny ``family`` folder whose ``collate`` is ``collate(..., bug)`` (``BUGS``) or
     whose ``build_model`` plants one of ``MODEL_BUGS``."""
     tower = {"llava": "model.vision_tower", "qwen2_vl": "model.visual", "paligemma": "model.vision_tower",
-             "blip-2": "vision_model", "smolvlm": "model.vision_model"}[family]
+             "blip-2": "vision_model", "smolvlm": "model.vision_model", "florence2": "model.vision_tower"}[family]
     extra = _MODEL_EXTRA[bug if bug in MODEL_BUGS else None].format(tower=tower)
     path = Path(path)
     path.write_text(MODEL_FILE.format(folder=str(folder), family=family, extra=extra,
