@@ -147,10 +147,11 @@ def processor_mismatch(model, processor, image, prompt: Optional[str] = None) ->
     n_tokens, n_features = int((inputs["input_ids"][0] == image_id).sum()), features_per_image(model, inputs)
     if n_tokens != n_features:
         strategy = getattr(base_model(model).config, "vision_feature_select_strategy", None)
+        family = family_of(getattr(base_model(model).config, "model_type", None))
+        keys = family.token_keys if family else "its image-token settings"
         return (f"the processor writes {n_tokens} image tokens per image but the model's vision side gives {n_features} "
                 f"features per image{f' (vision_feature_select_strategy={strategy!r})' if strategy else ''}; make the "
-                "processor's config agree with the model (patch_size, merge_size, num_additional_image_tokens, the "
-                "feature strategy)")
+                f"processor's {keys} agree with the model, or save the processor the model was trained with")
     return None
 
 
