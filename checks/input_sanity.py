@@ -104,10 +104,15 @@ def pixel_problems(st: dict, given: torch.Tensor, spec) -> list:
 @dataclass
 class InputSanity(Check):
     name = "input_sanity"
+    subjects = ("captioner", "prompted")  # prompted: capdiag.prompted.verdicts.input_sanity
     catches = "0-255 or unnormalized images, double normalization, malformed captions (no BOS/EOS, ids out of range)"
     max_unknown: float = 0.2  # --data captions: more words than this mapped to the unknown token warns
 
     def run(self, s: Subject):
+        if s.kind == "prompted":
+            from capdiag.prompted import verdicts
+
+            return verdicts.input_sanity(self, s)
         cap = s.captioner
         entry, where = pixel_entry(s)
         synthetic = s.batch_source == "synthetic"

@@ -30,7 +30,7 @@ def test_a_clean_folder_passes_every_applicable_check(folders, tmp_path, name):
     code, found = run(tmp_path, folders[name])
     assert code == 0, {k: f["summary"] for k, f in found.items()}
     assert {k for k, f in found.items() if f["status"] == "pass"} >= {
-        "label_sanity", "prompt_ablation", "gradient_flow", "image_ablation", "decoding_consistency"}, found
+        "label_sanity", "prompt_ablation", "gradient_flow", "image_ablation", "decoding_consistency", "input_sanity"}, found
     assert found["adapters"]["status"] == "skip"  # no adapter on the folder
     assert "caption_dependence" not in found  # checks of (images, captions) -> logits captioners do not run
 
@@ -50,7 +50,8 @@ TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items() if bug != "pad
     ("image_dropped", "image_ablation", "blip-2"), ("prompt_hidden", "prompt_ablation", "blip-2"),
     ("pre_shifted_labels", "label_sanity", "smolvlm"), ("image_dropped", "image_ablation", "smolvlm"),
     ("pads_as_targets", "label_sanity", "florence2"), ("pre_shifted_labels", "label_sanity", "florence2"),
-    ("image_dropped", "image_ablation", "florence2")] + [
+    ("image_dropped", "image_ablation", "florence2"), ("double_rescale", "input_sanity", "qwen2_vl"),
+    ("double_rescale", "input_sanity", "smolvlm"), ("double_rescale", "input_sanity", "florence2")] + [
     ("vision_no_grad", "gradient_flow", name) for name in sorted(vlm.FAMILIES)]
 
 
@@ -67,6 +68,14 @@ def test_a_generation_config_starting_elsewhere_than_training_fails_decoding_con
     f = found["decoding_consistency"]
     assert code == 1 and f["status"] == "fail", f
     assert "starts the decoder from token 1" in f["summary"] and "behind token 2" in f["summary"], f["summary"]
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_a_processor_saved_without_its_rescale_fails_input_sanity(tmp_path, name):
+    folder = vlm.build_folder(name, tmp_path / name, bug="no_rescale")
+    code, found = run(tmp_path, folder, "--only", "input_sanity")
+    f = found["input_sanity"]
+    assert code == 1 and "0-255 pixels reached the model" in f["summary"], f
 
 
 def test_right_padded_generation_fails_decoding_consistency_with_the_fix(tmp_path):

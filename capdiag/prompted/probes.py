@@ -159,3 +159,27 @@ def reliance(model, batch: dict, prompt_len) -> Optional[tuple]:
         other, how = blanked_images(batch), "images blanked"
     true, moved = caption_loss(model, batch, prompt_len), caption_loss(model, other, prompt_len)
     return (1.0 - true / moved if moved > 0 else 0.0), true, moved, how
+
+
+def pixel_range(image_processor, batch: dict) -> Optional[tuple]:
+    """``(low, high)`` of the batch's pixels with the processor's normalization undone (``x * std + mean``,
+    per channel): about (0, 1) when each image was rescaled once by 1/255; None when the batch carries no
+    image or the processor does not normalize. Channels sit on axis 1 of ``(B, C, H, W)``, axis 2 of
+    Idefics3's ``(B, N, C, H, W)``; Qwen2-VL's patch rows hold ``C`` blocks of ``T*P*P`` values."""
+    if "pixel_values" not in batch or not getattr(image_processor, "do_normalize", True):
+        return None
+    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+    if mean is None or std is None:
+        return None
+    px = batch["pixel_values"].detach().float()
+    c = len(mean)
+    if px.dim() == 2:  # rows of flattened patches
+        px = px.reshape(px.shape[0], c, -1)
+    axis = 2 if px.dim() == 5 else 1
+    shape = [1] * px.dim()
+    shape[axis] = c
+    raw = px * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+    if "pixel_attention_mask" in batch and px.dim() == 5:  # Idefics3 pads images to a common size
+        keep = batch["pixel_attention_mask"].bool().unsqueeze(2).expand_as(raw)
+        raw = raw[keep]
+    return float(raw.min()), float(raw.max())

@@ -11,7 +11,7 @@ from ..finding import Finding, Status
 from .generation import batched_vs_alone, start_token_gap
 from .labels import label_facts, label_problems
 from .parts import IMAGE_SIDE, SIDES, part_gradients, side_of
-from .probes import image_effect, prompt_effect, reliance
+from .probes import image_effect, pixel_range, prompt_effect, reliance
 from .folder import quiet
 
 
@@ -218,3 +218,21 @@ def adapters(check, s) -> Finding:
             f"; {len(missed)} get none (e.g. {missed[0]})" if missed else "")
     return check.finding(Status.PASS, f"LoRA on {targets}: {len(reached)} of {len(image_side)} image-side adapter "
                          f"weights get gradient, the base is frozen{note}", metrics)
+
+
+def input_sanity(check, s) -> Finding:
+    got = pixel_range(s.processor.image_processor, s.batch)
+    if got is None:
+        return check.skip("the batch carries no pixel_values, or its processor does not normalize them")
+    low, high = got
+    metrics = {"pixel_min": low, "pixel_max": high}
+    said = (f"the batch's pixels, the processor's normalization undone, span [{low:.3g}, {high:.3g}] "
+            f"({_batch_words(s)})")
+    if high < 0.05:  # 1/255 of the range: a [0, 1] image rescaled by 1/255 again
+        return check.finding(Status.FAIL, f"{said}: the images were rescaled twice (0-1 floats rescaled by 1/255 "
+                             "again)", metrics, "Pass the processor uint8 images (or PIL images), or float images "
+                             "with do_rescale=False.")
+    if high > 2.0:  # 0-255 values that skipped the rescale
+        return check.finding(Status.FAIL, f"{said}: 0-255 pixels reached the model (the 1/255 rescale was skipped)",
+                             metrics, "Save the image processor with do_rescale=True, or rescale the images to [0, 1].")
+    return check.finding(Status.PASS, f"{said}: each image rescaled to [0, 1] once, then normalized", metrics)

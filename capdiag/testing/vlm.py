@@ -16,6 +16,8 @@ import inspect
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 import torch
 
 WORDS = ("a the one two red green blue yellow circle square cross triangle on in at top left right bottom "
@@ -30,6 +32,7 @@ BUGS = {
     "prompt_hidden": "prompt_ablation",  # attention_mask 0 on the prompt's words "so the loss skips them"
     "image_masked": "image_ablation",  # attention_mask 0 on the image placeholders "because they are not text"
     "pads_as_targets": "label_sanity",  # encoder-decoder: labels = the caption's input ids, padding left in
+    "double_rescale": "input_sanity",  # images made 0-1 floats first, then rescaled by 1/255 again by the processor
 }
 
 
@@ -223,6 +226,8 @@ def _save(folder, model, processor, bug: Optional[str]) -> Path:
     model has no embedding for, the ``right_padding`` twin's pads on the right (decoding_consistency)."""
     if bug == "processor_vocab":
         processor.tokenizer.add_tokens(["<extra_0>", "<extra_1>"])
+    if bug == "no_rescale":  # do_rescale: false in preprocessor_config.json: 0-255 pixels reach the tower
+        processor.image_processor.do_rescale = False
     if bug == "right_padding":  # saved as a training recipe pads, and generate() then reads it the same way
         processor.tokenizer.padding_side = "right"
     folder = Path(folder)
@@ -250,6 +255,8 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
     tok = processor.tokenizer
     pairs = [(e["image"], e["caption"]) if isinstance(e, dict) else e for e in examples]
     images = [img for img, _ in pairs]
+    if bug == "double_rescale":  # "the model wants floats in [0, 1]"
+        images = [np.asarray(img, dtype=np.float32) / 255.0 for img in images]
     if type(processor).__name__.startswith("Florence2"):
         return _collate_encoder_decoder(processor, images, [c for _, c in pairs], prompt, bug)
     texts = [f"{prompt} {cap}{tok.eos_token}" for _, cap in pairs]
