@@ -27,6 +27,7 @@ from capdiag.measure.training import learned_of
 @dataclass
 class AttentionMaps(Check):
     name = "attention_maps"
+    subjects = ("captioner", "prompted")  # prompted: capdiag.prompted.verdicts.attention_maps
     catches = "attention softmax over the wrong dimension, uniform or query-independent attention"
     cheap = False
     live = True
@@ -35,6 +36,10 @@ class AttentionMaps(Check):
     identical_tv: float = 1e-3
 
     def run(self, s: Subject):
+        if s.kind == "prompted":
+            from capdiag.prompted import verdicts
+
+            return verdicts.attention_maps(self, s)
         hinted = s.captioner.spec.attention_modules
         if hinted == []:
             return self.skip("the model declares no attention over image regions (attention_modules = [])")

@@ -30,7 +30,8 @@ def test_a_clean_folder_passes_every_applicable_check(folders, tmp_path, name):
     code, found = run(tmp_path, folders[name])
     assert code == 0, {k: f["summary"] for k, f in found.items()}
     assert {k for k, f in found.items() if f["status"] == "pass"} >= {
-        "label_sanity", "prompt_ablation", "gradient_flow", "image_ablation", "decoding_consistency", "input_sanity"}, found
+        "label_sanity", "prompt_ablation", "gradient_flow", "image_ablation", "decoding_consistency", "input_sanity",
+        "attention_maps"}, found
     assert found["adapters"]["status"] == "skip"  # no adapter on the folder
     assert "caption_dependence" not in found  # checks of (images, captions) -> logits captioners do not run
 
@@ -51,7 +52,9 @@ TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items() if bug != "pad
     ("pre_shifted_labels", "label_sanity", "smolvlm"), ("image_dropped", "image_ablation", "smolvlm"),
     ("pads_as_targets", "label_sanity", "florence2"), ("pre_shifted_labels", "label_sanity", "florence2"),
     ("image_dropped", "image_ablation", "florence2"), ("double_rescale", "input_sanity", "qwen2_vl"),
-    ("double_rescale", "input_sanity", "smolvlm"), ("double_rescale", "input_sanity", "florence2")] + [
+    ("double_rescale", "input_sanity", "smolvlm"), ("double_rescale", "input_sanity", "florence2"),
+    ("image_masked", "attention_maps", "llava"), ("image_masked", "attention_maps", "qwen2_vl"),
+    ("image_masked", "attention_maps", "blip-2")] + [
     ("vision_no_grad", "gradient_flow", name) for name in sorted(vlm.FAMILIES)]
 
 

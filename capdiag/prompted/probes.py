@@ -183,3 +183,33 @@ def pixel_range(image_processor, batch: dict) -> Optional[tuple]:
         keep = batch["pixel_attention_mask"].bool().unsqueeze(2).expand_as(raw)
         raw = raw[keep]
     return float(raw.min()), float(raw.max())
+
+
+@dataclass
+class ImageAttention:
+    share: float  # mean attention mass the caption tokens put on the image placeholders (layers, heads averaged)
+    uniform: float  # the image placeholders' share of the row's attended tokens
+    layers: int
+    cross: bool  # an encoder-decoder's cross-attention (else the decoder's self-attention)
+
+
+@torch.no_grad()
+def image_attention(model, batch: dict, prompt_len, image_id: int) -> Optional[ImageAttention]:
+    """How much attention the caption tokens pay the image placeholders (None when the model returns no
+    attention weights: SDPA or flash attention)."""
+    out = model(**inputs_of(batch, prompt_len), output_attentions=True)
+    cross = decoder(prompt_len)
+    inner = getattr(out, "language_model_outputs", None) or out  # BLIP-2 nests its language model's outputs
+    maps = getattr(inner, "cross_attentions" if cross else "attentions", None)
+    if not maps or any(m is None for m in maps):
+        return None
+    image = (batch["input_ids"] == image_id)  # (B, keys)
+    queries = predicting(batch, prompt_len, within=not cross)
+    shares, seen = [], []
+    for a in maps:  # (B, H, queries, keys)
+        on_image = (a.float() * image[:, None, None, :]).sum(-1).mean(1)  # (B, queries)
+        shares.append(on_image[queries])
+    keys = batch["attention_mask"].bool()
+    for r in range(image.shape[0]):
+        seen.append(float(image[r][keys[r]].sum()) / max(1, int(keys[r].sum())))
+    return ImageAttention(float(torch.cat(shares).mean()), sum(seen) / len(seen), len(maps), cross)

@@ -11,7 +11,7 @@ from ..finding import Finding, Status
 from .generation import batched_vs_alone, start_token_gap
 from .labels import label_facts, label_problems
 from .parts import IMAGE_SIDE, SIDES, part_gradients, side_of
-from .probes import image_effect, pixel_range, prompt_effect, reliance
+from .probes import image_attention, image_effect, pixel_range, prompt_effect, reliance
 from .folder import quiet
 
 
@@ -236,3 +236,20 @@ def input_sanity(check, s) -> Finding:
         return check.finding(Status.FAIL, f"{said}: 0-255 pixels reached the model (the 1/255 rescale was skipped)",
                              metrics, "Save the image processor with do_rescale=True, or rescale the images to [0, 1].")
     return check.finding(Status.PASS, f"{said}: each image rescaled to [0, 1] once, then normalized", metrics)
+
+
+def attention_maps(check, s) -> Finding:
+    if "pixel_values" not in s.batch:
+        return check.skip("the batch carries no image (see image_ablation)")
+    a = s.measured("image_attention", lambda: image_attention(s.model, s.batch, s.prompt_len, s.image_token_id))
+    if a is None:
+        return check.skip("the model returns no attention weights: load it with attn_implementation=\"eager\"")
+    what = "cross-attention" if a.cross else "attention"
+    metrics = {"image_attention_share": a.share, "uniform_share": a.uniform}
+    said = (f"the caption tokens put {a.share:.1%} of their {what} on the image placeholders (which are "
+            f"{a.uniform:.1%} of the row's tokens; {a.layers} layers, heads averaged)")
+    if a.share <= 1e-6:
+        return check.finding(Status.FAIL, f"{said}: the image is masked out of the caption's attention", metrics,
+                             "The attention mask hides the image placeholders: keep attention_mask 1 on them (only "
+                             "the labels are -100 there).")
+    return check.finding(Status.PASS, said, metrics)
