@@ -105,6 +105,16 @@ def test_a_lora_config_that_freezes_everything_image_side_fails_and_one_that_tra
     assert "by design" in found["adapters"]["summary"], found["adapters"]["summary"]
 
 
+def test_data_draws_the_batch_from_the_users_captions_and_images_through_the_processor(folders, tmp_path):
+    from capdiag.intake.data import write_coco_folder
+
+    write_coco_folder(tmp_path / "coco", 12, seed=0, image_size=48)
+    code, found = run(tmp_path, folders["qwen2_vl"], "--data", tmp_path / "coco", "--only",
+                      "label_sanity,image_ablation,input_sanity", "--prompt", "{image}what is shown:")
+    assert code == 0, {k: f["summary"] for k, f in found.items()}
+    assert "capdiag's own collator on --data" in found["label_sanity"]["summary"]
+
+
 def _bad(capsys, *argv) -> str:
     capsys.readouterr()  # what building the twins printed
     assert main(["check", *map(str, argv)]) == 2
