@@ -10,6 +10,11 @@ machine-independent figure.
 
     python benchmarks/check_speed.py                       # tiny zoo, references, a 47M and a 60M model
     python benchmarks/check_speed.py --models zoo_gru,cnn_transformer --no-cli
+    python benchmarks/check_speed.py --vlm                 # a tiny folder of each vision-language family
+
+The vision-language targets (issue 28, this CPU): a tiny VLM's full check in at most 15 s and its quick
+check in at most 5 s, each a fresh ``capdiag check FOLDER`` process, start-up and transformers' import
+included; beside them, a fresh process that only imports transformers and loads the same folder (the floor).
 """
 from __future__ import annotations
 
@@ -177,12 +182,48 @@ def profile(make):
     return subject, setup, rows
 
 
+VLM_FULL, VLM_QUICK = 15.0, 5.0  # seconds, fresh process
+
+
+def vlm_table(tmp: Path) -> bool:
+    """Wall times of ``capdiag check FOLDER`` (full and --quick, fresh processes) on a tiny folder of each
+    vision-language family, against the targets; True when every family meets both."""
+    from capdiag.testing import vlm
+
+    print("\n| family | quick (s) | full (s) | transformers alone (s) | checks (pass/warn/fail/skip) | targets |")
+    print("|---|---|---|---|---|---|")
+    ok = True
+    for name in vlm.FAMILIES:
+        folder = vlm.build_folder(name, tmp / name)
+        quick, _ = cli_seconds(("module", str(folder), []), True, tmp)
+        full, found = cli_seconds(("module", str(folder), []), False, tmp)
+        t = time.perf_counter()  # the floor: a fresh process that only imports transformers and loads the folder
+        subprocess.run([sys.executable, "-c", BARE.format(folder=str(folder))], check=True, capture_output=True)
+        bare = time.perf_counter() - t
+        c = found.get("counts", {})
+        met = quick <= VLM_QUICK and full <= VLM_FULL
+        ok &= met
+        print(f"| {name} | {quick:.1f} | {full:.1f} | {bare:.1f} | {c.get('pass', 0)}/{c.get('warn', 0)}/"
+              f"{c.get('fail', 0)}/{c.get('skip', 0)} | {'met' if met else 'MISSED'} (<= {VLM_QUICK:.0f} / "
+              f"{VLM_FULL:.0f}) |", flush=True)
+    return ok
+
+
+BARE = ("from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "AutoProcessor.from_pretrained({folder!r}, local_files_only=True)\n"
+        "AutoModelForImageTextToText.from_pretrained({folder!r}, local_files_only=True)\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--no-cli", action="store_true", help="skip the fresh-process wall times")
     ap.add_argument("--breakdown", action="store_true", help="print the per-check profile of every model")
+    ap.add_argument("--vlm", action="store_true", help="only the vision-language families (tiny folders)")
     args = ap.parse_args(argv)
+    if args.vlm:
+        with tempfile.TemporaryDirectory() as tmp:
+            return 0 if vlm_table(Path(tmp)) else 1
     models = _models()
     names = args.models.split(",") if args.models else list(models)
     table = []

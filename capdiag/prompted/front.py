@@ -58,7 +58,8 @@ def model_file_subject(mf, get: Callable[[str], Any]) -> tuple:
     from ..intake.modelfile import build_model, model_kwargs
 
     _refuse(get, mf.path)
-    model = build_model(mf, model_kwargs(get("arg")))
+    with quiet():  # transformers' loading bars, printed from the user's build_model()
+        model = build_model(mf, model_kwargs(get("arg")))
     inner = base_model(model)
     family = family_of(getattr(getattr(inner, "config", None), "model_type", None))
     if family is None:

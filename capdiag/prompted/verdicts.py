@@ -32,11 +32,28 @@ def label_sanity(check, s) -> Finding:
     problems = label_problems(facts)
     if problems:
         return check.finding(Status.FAIL, f"the labels of the batch from {_batch_words(s)}: " + "; ".join(problems),
-                             metrics, "Labels are the input ids with every prompt, image placeholder and padding "
-                             "position set to -100, the caption and its EOS kept; do not shift them (the model "
-                             "shifts), and pass the processor's pixel_values with the input ids.")
+                             metrics, _label_fix(problems))
     return check.finding(Status.PASS, f"{facts.targets} targets, all on the captions, EOS in {facts.eos_rows} of "
                          f"{facts.rows}; the model's loss is the caption mean ({_batch_words(s)})", metrics)
+
+
+LABEL_FIXES = (  # a clause label_problems wrote -> what to change, for that clause only
+    ("pre-shifted", "do not shift the labels: the model shifts them itself"),
+    ("begin with the decoder start token", "leave the decoder start token out of the labels: the model prepends it"),
+    ("prompt positions are targets", "set the labels to -100 on the prompt"),
+    ("image placeholder positions are targets", "set the labels to -100 on the image placeholders"),
+    ("padding positions are targets", "set the labels to -100 where the attention mask is 0 (the padding)"),
+    ("caption tokens are -100", "keep every caption token as a target"),
+    ("EOS is not a target", "keep each caption's EOS as a target (mask padding by the attention mask, not by id)"),
+    ("no pixel_values", "pass the images to the processor with the text so the batch carries pixel_values"),
+    ("features per image", "write as many image placeholders as the vision side gives features (the processor's settings)"),
+)
+
+
+def _label_fix(problems: list) -> str:
+    fixes = [fix for key, fix in LABEL_FIXES if any(key in p for p in problems)]
+    text = "; ".join(fixes) + "."
+    return text[0].upper() + text[1:] if fixes else "The model's loss is not the caption mean: compare its loss with your collator's labels."
 
 
 def _effect_metrics(prefix: str, e) -> dict:
