@@ -44,7 +44,8 @@ def test_a_clean_collate_in_a_model_file_passes(folders, tmp_path, name):
     assert "your collate()" in found["label_sanity"]["summary"]
 
 
-TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items() if bug != "pads_as_targets"] + [
+TWINS = [(bug, check, "llava") for bug, check in vlm.BUGS.items()
+         if bug not in ("pads_as_targets", "first_image_prompt_length")] + [
     ("pre_shifted_labels", "label_sanity", "qwen2_vl"), ("image_dropped", "image_ablation", "qwen2_vl"),
     ("prompt_unmasked", "label_sanity", "paligemma"), ("image_dropped", "image_ablation", "paligemma"),
     ("prompt_hidden", "prompt_ablation", "paligemma"), ("image_tokens_as_targets", "label_sanity", "blip-2"),
@@ -113,6 +114,35 @@ def test_data_draws_the_batch_from_the_users_captions_and_images_through_the_pro
                       "label_sanity,image_ablation,input_sanity", "--prompt", "{image}what is shown:")
     assert code == 0, {k: f["summary"] for k, f in found.items()}
     assert "capdiag's own collator on --data" in found["label_sanity"]["summary"]
+
+
+def test_images_of_different_sizes_give_each_row_its_own_prompt_length(folders):
+    """Qwen2-VL writes one placeholder per merged patch: a 32x32 and a 64x64 image give prompts of 16 and 28
+    tokens. The reference collator and a collator that measures each row pass; one that measures the
+    prompt once, on the first image, trains on the prompts of the larger images."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from capdiag.prompted.subject import subject_from_batch
+    from capdiag.registry import get_check
+    from capdiag.runner import run_check
+
+    model = AutoModelForImageTextToText.from_pretrained(folders["qwen2_vl"], attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(folders["qwen2_vl"])
+    rng = np.random.RandomState(0)
+    examples = [{"image": Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)), "caption": c}
+                for (h, w), c in [((32, 32), "a red circle"), ((64, 64), "two blue squares on top"),
+                                  ((32, 64), "one green cross"), ((64, 64), "a yellow triangle")]]
+    prompt = vlm.PROMPTS["qwen2_vl"]
+    statuses = {}
+    for bug in (None, "first_image_prompt_length"):
+        s = subject_from_batch(model, processor, vlm.collate(processor, examples, prompt, bug), prompt)
+        assert s.prompt_len.tokens == (16, 28, 20, 28)
+        statuses[bug] = {n: run_check(s, get_check(n)).status.value for n in (
+            "label_sanity", "image_ablation", "prompt_ablation", "gradient_flow", "decoding_consistency", "input_sanity")}
+    assert set(statuses[None].values()) == {"pass"}, statuses
+    assert statuses["first_image_prompt_length"]["label_sanity"] == "fail", statuses
 
 
 def _bad(capsys, *argv) -> str:

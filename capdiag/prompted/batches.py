@@ -45,7 +45,8 @@ def reference_batch(processor, examples: list, prompt: str, suffix: bool = False
     else:
         batch = dict(processor(images=[[im] for im in images], text=[f"{prompt} {e['caption']}{tok.eos_token}" for e in examples],
                                return_tensors="pt", padding=True))
-    n = Split(prompt_length(processor, images[0], prompt), tok.pad_token_id)
+    lengths = tuple(prompt_length(processor, im, prompt) for im in images)  # images of other sizes: other counts
+    n = Split(lengths[0] if len(set(lengths)) == 1 else lengths, tok.pad_token_id)
     labels = torch.full_like(batch["input_ids"], IGNORE)
     for r, sp in enumerate(spans(batch, n)):
         labels[r, sp.caption] = batch["input_ids"][r, sp.caption]

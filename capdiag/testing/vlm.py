@@ -33,6 +33,7 @@ BUGS = {
     "image_masked": "image_ablation",  # attention_mask 0 on the image placeholders "because they are not text"
     "pads_as_targets": "label_sanity",  # encoder-decoder: labels = the caption's input ids, padding left in
     "double_rescale": "input_sanity",  # images made 0-1 floats first, then rescaled by 1/255 again by the processor
+    "first_image_prompt_length": "label_sanity",  # the prompt's length measured once, on the first image (Qwen2-VL)
 }
 
 
@@ -271,12 +272,14 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = ids.clone()
     labels[mask == 0] = -100
-    n_prompt = len(processor.tokenizer(prompt)["input_ids"] if bug == "image_dropped" else
-                   processor(images=[images[:1]], text=[prompt], return_tensors="pt")["input_ids"][0])
+    # the prompt's length in each row: its image placeholders are as many as that image needs (Qwen2-VL)
+    n_prompt = [len(processor.tokenizer(prompt)["input_ids"]) if bug == "image_dropped" else
+                len(processor(images=[[im if bug != "first_image_prompt_length" else images[0]]], text=[prompt],
+                              return_tensors="pt")["input_ids"][0]) for im in images]
     starts = (mask == 0).sum(1)  # left padding: the prompt starts after the pad tokens
     if bug != "prompt_unmasked":
         for r, s in enumerate(starts.tolist()):
-            labels[r, : s + n_prompt] = -100
+            labels[r, : s + n_prompt[r]] = -100
         if bug == "image_tokens_as_targets":
             token = processor.image_token
             image_id = processor.tokenizer.convert_tokens_to_ids(str(getattr(token, "content", token)))
@@ -289,7 +292,7 @@ def collate(processor, examples: list, prompt: str, bug: Optional[str] = None) -
         special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
         mask = mask.clone()
         for r, s in enumerate(starts.tolist()):
-            for t in range(s + n_prompt):  # the pads precede the caption on every family's layout
+            for t in range(s + n_prompt[r]):  # the pads precede the caption on every family's layout
                 if int(ids[r, t]) not in special and mask[r, t]:
                     mask[r, t] = 0
         batch["attention_mask"] = mask
