@@ -4,8 +4,8 @@ measured in the same run.
 Every probe compares the log-probabilities the model gives at the positions that predict caption tokens
 (teacher-forced, one no-grad forward) with those of the same batch changed in one way: images moved between
 rows (or blanked where no two rows share a shape), prompt words replaced. The floor is what the batch's
-composition alone changes: the same batch with its rows in reverse order, put back in order, plus float
-rounding at the logits' scale.
+composition alone changes: the same batch with its rows in reverse order, put back in order, or a rounding
+step of the model's dtype at the logits' scale, whichever is larger.
 """
 from __future__ import annotations
 
@@ -86,20 +86,24 @@ def reordered(batch: dict, order: list) -> dict:
     return out
 
 
+@torch.no_grad()
 def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within: bool = False) -> float:
-    """Max |change| of the caption log-probabilities when only the rows' order changes, or float rounding
-    (64 eps of the model's dtype at the logits' scale), whichever is larger."""
+    """Max |change| of the caption log-probabilities when only the rows' order changes, or one rounding
+    step of the model's dtype at the logits' scale (eps * max |logit|: a bfloat16 logit of 3 moves in steps
+    of 0.016), whichever is larger."""
     n = batch["input_ids"].shape[0]
     back = list(range(n))[::-1]
     split = prompt_len if isinstance(prompt_len, Split) else Split(int(prompt_len))
-    again = caption_logprobs(model, reordered(batch, back),
-                             Split(tuple(split.of(i) for i in back), split.pad_id, split.decoder), within)
+    split = Split(tuple(split.of(i) for i in back), split.pad_id, split.decoder)
+    flipped = reordered(batch, back)
+    logits = model(**inputs_of(flipped, split)).logits.float()[predicting(flipped, split, within)]
+    again = torch.log_softmax(logits, -1)
     # rows reversed, then each row's positions back in the original order
     sizes = predicting(batch, prompt_len, within).sum(1).tolist()
     pieces = list(again.split([sizes[i] for i in back]))
     again = torch.cat([pieces[back.index(r)] for r in range(n)])
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    rounding = 64 * torch.finfo(dtype).eps * (1.0 + float(base.abs().max()))
+    rounding = 2 * torch.finfo(dtype).eps * (1.0 + float(logits.abs().max()))  # two logits, each rounded
     return max(float((again - base).abs().max()), rounding)
 
 
