@@ -80,7 +80,29 @@ def localization_every_fail(data: dict) -> str:
             f"**{data['without_location']} without a location** ({kinds}).\n")
 
 
-RENDER = {"false_alarms": false_alarms, "localization": localization, "localization_clean": localization_clean,
+def vlm_suite(data: dict) -> str:
+    """Per check: clean vision-language runs judged (not skipped), false alarms, warnings, and twins caught."""
+    judged, false, warned = collections.Counter(), collections.Counter(), collections.Counter()
+    order = []
+    for st in data["clean"].values():
+        for check, status in st.items():
+            order += [check] if check not in order else []
+            judged[check] += status != "skip"
+            false[check] += status in ("fail", "error")
+            warned[check] += status == "warn"
+    named, caught = collections.Counter(), collections.Counter()
+    for check, status in data["twins"].values():
+        named[check] += 1
+        caught[check] += status == "fail"
+    rows = [f"`{data['command']}`: {len(data['clean'])} clean runs (6 families, float32 and bfloat16, and LoRA "
+            "adapters that train the projector), "
+            f"{len(data['twins'])} twins, {data['seconds']} s.", "",
+            "| check | clean runs judged | false alarms | warnings | twins caught / named |", "|---|---|---|---|---|"]
+    rows += [f"| `{c}` | {judged[c]} | {false[c]} | {warned[c]} | {caught[c]} / {named[c]} |" for c in order]
+    return "\n".join(rows) + "\n"
+
+
+RENDER = {"vlm_suite": vlm_suite, "false_alarms": false_alarms, "localization": localization, "localization_clean": localization_clean,
           "localization_every_fail": localization_every_fail}
 
 

@@ -22,8 +22,9 @@ DEPENDS = 4.0  # an effect this many floors above the floor is a dependence; at 
 @dataclass
 class Effect:
     effect: float  # max |change| of a caption log-probability
-    floor: float  # what reordering the batch's rows changes, or float rounding, whichever is larger
+    floor: float  # what reordering the batch's rows changes, or a rounding step of the model's dtype
     how: str  # what was changed, in words
+    fine: float = 0.0  # a float32 rounding step at the logits' scale: under it, nothing moved at any precision
 
     @property
     def ratio(self) -> float:
@@ -31,8 +32,12 @@ class Effect:
 
     @property
     def verdict(self) -> str:
-        """"none" (at or under the floor), "depends" (DEPENDS floors above it) or "weak" (between)."""
-        return "none" if self.effect <= self.floor else "depends" if self.effect >= DEPENDS * self.floor else "weak"
+        """"none" (nothing moved beyond float32 rounding, nor beyond the floor), "unresolved" (under the floor
+        of a coarser dtype, but above float32 rounding: this precision cannot tell), "depends" (DEPENDS floors
+        above the floor) or "weak" (between)."""
+        if self.effect <= self.floor:
+            return "none" if self.effect <= max(self.fine, 0.0) or self.floor <= self.fine * 4 else "unresolved"
+        return "depends" if self.effect >= DEPENDS * self.floor else "weak"
 
 
 def decoder(split) -> bool:
@@ -87,10 +92,10 @@ def reordered(batch: dict, order: list) -> dict:
 
 
 @torch.no_grad()
-def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within: bool = False) -> float:
+def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within: bool = False) -> tuple:
     """Max |change| of the caption log-probabilities when only the rows' order changes, or one rounding
     step of the model's dtype at the logits' scale (eps * max |logit|: a bfloat16 logit of 3 moves in steps
-    of 0.016), whichever is larger."""
+    of 0.016), whichever is larger; and a float32 rounding step at the same scale."""
     n = batch["input_ids"].shape[0]
     back = list(range(n))[::-1]
     split = prompt_len if isinstance(prompt_len, Split) else Split(int(prompt_len))
@@ -103,8 +108,9 @@ def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within:
     pieces = list(again.split([sizes[i] for i in back]))
     again = torch.cat([pieces[back.index(r)] for r in range(n)])
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    rounding = 2 * torch.finfo(dtype).eps * (1.0 + float(logits.abs().max()))  # two logits, each rounded
-    return max(float((again - base).abs().max()), rounding)
+    scale = 1.0 + float(logits.abs().max())
+    rounding = 2 * torch.finfo(dtype).eps * scale  # two logits, each rounded
+    return max(float((again - base).abs().max()), rounding), 2 * torch.finfo(torch.float32).eps * scale
 
 
 def blanked_images(batch: dict) -> dict:
@@ -117,11 +123,11 @@ def image_effect(model, batch: dict, prompt_len: int) -> Optional[Effect]:
     if "pixel_values" not in batch:
         return None
     base = caption_logprobs(model, batch, prompt_len)
-    floor = noise_floor(model, batch, prompt_len, base)
+    floor, fine = noise_floor(model, batch, prompt_len, base)
     other, how = swapped_images(batch), "images swapped between rows"
     if other is None:
         other, how = blanked_images(batch), "images blanked (no two rows share a shape)"
-    return Effect(float((caption_logprobs(model, other, prompt_len) - base).abs().max()), floor, how)
+    return Effect(float((caption_logprobs(model, other, prompt_len) - base).abs().max()), floor, how, fine)
 
 
 def ordinary_ids(tokenizer, rows: int) -> list:
@@ -140,9 +146,9 @@ def prompt_effect(model, batch: dict, prompt_len: int, tokenizer, image_id: int)
         return None
     # Measured where the queries are caption tokens: they see the prompt only through attention.
     base = caption_logprobs(model, batch, prompt_len, within=True)
-    floor = noise_floor(model, batch, prompt_len, base, within=True)
+    floor, fine = noise_floor(model, batch, prompt_len, base, within=True)
     return Effect(float((caption_logprobs(model, other, prompt_len, within=True) - base).abs().max()), floor,
-                  "prompt words replaced by other words")
+                  "prompt words replaced by other words", fine)
 
 
 @torch.no_grad()

@@ -82,10 +82,15 @@ def image_ablation(check, s) -> Finding:
     metrics = _effect_metrics("image", e)
     said = f"{e.how}: caption log-probabilities move by at most {e.effect:.2g} (noise floor {e.floor:.2g})"
     if e.verdict == "none":
-        return check.finding(Status.FAIL, f"the captions ignore the image: {said}", metrics,
-                             "The image features never reach the caption tokens: check that the attention mask "
-                             "covers the image placeholders, that the projector's output is not zeroed or "
-                             "detached, and that the vision tower runs on pixel_values.")
+        a = s.measured("image_attention", lambda: image_attention(s.model, s.batch, s.prompt_len, s.image_token_id))
+        hint = ("The attention mask hides the image placeholders from the caption (attention on them: 0): keep "
+                "attention_mask 1 there; only the labels are -100." if a is not None and a.share <= 1e-6 else
+                "The caption attends to the image placeholders, but their embeddings do not change with the image: "
+                "the projector's output is constant (zeroed, or the features replaced) or the vision tower's input is.")
+        return check.finding(Status.FAIL, f"the captions ignore the image: {said}", metrics, hint)
+    if e.verdict == "unresolved":
+        return check.finding(Status.WARN, f"cannot tell at this precision: {said}; rerun with --precision float32",
+                             metrics)
     if e.verdict == "weak":
         return check.finding(Status.WARN, f"the captions barely depend on the image: {said}", metrics)
     return check.finding(Status.PASS, f"the captions depend on the image: {said}", metrics)
@@ -106,6 +111,9 @@ def prompt_ablation(check, s) -> Finding:
             "labels?) and that the prompt is in input_ids, not only in the labels.")
     if prompt.verdict == "none":
         return check.finding(Status.FAIL, f"the captions ignore the prompt: {said}", metrics, hint)
+    if "unresolved" in (prompt.verdict, getattr(image, "verdict", None)):
+        return check.finding(Status.WARN, f"cannot tell at this precision: {said}; rerun with --precision float32",
+                             metrics)
     if image is None or image.verdict == "none":
         return check.finding(Status.FAIL, f"the captions read the prompt but not the image ({said}; "
                              f"{'no pixel_values' if image is None else f'{image.how}: at most {image.effect:.2g}'})",
