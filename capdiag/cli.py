@@ -97,12 +97,18 @@ def _header(command: str, mf, subject, args) -> dict:
     loaded = f", weights {ctx['weights']}" if ctx["weights"] else ""
     print_header(f"capdiag {command} {mf.path} on {ctx['device']} in {ctx['precision']} (seed {args.seed}){loaded}",
                  subject.assumptions, data=ctx["data"],
-                 **({"change": "--prompt, --adapter, collate() in a model file"} if subject.kind == "prompted" else {}))
+                 change=_how_to_change(subject))
     return ctx
+
+
+def _how_to_change(subject) -> str:
+    return "--prompt, --adapter, collate() in a model file" if subject.kind == "prompted" else \
+        "set CAPDIAG hints in the model file"
 
 
 def _with_context(report, subject, ctx: dict):
     report.assumptions = list(subject.assumptions)
+    report.how_to_change = _how_to_change(subject)
     report.device, report.precision, report.weights, report.data = ctx["device"], ctx["precision"], ctx["weights"], ctx["data"]
     return report
 
@@ -116,7 +122,8 @@ def _draw(report, args) -> None:
 
     report.findings[:] = [render(f, Path(out)) for f in report.findings]
     if args.out:
-        print(f"plots written to {args.out}")
+        drawn = Path(args.out).is_dir() and any(Path(args.out).iterdir())
+        print(f"plots written to {args.out}" if drawn else f"no plots for these findings (nothing written to {args.out})")
 
 
 def _finish(report, args, started: float) -> int:
@@ -171,6 +178,11 @@ def cmd_overfit(args) -> int:
 
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     mf, subject = _subject(args, batch_size=args.batch_size or RECIPE.batch_size)
+    if subject.kind != "captioner":
+        from .errors import UsageError
+
+        raise UsageError(f"capdiag overfit trains (images, captions) -> logits captioners; {mf.path} is a "
+                         f"{subject.family.name}: run `capdiag check {mf.path}` (its checks need no training)")
     ctx = _header("overfit", mf, subject, args)
     subject.progress = True
     # An explicit --steps is the user's budget: no time limit cuts it.

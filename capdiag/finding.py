@@ -116,6 +116,7 @@ class Report:
     precision: str = ""  # the dtype the checks ran in (float32, bfloat16, ...)
     weights: str = ""  # the checkpoint loaded into the model, if any
     data: str = ""  # the user's data the checks drew their batches from (--data), in words; "" for synthetic
+    how_to_change: str = "set CAPDIAG hints in the model file"  # what changes the assumptions, in words
 
     @property
     def failed(self) -> bool:

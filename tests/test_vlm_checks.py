@@ -153,6 +153,33 @@ def test_images_of_different_sizes_give_each_row_its_own_prompt_length(folders):
     assert statuses["first_image_prompt_length"]["label_sanity"] == "fail", statuses
 
 
+SAMPLE_BATCH_FILE = """
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from capdiag.prompted.subject import synthetic_examples
+from capdiag.testing import vlm
+
+FOLDER = {folder!r}
+PROMPT = vlm.PROMPTS["llava"]
+
+
+def build_model():
+    return AutoModelForImageTextToText.from_pretrained(FOLDER, attn_implementation="eager")
+
+
+def sample_batch():  # no build_processor(): capdiag reads the processor saved beside the model
+    return vlm.collate(AutoProcessor.from_pretrained(FOLDER), synthetic_examples(4, seed=1), PROMPT, bug={bug!r})
+"""
+
+
+@pytest.mark.parametrize("bug,code", [(None, 0), ("pre_shifted_labels", 1)])
+def test_a_model_file_with_sample_batch_and_no_build_processor(folders, tmp_path, bug, code):
+    path = tmp_path / "model.py"
+    path.write_text(SAMPLE_BATCH_FILE.format(folder=str(folders["llava"]), bug=bug))
+    got, found = run(tmp_path, path, "--only", "label_sanity,image_ablation")
+    assert got == code and "your sample_batch()" in found["label_sanity"]["summary"], found
+
+
 def _bad(capsys, *argv) -> str:
     capsys.readouterr()  # what building the twins printed
     assert main(["check", *map(str, argv)]) == 2
@@ -180,6 +207,9 @@ def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, capsys):
     foreign = vlm.save_lora(model, tmp_path / "qwen_lora", ["qkv"])  # Qwen2-VL's fused vision attention
     assert "does not have" in _bad(capsys, folders["llava"], "--adapter", foreign)
     assert "--prompt is for vision-language captioners" in _bad(capsys, "capdiag.models.cnn_transformer", "--prompt", "x")
+    capsys.readouterr()
+    assert main(["overfit", str(folders["llava"]), "--steps", "5"]) == 2
+    assert "run `capdiag check" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(vlm.FAMILIES))

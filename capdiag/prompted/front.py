@@ -24,9 +24,11 @@ def is_prompted_target(target: str) -> bool:
 
 
 def is_prompted_file(mf) -> bool:
-    """A model file whose module defines the vision-language contract: ``collate`` or ``build_processor``."""
+    """A model file whose module defines the vision-language contract: ``collate`` or ``build_processor``, or
+    a ``PROMPT`` string (beside ``sample_batch``)."""
     module = getattr(mf, "module", None)
-    return module is not None and any(callable(getattr(module, n, None)) for n in ("collate", "build_processor"))
+    return module is not None and (any(callable(getattr(module, n, None)) for n in ("collate", "build_processor"))
+                                   or isinstance(getattr(module, "PROMPT", None), str))
 
 
 def _refuse(get: Callable[[str], Any], target: str) -> None:

@@ -89,7 +89,7 @@ def render_html(report: Report, title: str = "capdiag report") -> str:
             f"<p>{html.escape(f.summary)}</p>{hint}{_metrics(f)}{_extras(f)}</section>"
         )
     assumptions = "".join(f"<li>{html.escape(a)}</li>" for a in report.assumptions)
-    assume_html = f'<div class="assume">Assumed (set CAPDIAG hints to change):<ul>{assumptions}</ul></div>' if assumptions else ""
+    assume_html = f'<div class="assume">Assumed ({html.escape(report.how_to_change)} to change):<ul>{assumptions}</ul></div>' if assumptions else ""
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     # What was judged: the device and precision, the checkpoint loaded, the data the batches came from.
     facts = [f"on {report.device}" if report.device else "", report.precision,
