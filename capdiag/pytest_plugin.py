@@ -58,7 +58,9 @@ class CapdiagFile(pytest.File):
         from .options import selected
 
         try:
-            chosen = set(selected(self._option))
+            from .prompted.front import declares_prompted
+
+            chosen = set(selected(self._option, "prompted" if declares_prompted(self.target) else "captioner"))
         except CapdiagError as e:  # an unknown check name: one line, as the CLI says it
             raise pytest.UsageError(f"capdiag: {e}") from None
         for cls in list_checks():

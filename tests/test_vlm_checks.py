@@ -217,3 +217,8 @@ def test_a_processor_writing_another_image_token_count_is_one_line_in_every_fami
     folder = vlm.build_folder(name, tmp_path / name, bug="processor_image_tokens")
     said = _bad(capsys, folder)
     assert "image tokens per image but the model's vision side gives" in said, said
+
+
+def test_pytest_plugin_collects_the_vision_language_checks_of_a_folder(folders, pytester):
+    result = pytester.runpytest_subprocess("--capdiag", str(folders["llava"]), "-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=7, skipped=1)  # the prompted checks; adapters skips without an adapter

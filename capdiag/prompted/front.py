@@ -31,6 +31,29 @@ def is_prompted_file(mf) -> bool:
                                    or isinstance(getattr(module, "PROMPT", None), str))
 
 
+def declares_prompted(target: str) -> bool:
+    """Whether ``target`` is a vision-language captioner, read without running anything: a folder of a
+    family, or a ``.py`` file whose top level defines ``collate``/``build_processor`` or assigns ``PROMPT``
+    (what ``is_prompted_file`` finds once the file is imported). For front ends that must choose checks
+    before the model is built (the pytest plugin collects before it runs)."""
+    import ast
+
+    if Path(target).is_dir():
+        return is_prompted_target(target)
+    if not (target.endswith(".py") and Path(target).is_file()):
+        return False
+    try:
+        tree = ast.parse(Path(target).read_text())
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return False
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in ("collate", "build_processor"):
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PROMPT" for t in node.targets):
+            return True
+    return False
+
+
 def _refuse(get: Callable[[str], Any], target: str) -> None:
     for name in NOT_HERE:
         if get(name):
