@@ -1,6 +1,11 @@
-"""prompt_ablation: a vision-language captioner whose captions ignore the prompt (or, reading it, ignore the image).
+"""prompt_ablation: does a vision-language captioner's caption read its prompt, and its image too?
 
-The measurement and verdict live in ``capdiag.prompted`` (see ``capdiag.prompted.verdicts.prompt_ablation``).
+The prompt's words are replaced by other words (image placeholders and special tokens kept) and the
+caption tokens' log-probabilities compared, where the queries are caption tokens (they see the prompt
+only through attention), against the batch's own noise floor (rows reversed and put back, or a rounding
+step of the model's dtype). Fails when nothing moves beyond the floor (the attention mask hides the
+prompt), or when the prompt is read but the image is not; warns when this precision cannot tell.
+Measurements and verdict: ``capdiag.prompted.probes`` and ``capdiag.prompted.verdicts.prompt_ablation``.
 """
 from __future__ import annotations
 

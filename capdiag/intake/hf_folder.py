@@ -43,7 +43,7 @@ def is_hf_folder(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """transformers' advice about attention masks is not meant for capdiag's probes (it passes an
     all-ones mask; causal decoders need no more), so its logger is kept at errors during calls."""
     from transformers.utils import logging
@@ -68,7 +68,7 @@ class HFCaptioner(nn.Module):
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         mask = torch.ones_like(captions)
-        with _quiet():
+        with quiet():
             if self.kind == "vision-encoder-decoder":
                 out = self.inner(pixel_values=images, decoder_input_ids=captions, decoder_attention_mask=mask)
             elif self.kind == "blip":
@@ -80,7 +80,7 @@ class HFCaptioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, max_len: int = 20) -> torch.Tensor:
-        with _quiet():
+        with quiet():
             return self.inner.generate(pixel_values=images, max_length=max_len, do_sample=False, num_beams=1)
 
 
@@ -160,7 +160,7 @@ def model_file(folder: str):
 
     def build_model():
         try:
-            with _quiet():
+            with quiet():
                 # Eager attention returns the attention weights attention_maps reads (SDPA does
                 # not); the same computation, written out.
                 inner = cls.from_pretrained(folder, local_files_only=True, attn_implementation="eager")

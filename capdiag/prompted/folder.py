@@ -5,7 +5,6 @@ with the model, an adapter made for another base model.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..errors import ModelFileError
+from ..intake.hf_folder import quiet  # noqa: F401 (the room's callers import it from here)
 from .families import family_of, supported
 
 
@@ -27,22 +27,6 @@ def model_type(folder) -> Optional[str]:
 
 def is_prompted_folder(folder) -> bool:
     return Path(folder).is_dir() and family_of(model_type(folder)) is not None
-
-
-@contextlib.contextmanager
-def quiet():
-    """transformers' progress bars and advice are not meant for capdiag's probes."""
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def load_folder(folder: str, adapter: Optional[str] = None) -> tuple:

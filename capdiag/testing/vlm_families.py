@@ -62,61 +62,42 @@ def build_llava(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug
     return _save(folder, model, processor, bug)
 
 
-def build_qwen2_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
-    """A tiny Qwen2-VL folder: ``pixel_values`` are rows of patches with ``image_grid_thw``, 2x2 patches merge
-    into one feature, M-RoPE positions; ``bug`` as for ``build_llava``."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+def build_qwen2_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None,
+                   version: str = "2") -> Path:
+    """A tiny Qwen2-VL folder (``version="2.5"``: Qwen2.5-VL, whose vision tower attends in windows):
+    ``pixel_values`` are rows of patches with ``image_grid_thw``, 2x2 patches merge into one feature, M-RoPE
+    positions; ``bug`` as for ``build_llava``."""
+    import transformers
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    name = "Qwen2_5_VL" if version == "2.5" else "Qwen2VL"
     tok = tokenizer(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<|image_pad|>", "<|vision_start|>",
                      "<|vision_end|>", "<|video_pad|>"))
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    config = Qwen2VLConfig(
+    vision = dict(depth=2, hidden_size=32, num_heads=4, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3)
+    vision.update(dict(intermediate_size=64, window_size=4 * patch, out_hidden_size=32, fullatt_block_indexes=[1])
+                  if version == "2.5" else dict(embed_dim=32, mlp_ratio=2))
+    config = getattr(transformers, f"{name}Config")(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=patch,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(config)
     merge = 1 if bug == "processor_image_tokens" else 2  # the twin's processor forgets the 2x2 merge
     pixels = dict(min_pixels=image_size * image_size, max_pixels=4 * image_size * image_size)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, **pixels),
+    processor = getattr(transformers, f"{name}Processor")(
+        image_processor=transformers.Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                                           **pixels),
         video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2), tokenizer=tok)
     return _save(folder, model, processor, bug)
 
 
-def build_qwen2_5_vl(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
-    """A tiny Qwen2.5-VL folder: Qwen2-VL's layout (patch rows, ``image_grid_thw``, 2x2 merge, M-RoPE) with a
-    windowed vision tower; ``bug`` as for ``build_llava``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    tok = tokenizer(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<|image_pad|>", "<|vision_start|>",
-                     "<|vision_end|>", "<|video_pad|>"))
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=4 * patch,
-                           out_hidden_size=32, fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    merge = 1 if bug == "processor_image_tokens" else 2
-    pixels = dict(min_pixels=image_size * image_size, max_pixels=4 * image_size * image_size)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, **pixels),
-        video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2), tokenizer=tok)
-    return _save(folder, model, processor, bug)
+def build_qwen2_5_vl(folder, seed: int = 0, bug: Optional[str] = None, **kw) -> Path:
+    return build_qwen2_vl(folder, seed, bug=bug, version="2.5", **kw)
 
 
 def build_llava_next(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
