@@ -94,7 +94,7 @@ def vlm_suite(data: dict) -> str:
     for check, status in data["twins"].values():
         named[check] += 1
         caught[check] += status == "fail"
-    rows = [f"`{data['command']}`: {len(data['clean'])} clean runs (8 families, float32 and bfloat16, and LoRA "
+    rows = [f"`{data['command']}`: {len(data['clean'])} clean runs (9 families, float32 and bfloat16, and LoRA "
             "adapters that train the projector), "
             f"{len(data['twins'])} twins, {data['seconds']} s.", "",
             "| check | clean runs judged | false alarms | warnings | twins caught / named |", "|---|---|---|---|---|"]

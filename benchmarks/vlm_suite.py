@@ -20,11 +20,13 @@ import torch
 # (twin, family) pairs: the collator and model-file twins, each on the families whose layout it applies to
 COLLATOR_TWINS = {
     "prompt_unmasked": ("llava", "paligemma"), "image_tokens_as_targets": ("llava", "blip-2"),
-    "pre_shifted_labels": ("llava", "qwen2_vl", "smolvlm", "florence2", "llava_next"), "eos_not_target": ("llava",),
-    "image_dropped": ("llava", "qwen2_vl", "paligemma", "blip-2", "smolvlm", "florence2", "qwen2_5_vl", "llava_next"),
+    "pre_shifted_labels": ("llava", "qwen2_vl", "smolvlm", "florence2", "llava_next", "idefics3"), "eos_not_target": ("llava",),
+    "image_dropped": ("llava", "qwen2_vl", "paligemma", "blip-2", "smolvlm", "florence2", "qwen2_5_vl", "llava_next",
+                      "idefics3"),
     "prompt_hidden": ("llava", "paligemma", "blip-2", "qwen2_5_vl"), "image_masked": ("llava", "qwen2_vl", "blip-2", "llava_next"),
     "pads_as_targets": ("florence2",), "double_rescale": ("llava", "qwen2_vl", "smolvlm", "florence2"),
-    "vision_no_grad": ("llava", "qwen2_vl", "paligemma", "blip-2", "smolvlm", "florence2", "qwen2_5_vl", "llava_next"),
+    "vision_no_grad": ("llava", "qwen2_vl", "paligemma", "blip-2", "smolvlm", "florence2", "qwen2_5_vl", "llava_next",
+                       "idefics3"),
     "first_image_prompt_length": (),
 }
 BF16_TWINS = ("image_masked", "prompt_hidden")

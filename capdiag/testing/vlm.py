@@ -147,7 +147,8 @@ def write_model_file(path, folder, family: str, bug: Optional[str] = None) -> Pa
     whose ``build_model`` plants one of ``MODEL_BUGS``."""
     tower = {"llava": "model.vision_tower", "qwen2_vl": "model.visual", "paligemma": "model.vision_tower",
              "blip-2": "vision_model", "smolvlm": "model.vision_model", "florence2": "model.vision_tower",
-             "qwen2_5_vl": "model.visual", "llava_next": "model.vision_tower"}[family]
+             "qwen2_5_vl": "model.visual", "llava_next": "model.vision_tower",
+             "idefics3": "model.vision_model"}[family]
     extra = _MODEL_EXTRA[bug if bug in MODEL_BUGS else None].format(tower=tower)
     path = Path(path)
     path.write_text(MODEL_FILE.format(folder=str(folder), family=family, extra=extra,

@@ -177,19 +177,20 @@ def build_blip2(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug
     return _save(folder, Blip2ForConditionalGeneration(config), processor, bug)
 
 
-def build_smolvlm(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None) -> Path:
-    """A tiny SmolVLM (Idefics3 architecture) folder: SigLIP-style vision tower, pixel shuffle by 2 into a
-    connector, Llama text model; ``pixel_values`` are 5-D (batch, images, C, H, W) with a
-    ``pixel_attention_mask``; each image is written as ``<fake_token_around_image><global-img><image>*n
-    <fake_token_around_image>``; the processor needs ``num2words``. ``bug`` as for ``build_llava``."""
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
-    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+def build_smolvlm(folder, seed: int = 0, image_size: int = 32, patch: int = 8, bug: Optional[str] = None,
+                  kind: str = "SmolVLM") -> Path:
+    """A tiny SmolVLM folder (``kind="Idefics3"``: its parent architecture and processor): SigLIP-style vision
+    tower, pixel shuffle by 2 into a connector, Llama text model; ``pixel_values`` are 5-D (batch, images, C,
+    H, W) with a ``pixel_attention_mask``; each image is written as ``<fake_token_around_image><global-img>
+    <image>*n<fake_token_around_image>``; SmolVLM's processor needs ``num2words``. ``bug`` as for
+    ``build_llava``."""
+    import transformers
 
     tok = tokenizer(("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<unk>", "<image>",
                      "<fake_token_around_image>", "<global-img>", "<video>")
                     + tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
     scale = 2
-    config = SmolVLMConfig(
+    config = getattr(transformers, f"{kind}Config")(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=image_size, patch_size=patch),
         text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -197,14 +198,22 @@ def build_smolvlm(folder, seed: int = 0, image_size: int = 32, patch: int = 8, b
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
         scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config)
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(config)
     edge = {"longest_edge": image_size}
     seq = (image_size // patch) ** 2 // scale ** 2
-    processor = SmolVLMProcessor(
-        image_processor=SmolVLMImageProcessor(do_image_splitting=False, size=edge, max_image_size=edge),
-        video_processor=SmolVLMVideoProcessor(size=edge, max_image_size=edge), tokenizer=tok,
-        image_seq_len=seq + 1 if bug == "processor_image_tokens" else seq)
+    images = getattr(transformers, f"{kind}ImageProcessor")(do_image_splitting=False, size=edge, max_image_size=edge)
+    extra = {}
+    if kind == "SmolVLM":
+        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+        extra["video_processor"] = SmolVLMVideoProcessor(size=edge, max_image_size=edge)
+    processor = getattr(transformers, f"{kind}Processor")(image_processor=images, tokenizer=tok, **extra,
+                                                          image_seq_len=seq + 1 if bug == "processor_image_tokens" else seq)
     return _save(folder, model, processor, bug)
+
+
+def build_idefics3(folder, seed: int = 0, bug: Optional[str] = None, **kw) -> Path:
+    return build_smolvlm(folder, seed, bug=bug, kind="Idefics3", **kw)
 
 
 def build_florence2(folder, seed: int = 0, image_size: int = 16, bug: Optional[str] = None) -> Path:
@@ -252,11 +261,11 @@ def _save(folder, model, processor, bug: Optional[str]) -> Path:
 
 FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "paligemma": build_paligemma, "blip-2": build_blip2,
             "smolvlm": build_smolvlm, "florence2": build_florence2, "qwen2_5_vl": build_qwen2_5_vl,
-            "llava_next": build_llava_next}
+            "llava_next": build_llava_next, "idefics3": build_idefics3}
 PROMPTS = {"llava": "<image>describe the image:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:",
            "paligemma": "<image>caption en", "blip-2": "a photo of", "smolvlm": "<image>describe the image:",
            "florence2": "<CAPTION>", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>describe the image:",
-           "llava_next": "<image>describe the image:"}
+           "llava_next": "<image>describe the image:", "idefics3": "<image>describe the image:"}
 
 
 def build_folder(family: str, folder, seed: int = 0, bug: Optional[str] = None) -> Path:
