@@ -199,6 +199,8 @@ def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, capsys):
         if f.name in ("config.json", "model.safetensors", "generation_config.json"):
             (bare / f.name).write_bytes(f.read_bytes())
     assert "has no tokenizer" in _bad(capsys, bare)
+    (bare / "tokenizer.json").write_bytes((folders["llava"] / "tokenizer.json").read_bytes())
+    assert "has no processor" in _bad(capsys, bare)
     mismatched = vlm.build_folder("llava", tmp_path / "tokens", bug="processor_image_tokens")
     assert "15 image tokens per image but the model's vision side gives 16" in _bad(capsys, mismatched)
     from capdiag.prompted.folder import load_folder
