@@ -224,3 +224,29 @@ def test_a_processor_writing_another_image_token_count_is_one_line_in_every_fami
 def test_pytest_plugin_collects_the_vision_language_checks_of_a_folder(folders, pytester):
     result = pytester.runpytest_subprocess("--capdiag", str(folders["llava"]), "-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=7, skipped=1)  # the prompted checks; adapters skips without an adapter
+
+
+@pytest.mark.parametrize("name", ["llava", "blip-2"])
+def test_a_right_padded_training_batch_from_a_fresh_model_passes_every_check_in_a_row(folders, name):
+    """A training collator that pads on the right, handed over before the model ever ran: transformers 5
+    installs its output-capturing hooks on the first forward, which must not happen inside a check (the
+    check's restored attributes would leave the hooks unmarked, and the next forward lose the vision
+    tower's hidden states)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from capdiag.prompted.batches import prompt_text, reference_batch
+    from capdiag.prompted.families import family_of
+    from capdiag.prompted.subject import subject_from_batch, synthetic_examples
+    from capdiag.registry import get_check
+    from capdiag.runner import run_check
+
+    model = AutoModelForImageTextToText.from_pretrained(folders[name], attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(folders[name])
+    family = family_of(model.config.model_type)
+    processor.tokenizer.padding_side = "right"
+    batch = reference_batch(processor, synthetic_examples(4, 0), prompt_text(family, processor, None), family.suffix)
+    processor.tokenizer.padding_side = "left"
+    s = subject_from_batch(model, processor, batch)
+    got = {n: run_check(s, get_check(n)).status.value for n in (
+        "image_ablation", "gradient_flow", "label_sanity", "prompt_ablation", "decoding_consistency", "attention_maps")}
+    assert set(got.values()) == {"pass"}, got

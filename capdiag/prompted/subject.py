@@ -167,6 +167,22 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
     subject = PromptedSubject(model, processor, family, batch, text, n, source, path, seed=seed, adapter=adapter,
                               dataset=dataset)
     subject.batch = subject.to_device(batch)
+    return warmed(subject)
+
+
+def warmed(subject: PromptedSubject) -> PromptedSubject:
+    """Run the subject's forward once before any check does, in eval mode with the RNG restored.
+
+    transformers 5 installs its output-capturing hooks lazily on a model's first forward and marks the
+    model with a plain attribute. A check's ``preserved_state`` removes attributes that appeared during the
+    check, so a first forward inside a check would leave the hooks without their mark and the next forward
+    would install them twice (and lose the vision tower's hidden states). Running the model once here, as
+    the user's own first call would, leaves it set up for good; it changes no weight, buffer, mode or RNG."""
+    from ..state import in_mode, preserved_rng
+    from .probes import inputs_of
+
+    with torch.no_grad(), preserved_rng(), in_mode(subject.model, False):
+        subject.model(**inputs_of(subject.batch, subject.prompt_len))
     return subject
 
 
@@ -219,7 +235,7 @@ def subject_from_batch(model, processor, batch: dict, prompt: Optional[str] = No
     batch = _checked(dict(batch), "given")
     split = _prompt_split(processor, batch, Image.new("RGB", (64, 64)), text, "given", image_token_id(model))
     split = split._replace(decoder=family.encoder_decoder)
-    return PromptedSubject(model, processor, family, batch, text, split, "probe", path, live=live)
+    return warmed(PromptedSubject(model, processor, family, batch, text, split, "probe", path, live=live))
 
 
 def _called(fn: Callable, what: str, *args):
