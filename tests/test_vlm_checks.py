@@ -114,6 +114,12 @@ def test_a_lora_config_that_freezes_everything_image_side_fails_and_one_that_tra
     assert "by design" in found["adapters"]["summary"], found["adapters"]["summary"]
 
 
+def test_an_empty_prompt_captions_from_the_image_alone(folders, tmp_path):
+    code, found = run(tmp_path, folders["blip-2"], "--prompt", "")  # BLIP-2's usual captioning: no prompt
+    assert code == 0 and found["prompt_ablation"]["status"] == "skip", {k: f["summary"] for k, f in found.items()}
+    assert found["image_ablation"]["status"] == "pass" and found["label_sanity"]["status"] == "pass"
+
+
 def test_data_draws_the_batch_from_the_users_captions_and_images_through_the_processor(folders, tmp_path):
     from capdiag.intake.data import write_coco_folder
 
@@ -209,6 +215,7 @@ def test_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, capsys):
     foreign = vlm.save_lora(model, tmp_path / "qwen_lora", ["qkv"])  # Qwen2-VL's fused vision attention
     assert "does not have" in _bad(capsys, folders["llava"], "--adapter", foreign)
     assert "--prompt is for vision-language captioners" in _bad(capsys, "capdiag.models.cnn_transformer", "--prompt", "x")
+    assert "the processor refuses the prompt 'describe:'" in _bad(capsys, folders["llava"], "--prompt", "describe:")
     capsys.readouterr()
     assert main(["overfit", str(folders["llava"]), "--steps", "5"]) == 2
     assert "run `capdiag check" in capsys.readouterr().err

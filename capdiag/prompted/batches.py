@@ -23,7 +23,7 @@ def prompt_text(family, processor, prompt: Optional[str]) -> str:
     """The prompt as written before each caption: ``prompt`` (``--prompt``, ``PROMPT``) or the family's
     default, with ``{image}`` standing for the processor's image token."""
     token = processor.image_token
-    return (prompt or family.prompt).replace("{image}", str(getattr(token, "content", token)))
+    return (family.prompt if prompt is None else prompt).replace("{image}", str(getattr(token, "content", token)))
 
 
 def reference_batch(processor, examples: list, prompt: str, suffix: bool = False, encoder_decoder: bool = False) -> dict:
@@ -43,7 +43,7 @@ def reference_batch(processor, examples: list, prompt: str, suffix: bool = False
         batch = dict(processor(images=[[im] for im in images], text=[prompt] * len(examples), suffix=[e["caption"] for e in examples],
                                return_tensors="pt", padding=True))
     else:
-        batch = dict(processor(images=[[im] for im in images], text=[f"{prompt} {e['caption']}{tok.eos_token}" for e in examples],
+        batch = dict(processor(images=[[im] for im in images], text=[f"{prompt} {e['caption']}{tok.eos_token}".lstrip() for e in examples],
                                return_tensors="pt", padding=True))
     lengths = tuple(prompt_length(processor, im, prompt) for im in images)  # images of other sizes: other counts
     n = Split(lengths[0] if len(set(lengths)) == 1 else lengths, tok.pad_token_id)

@@ -127,7 +127,8 @@ def processor_mismatch(model, processor, image, prompt: Optional[str] = None) ->
                 "(model.resize_token_embeddings) before training")
     image_id = image_token_id(model)
     token = processor.image_token
-    inputs = processor(images=[[image]], text=[prompt or str(getattr(token, "content", token))], return_tensors="pt")
+    text = str(getattr(token, "content", token)) if prompt is None else prompt
+    inputs = processor(images=[[image]], text=[text], return_tensors="pt")
     n_tokens, n_features = int((inputs["input_ids"][0] == image_id).sum()), features_per_image(model, inputs)
     if n_tokens != n_features:
         strategy = getattr(base_model(model).config, "vision_feature_select_strategy", None)

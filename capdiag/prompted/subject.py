@@ -151,19 +151,23 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
     if device is not None:
         model = model.to(device)
     text = prompt_text(family, processor, prompt)
-    said = processor_mismatch(model, processor, examples[0]["image"], text)
-    if said:
-        raise UsageError(f"{path}: {said}")
-    if sample_batch is not None:
-        batch, source = _called(sample_batch, "sample_batch()"), "sample_batch"
-    elif collate is not None:
-        batch, source = _called(collate, "collate(examples)", examples), "collate"
-    else:
-        batch = reference_batch(processor, examples, text, family.suffix, family.encoder_decoder)
-        source = "data" if dataset is not None else "capdiag"
-    batch = _checked(dict(batch), f"from {SOURCES[source]}")
-    n = _prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}", image_token_id(model))
-    n = n._replace(decoder=family.encoder_decoder)
+    try:
+        said = processor_mismatch(model, processor, examples[0]["image"], text)
+        if said:
+            raise UsageError(f"{path}: {said}")
+        if sample_batch is not None:
+            batch, source = _called(sample_batch, "sample_batch()"), "sample_batch"
+        elif collate is not None:
+            batch, source = _called(collate, "collate(examples)", examples), "collate"
+        else:
+            batch = reference_batch(processor, examples, text, family.suffix, family.encoder_decoder)
+            source = "data" if dataset is not None else "capdiag"
+        batch = _checked(dict(batch), f"from {SOURCES[source]}")
+        n = _prompt_split(processor, batch, examples[0]["image"], text, f"from {SOURCES[source]}", image_token_id(model))
+        n = n._replace(decoder=family.encoder_decoder)
+    except ValueError as e:  # the family's processor refuses the prompt (no image token where it needs one, ...)
+        raise UsageError(f"{path}: the processor refuses the prompt {text!r}: {str(e).strip().splitlines()[0]}; "
+                         "pass --prompt with {image} where the image goes (or PROMPT in the model file)") from None
     subject = PromptedSubject(model, processor, family, batch, text, n, source, path, seed=seed, adapter=adapter,
                               dataset=dataset)
     subject.batch = subject.to_device(batch)
@@ -182,7 +186,10 @@ def warmed(subject: PromptedSubject) -> PromptedSubject:
     from .probes import inputs_of
 
     with torch.no_grad(), preserved_rng(), in_mode(subject.model, False):
-        subject.model(**inputs_of(subject.batch, subject.prompt_len))
+        try:
+            subject.model(**inputs_of(subject.batch, subject.prompt_len))
+        except Exception:  # noqa: BLE001 - a batch the model refuses is for the checks to report, with its line
+            pass
     return subject
 
 
