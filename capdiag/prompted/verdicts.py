@@ -15,6 +15,17 @@ from .probes import image_attention, image_effect, pixel_range, prompt_effect, r
 from .folder import quiet
 
 
+def _measured(s, key: str, compute):
+    """``s.measured``, computed in eval mode (dropout off, as the captioner checks probe): a model file may
+    hand over a model in train mode, and dropout would set the noise floors, not the model."""
+    from ..state import in_mode
+
+    def evaluated():
+        with in_mode(s.model, False):
+            return compute()
+    return s.measured(key, evaluated)
+
+
 def _batch_words(s) -> str:
     from .subject import SOURCES
 
@@ -22,7 +33,7 @@ def _batch_words(s) -> str:
 
 
 def label_sanity(check, s) -> Finding:
-    facts = s.measured("label_facts", lambda: label_facts(s.model, s.batch, s.prompt_len, s.image_token_id,
+    facts = _measured(s, "label_facts", lambda: label_facts(s.model, s.batch, s.prompt_len, s.image_token_id,
                                                           s.tokenizer.eos_token_id, s.start_id))
     metrics = {"targets": facts.targets, "prompt_targets": facts.prompt_targets, "image_targets": facts.image_targets,
                "pad_targets": facts.pad_targets, "eos_rows": facts.eos_rows, "rows": facts.rows,
@@ -62,7 +73,7 @@ def _effect_metrics(prefix: str, e) -> dict:
 
 def image_ablation(check, s) -> Finding:
     if s.live:  # the training monitor judges the history of the reliance, not one probe
-        r = reliance(s.model, s.batch, s.prompt_len)
+        r = _measured(s, "reliance", lambda: reliance(s.model, s.batch, s.prompt_len))
         if r is None:
             return check.finding(Status.WARN, "the probe batch carries no pixel_values", {"image_reliance": 0.0})
         score, true, moved, how = r
@@ -73,7 +84,7 @@ def image_ablation(check, s) -> Finding:
         return check.finding(Status.PASS if score >= check.min_reliance else Status.WARN,
                              f"image reliance {score:.2f} ({how}: caption loss {true:.3f} -> {moved:.3f})",
                              {"image_reliance": score, "loss_true": true, "loss_other": moved})
-    e = s.measured("image_effect", lambda: image_effect(s.model, s.batch, s.prompt_len))
+    e = _measured(s, "image_effect", lambda: image_effect(s.model, s.batch, s.prompt_len))
     if e is None:
         return check.finding(Status.FAIL, f"the batch from {_batch_words(s)} carries no pixel_values: the model "
                              "captions without the image", {}, "Pass the images to the processor with the text "
@@ -82,7 +93,7 @@ def image_ablation(check, s) -> Finding:
     metrics = _effect_metrics("image", e)
     said = f"{e.how}: caption log-probabilities move by at most {e.effect:.2g} (noise floor {e.floor:.2g})"
     if e.verdict == "none":
-        a = s.measured("image_attention", lambda: image_attention(s.model, s.batch, s.prompt_len, s.image_token_id))
+        a = _measured(s, "image_attention", lambda: image_attention(s.model, s.batch, s.prompt_len, s.image_token_id))
         hint = ("The attention mask hides the image placeholders from the caption (attention on them: 0): keep "
                 "attention_mask 1 there; only the labels are -100." if a is not None and a.share <= 1e-6 else
                 "The caption attends to the image placeholders, but their embeddings do not change with the image: "
@@ -97,8 +108,8 @@ def image_ablation(check, s) -> Finding:
 
 
 def prompt_ablation(check, s) -> Finding:
-    image = s.measured("image_effect", lambda: image_effect(s.model, s.batch, s.prompt_len))
-    prompt = s.measured("prompt_effect", lambda: prompt_effect(s.model, s.batch, s.prompt_len, s.tokenizer,
+    image = _measured(s, "image_effect", lambda: image_effect(s.model, s.batch, s.prompt_len))
+    prompt = _measured(s, "prompt_effect", lambda: prompt_effect(s.model, s.batch, s.prompt_len, s.tokenizer,
                                                                s.image_token_id))
     metrics = _effect_metrics("prompt", prompt) if prompt is not None else {}
     if image is not None:
@@ -127,7 +138,7 @@ def decoding(check, s) -> Finding:
     side = s.tokenizer.padding_side
     if s.family.encoder_decoder:
         with quiet():
-            st = s.measured("start_token", lambda: start_token_gap(s.model, s.batch, s.prompt_len, s.tokenizer))
+            st = _measured(s, "start_token", lambda: start_token_gap(s.model, s.batch, s.prompt_len, s.tokenizer))
         metrics = {"start_gap": st.gap, "floor": st.floor, "train_start": st.train, "generate_start": st.generate}
         if st.gap > st.floor:
             said = (f"generate() starts the decoder from token {st.generate} (generation_config.decoder_start_token_id) "
@@ -139,7 +150,7 @@ def decoding(check, s) -> Finding:
                                  "decoder_start_token_id (the token training puts before the labels)."
                                  if st.generate != st.train else "Compare generate()'s inputs with the forward's.")
     with quiet():
-        b = s.measured(f"batched_{side}", lambda: batched_vs_alone(s.model, s.batch, s.prompt_len, s.tokenizer, side))
+        b = _measured(s, f"batched_{side}", lambda: batched_vs_alone(s.model, s.batch, s.prompt_len, s.tokenizer, side))
     metrics = {"rows": b.rows, "changed": b.changed, "near_ties": b.near_ties, "first_step_gap": b.first_step,
                "floor": b.floor}
     if b.changed:
@@ -171,7 +182,7 @@ def gradient_flow(check, s) -> Finding:
                 metrics[f"{side}_grad_norm"] = math.sqrt(sum(v * v for v in vals))
         return check.finding(Status.FAIL if bad else Status.PASS, f"{len(bad)} non-finite gradients" if bad else
                              f"gradients of {len(norms)} parameters", metrics)
-    g = s.measured("part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
+    g = _measured(s, "part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
     metrics = {"loss": g.loss}
     dead, by_design = [], []
     for side in SIDES:
@@ -215,7 +226,7 @@ def adapters(check, s) -> Finding:
     if not peft_config:
         return check.skip("no peft adapter on the model (pass --adapter DIR, or return a PeftModel from build_model)")
     config = next(iter(peft_config.values()))
-    g = s.measured("part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
+    g = _measured(s, "part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
     metrics = {f"{side}_{kind}": len(g.group(side, kind == "adapters")) for side in SIDES for kind in ("adapters", "weights")}
     targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list, tuple)) else config.target_modules
     base = [n for n in g.norms if n not in g.adapters]
@@ -267,7 +278,7 @@ def input_sanity(check, s) -> Finding:
 def attention_maps(check, s) -> Finding:
     if "pixel_values" not in s.batch:
         return check.skip("the batch carries no image (see image_ablation)")
-    a = s.measured("image_attention", lambda: image_attention(s.model, s.batch, s.prompt_len, s.image_token_id))
+    a = _measured(s, "image_attention", lambda: image_attention(s.model, s.batch, s.prompt_len, s.image_token_id))
     if a is None:
         return check.skip("the model returns no attention weights: load it with attn_implementation=\"eager\"")
     what = "cross-attention" if a.cross else "attention"
