@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5.0")  # Florence-2, AutoModelForImageTextToText
 
 from capdiag.prompted.generation import batched_vs_alone  # noqa: E402
 from capdiag.prompted.labels import label_facts, label_problems  # noqa: E402

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5.0")  # Florence-2, AutoModelForImageTextToText
+pytest.importorskip("peft")
+pytest.importorskip("num2words")
 
 from capdiag.cli import main  # noqa: E402
 from capdiag.testing import vlm  # noqa: E402

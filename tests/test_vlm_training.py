@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.0")
 pytest.importorskip("peft")
 
 from capdiag.prompted.subject import synthetic_examples  # noqa: E402
