@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("transformers", minversion="5.0")  # Florence-2, AutoModelForImageTextToText
+pytest.importorskip("num2words")  # SmolVLM's processor
 
 from capdiag.prompted.generation import batched_vs_alone  # noqa: E402
 from capdiag.prompted.labels import label_facts, label_problems  # noqa: E402
