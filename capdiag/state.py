@@ -121,11 +121,34 @@ def preserved_attributes(model: nn.Module) -> Iterator[None]:
                 m.__dict__[k] = v
 
 
+_HOOK_COMPANIONS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+@contextlib.contextmanager
+def preserved_hooks(model: nn.Module) -> Iterator[None]:
+    """Remove the module hooks registered during the block. capdiag removes its own; this is for the
+    model's: transformers 5 installs its output-capturing hooks on a model's first forward and marks the
+    model with an attribute. ``preserved_attributes`` takes the mark away, so the hooks must go with it,
+    or the next forward would install them a second time."""
+    saved = [(m, {d: set(getattr(m, d, None) or {}) for d in _HOOK_DICTS}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, keys in saved:
+            for d, before in keys.items():
+                hooks = getattr(m, d, None)
+                for k in [k for k in (hooks or {}) if k not in before]:
+                    del hooks[k]
+                    for extra in _HOOK_COMPANIONS:
+                        getattr(m, extra, {}).pop(k, None)
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Modes, requires_grad, buffers, plain attributes and RNG restored after the block (what the
-    runner wraps every check in)."""
-    with preserved_modes(model), preserved_buffers(model), preserved_attributes(model), preserved_rng():
+    """Modes, requires_grad, buffers, plain attributes, the model's own hooks and RNG restored after the
+    block (what the runner wraps every check in)."""
+    with preserved_modes(model), preserved_buffers(model), preserved_attributes(model), preserved_hooks(model), \
+            preserved_rng():
         yield
 
 

@@ -259,3 +259,28 @@ def test_a_right_padded_training_batch_from_a_fresh_model_passes_every_check_in_
     got = {n: run_check(s, get_check(n)).status.value for n in (
         "image_ablation", "gradient_flow", "label_sanity", "prompt_ablation", "decoding_consistency", "attention_maps")}
     assert set(got.values()) == {"pass"}, got
+
+
+def test_a_check_that_runs_a_fresh_transformers_model_first_leaves_it_as_it_was(folders):
+    """No warm-up here: the first forward happens inside a check, where transformers 5 installs its
+    output-capturing hooks and marks the model; the check's preserved_state takes both away again, so the
+    next check (and the user's next call) starts from the model as it was."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from capdiag.prompted.batches import Split, prompt_text, reference_batch
+    from capdiag.prompted.families import family_of
+    from capdiag.prompted.subject import PromptedSubject, synthetic_examples
+    from capdiag.registry import get_check
+    from capdiag.runner import run_check
+    from capdiag.state import ModelSnapshot
+
+    model = AutoModelForImageTextToText.from_pretrained(folders["llava"], attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(folders["llava"])
+    family = family_of("llava")
+    text = prompt_text(family, processor, None)
+    batch = reference_batch(processor, synthetic_examples(4, 0), text)
+    s = PromptedSubject(model, processor, family, batch, text, Split(26, processor.tokenizer.pad_token_id), "capdiag", "x")
+    before = ModelSnapshot.take(model)
+    got = [run_check(s, get_check(n)).status.value for n in ("image_ablation", "gradient_flow", "attention_maps")]
+    assert got == ["pass"] * 3
+    assert ModelSnapshot.take(model).differences(before) == []
