@@ -103,7 +103,6 @@ class TrainingDiagnostics:
         self.images, self.captions = images, captions
         self.frozen = [DriftWatcher(self.captioner.submodule(n), n) for n in frozen_modules]
 
-
     @staticmethod
     def _prompted_subject(inner: nn.Module, batch, frozen_modules, hints: dict):
         """The live subject of a vision-language captioner: ``hints`` carry its ``processor`` (and ``prompt``)."""

@@ -99,15 +99,14 @@ def subject_from(target: str, get: Callable[[str], Any], batch_size: int = 8, pr
     """
     import torch
 
+    from .errors import UsageError
     from .intake.discover import load_model_file
     from .intake.modelfile import model_kwargs
-    from .errors import UsageError
     from .intake.subject import make_subject
     from .prompted.families import supported
-
-    precision = get("precision")
     from .prompted.front import folder_subject, is_prompted_file, is_prompted_target, model_file_subject
 
+    precision = get("precision")
     if is_prompted_target(target):
         return folder_subject(target, get)
     mf = load_model_file(target, get("factory") or "build_model")

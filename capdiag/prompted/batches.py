@@ -1,6 +1,6 @@
 """Batches of a prompted captioner: capdiag's own captioning collator (the reference a user's is judged
-against), where each row's prompt ends and its caption starts, the prompts alone for ``generate``, and the
-batch with its images moved between rows or its prompt replaced, for the ablations.
+against), where each row's prompt ends and its caption starts, and the batch with its images moved between
+rows or its prompt replaced, for the ablations.
 
 Layout of a decoder-only row: ``[padding] prompt (image placeholders expanded) caption EOS [padding]``;
 padding on either side. Labels are the input ids on the caption and its EOS, -100 elsewhere; the model
@@ -167,22 +167,3 @@ def prompt_replaced(batch: dict, prompt_len: int, keep: set, vocab: list) -> dic
             if tid not in keep:
                 ids[r, t] = nxt.get(tid, vocab[0])
     return {**batch, "input_ids": ids}
-
-
-def prompts_only(batch: dict, prompt_len: int, side: str, pad_id: int) -> dict:
-    """The prompts of ``batch`` alone (captions cut off), re-padded on ``side``, with the batch's images:
-    what a user hands ``generate``."""
-    rows = [batch["input_ids"][r, sp.prompt] for r, sp in enumerate(spans(batch, prompt_len))]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=batch["input_ids"].dtype)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        sl = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[r, sl], mask[r, sl] = row, 1
-    return {**pixel_inputs(batch), "input_ids": ids, "attention_mask": mask}
-
-
-def row(batch: dict, r: int, prompt_len: int) -> dict:
-    """Row ``r``'s prompt alone, unpadded, with its image."""
-    ids = batch["input_ids"][r, spans(batch, prompt_len)[r].prompt][None]
-    return {**per_image(batch)[r], "input_ids": ids, "attention_mask": torch.ones_like(ids)}

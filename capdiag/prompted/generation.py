@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batches import per_image, spans
+from .batches import per_image, pixel_inputs, spans
 from .folder import base_model
 
 SUFFIX = " in a few words the image shows"
@@ -48,12 +48,6 @@ def _padded(rows: list, side: str, pad_id: int) -> tuple:
     return ids, mask
 
 
-def _images(batch: dict) -> dict:
-    from .batches import join_images
-
-    return join_images(per_image(batch))
-
-
 @torch.no_grad()
 def _generate(model, inputs: dict, steps: int, pad_id: int, eos_id):
     out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1,
@@ -83,7 +77,7 @@ def start_token_gap(model, batch: dict, split, tokenizer) -> StartToken:
     gen = train if gen is None else gen
     pad = tokenizer.pad_token_id
     ids, mask = _padded(_prompts(batch, split, tokenizer, extra=False), "right", pad)
-    inputs = {**_images(batch), "input_ids": ids, "attention_mask": mask}
+    inputs = {**pixel_inputs(batch), "input_ids": ids, "attention_mask": mask}
     _, lp = _generate(model, inputs, 1, pad, tokenizer.eos_token_id)
     start = torch.full((ids.shape[0], 1), int(train), dtype=torch.long, device=ids.device)
     forward = model(**inputs, decoder_input_ids=start).logits[:, 0].float().log_softmax(-1)
@@ -98,7 +92,7 @@ def batched_vs_alone(model, batch: dict, prompt_len: int, tokenizer, side: str, 
     rows = _prompts(batch, prompt_len, tokenizer)
     images = per_image(batch)
     ids, mask = _padded(rows, side, pad)
-    together, lp_together = _generate(model, {**_images(batch), "input_ids": ids, "attention_mask": mask}, steps, pad,
+    together, lp_together = _generate(model, {**pixel_inputs(batch), "input_ids": ids, "attention_mask": mask}, steps, pad,
                                       tokenizer.eos_token_id)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     changed, ties, first, scale, shown = 0, 0, 0.0, 0.0, []

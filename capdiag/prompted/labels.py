@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .batches import IGNORE, Split, caption_mask, per_image, spans
 from .folder import features_per_image
+from .probes import predicting, targets
 
 
 @dataclass
@@ -58,16 +59,7 @@ def label_facts(model, batch: dict, prompt_len: int, image_token_id: int, eos_id
                        int((~target & in_caption & ~eos & (mask == 1)).sum()), eos_rows,
                        float((target & (labels == ids)).sum()) / n, float(nxt.sum()) / n,
                        tuple(int(x) for x in image.sum(1)))
-    if "pixel_values" in batch:
-        facts.image_features = features_per_image(model, per_image(batch)[0])
-    with torch.no_grad():
-        out = model(**batch)
-        logits = out.logits.float()
-    facts.loss = float(out.loss) if getattr(out, "loss", None) is not None else None
-    nll = -F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # position t predicts t + 1
-    caption = in_caption[:, 1:]
-    facts.caption_mean = float(nll[caption].mean()) if bool(caption.any()) else None
-    return facts
+    return _with_model(facts, model, batch, prompt_len)
 
 
 def decoder_label_facts(model, batch: dict, split, image_token_id: int, eos_id: int, start_id) -> LabelFacts:
@@ -82,14 +74,21 @@ def decoder_label_facts(model, batch: dict, split, image_token_id: int, eos_id: 
     image = ids == image_token_id
     facts = LabelFacts(rows, int(target.sum()), 0, 0, int(pad.sum()), 0, eos_rows, 1.0, 0.0,
                        tuple(int(x) for x in image.sum(1)), start_rows=starts, start_id=start_id)
+    return _with_model(facts, model, batch, split)
+
+
+@torch.no_grad()
+def _with_model(facts: LabelFacts, model, batch: dict, split) -> LabelFacts:
+    """The facts only the model tells: the vision side's features per image, and its own loss on the labels as
+    given against the mean cross-entropy of the caption tokens, from the same logits."""
     if "pixel_values" in batch:
         facts.image_features = features_per_image(model, per_image(batch)[0])
-    with torch.no_grad():
-        out = model(**batch)
+    out = model(**batch)
     facts.loss = float(out.loss) if getattr(out, "loss", None) is not None else None
-    caption = caption_mask(batch, split)
-    nll = -F.log_softmax(out.logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    facts.caption_mean = float(nll[caption].mean()) if bool(caption.any()) else None
+    where = predicting(batch, split)
+    if bool(where.any()):
+        lp = F.log_softmax(out.logits.float()[where], -1)
+        facts.caption_mean = float(-lp.gather(-1, targets(batch, split)[where][:, None]).mean())
     return facts
 
 

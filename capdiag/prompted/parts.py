@@ -106,9 +106,9 @@ def part_gradients(model, batch: dict, prompt_len: int, family) -> PartGradients
             bad.append(n)
         norms[n] = v
     sides = {n: side_of(n, family) for n, _ in params}
-    def computed(n):
+    def computed(n):  # its module ran with gradients, or (never called itself) the module that uses it did
         module = n.rsplit(".", 1)[0]
-        return ran.get(module, ran.get(module.rsplit(".", 1)[0]) if module not in ran else False)
+        return ran[module] if module in ran else ran.get(module.rsplit(".", 1)[0], False)
     off_path = {n for (n, _), g in zip(params, grads) if g is None}  # autograd: the loss does not depend on it
     unread = {n for n in off_path if computed(n)}
     flat = {n for n, _ in params if norms[n] == 0 and n not in off_path}

@@ -113,8 +113,13 @@ def noise_floor(model, batch: dict, prompt_len: int, base: torch.Tensor, within:
     return max(float((again - base).abs().max()), rounding), 2 * torch.finfo(torch.float32).eps * scale
 
 
-def blanked_images(batch: dict) -> dict:
-    return {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}
+def moved_images(batch: dict) -> tuple:
+    """``(batch, how)``: each row given another row's image of the same shape, or, where no two rows share
+    one, every image blanked."""
+    other = swapped_images(batch)
+    if other is not None:
+        return other, "images swapped between rows"
+    return {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}, "images blanked (no two rows share a shape)"
 
 
 def image_effect(model, batch: dict, prompt_len: int) -> Optional[Effect]:
@@ -124,9 +129,7 @@ def image_effect(model, batch: dict, prompt_len: int) -> Optional[Effect]:
         return None
     base = caption_logprobs(model, batch, prompt_len)
     floor, fine = noise_floor(model, batch, prompt_len, base)
-    other, how = swapped_images(batch), "images swapped between rows"
-    if other is None:
-        other, how = blanked_images(batch), "images blanked (no two rows share a shape)"
+    other, how = moved_images(batch)
     return Effect(float((caption_logprobs(model, other, prompt_len) - base).abs().max()), floor, how, fine)
 
 
@@ -164,9 +167,7 @@ def reliance(model, batch: dict, prompt_len) -> Optional[tuple]:
     image). None when the batch carries no image."""
     if "pixel_values" not in batch:
         return None
-    other, how = swapped_images(batch), "images swapped between rows"
-    if other is None:
-        other, how = blanked_images(batch), "images blanked"
+    other, how = moved_images(batch)
     true, moved = caption_loss(model, batch, prompt_len), caption_loss(model, other, prompt_len)
     return (1.0 - true / moved if moved > 0 else 0.0), true, moved, how
 

@@ -177,11 +177,10 @@ def make_prompted_subject(model, processor, family: Family, path: str, *, prompt
 def warmed(subject: PromptedSubject) -> PromptedSubject:
     """Run the subject's forward once before any check does, in eval mode with the RNG restored.
 
-    transformers 5 installs its output-capturing hooks lazily on a model's first forward and marks the
-    model with a plain attribute. A check's ``preserved_state`` removes attributes that appeared during the
-    check, so a first forward inside a check would leave the hooks without their mark and the next forward
-    would install them twice (and lose the vision tower's hidden states). Running the model once here, as
-    the user's own first call would, leaves it set up for good; it changes no weight, buffer, mode or RNG."""
+    transformers 5 installs its output-capturing hooks on a model's first forward and marks the model with an
+    attribute. Inside a check, ``preserved_state`` takes both away again afterwards, so every check would
+    install them anew; run once here, as the user's own first call would, they are set up for good. It
+    changes no weight, buffer, mode or RNG."""
     from ..state import in_mode, preserved_rng
     from .probes import inputs_of
 
