@@ -284,3 +284,11 @@ def test_a_check_that_runs_a_fresh_transformers_model_first_leaves_it_as_it_was(
     got = [run_check(s, get_check(n)).status.value for n in ("image_ablation", "gradient_flow", "attention_maps")]
     assert got == ["pass"] * 3
     assert ModelSnapshot.take(model).differences(before) == []
+
+
+@pytest.mark.parametrize("bug,says", [("vision_no_grad", "ran outside autograd"),
+                                      ("image_dropped", "carries no pixel_values")])
+def test_gradient_flow_names_the_cause_its_forward_told_apart(folders, tmp_path, bug, says):
+    path = vlm.write_model_file(tmp_path / "model.py", folders["llava"], "llava", bug)
+    code, found = run(tmp_path, path, "--only", "gradient_flow")
+    assert code == 1 and says in found["gradient_flow"]["hint"], found["gradient_flow"]

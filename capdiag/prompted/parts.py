@@ -50,12 +50,24 @@ class PartGradients:
     nonfinite: list = field(default_factory=list)
     unread: set = field(default_factory=set)  # parameters whose module ran with grad enabled, output not read
     flat: set = field(default_factory=set)  # parameters on the loss's path whose gradient is exactly zero here
+    untracked: set = field(default_factory=set)  # parameters whose module ran with its output outside autograd
 
     def by_design(self, names: list) -> bool:
         """True when every name in ``names`` belongs to a module that ran with gradients enabled but whose
         output the caption never reads (LLaVA's last vision layer, SigLIP's unused head): no gradient by the
         architecture's design, measured (autograd finds no path), not assumed."""
         return bool(names) and all(n in self.unread for n in names)
+
+    def cause(self, names: list, has_pixels: bool) -> str:
+        """Why ``names`` get no gradient, where the forward told it apart; "" where it did not."""
+        if not has_pixels:
+            return "the batch carries no pixel_values, so the vision side never runs"
+        if names and all(n in self.untracked for n in names):
+            return ("their modules ran outside autograd (their outputs need no gradient: torch.no_grad, "
+                    "inference_mode or detached inputs)")
+        if names and all(n in self.unread for n in names):
+            return "their modules ran, but nothing the caption depends on reads their output"
+        return ""
 
     def on_path(self, names: list) -> bool:
         """True when every name in ``names`` is on the loss's path with an exactly zero gradient at these
@@ -106,11 +118,12 @@ def part_gradients(model, batch: dict, prompt_len: int, family) -> PartGradients
             bad.append(n)
         norms[n] = v
     sides = {n: side_of(n, family) for n, _ in params}
-    def computed(n):  # its module ran with gradients, or (never called itself) the module that uses it did
-        module = n.rsplit(".", 1)[0]
-        return ran[module] if module in ran else ran.get(module.rsplit(".", 1)[0], False)
+    def computed(n):  # its module ran with gradients (True), without (False), or never (None); a module never
+        module = n.rsplit(".", 1)[0]  # called itself (MHA's out_proj) answers for the module that uses it
+        return ran[module] if module in ran else ran.get(module.rsplit(".", 1)[0])
     off_path = {n for (n, _), g in zip(params, grads) if g is None}  # autograd: the loss does not depend on it
     unread = {n for n in off_path if computed(n)}
+    untracked = {n for n in off_path if computed(n) is False}
     flat = {n for n, _ in params if norms[n] == 0 and n not in off_path}
     return PartGradients(norms, sides, {n for n, _ in params if is_adapter(n)}, float(loss.detach()), bad, unread,
-                         flat)
+                         flat, untracked)

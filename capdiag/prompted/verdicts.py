@@ -184,7 +184,7 @@ def gradient_flow(check, s) -> Finding:
                              f"gradients of {len(norms)} parameters", metrics)
     g = _measured(s, "part_gradients", lambda: part_gradients(s.model, s.batch, s.prompt_len, s.family))
     metrics = {"loss": g.loss}
-    dead, by_design = [], []
+    dead, by_design, dead_names = [], [], []
     for side in SIDES:
         for adapter in (False, True):
             names = g.group(side, adapter)
@@ -196,6 +196,7 @@ def gradient_flow(check, s) -> Finding:
             missed = [n for n in names if n not in reached]
             if not reached:
                 dead.append(f"no {label} get gradient ({len(names)} trainable)")
+                dead_names += missed
             elif missed and all(g.by_design([n]) or g.on_path([n]) for n in missed):
                 unread = [n for n in missed if g.by_design([n])]
                 if unread:
@@ -207,13 +208,14 @@ def gradient_flow(check, s) -> Finding:
                                      f"these weights (e.g. {flat[0]})")
             elif missed:
                 dead.append(f"{len(missed)} of {len(names)} {label} get no gradient (e.g. {missed[0]})")
+                dead_names += missed
     if g.nonfinite:
         return check.finding(Status.FAIL, f"{len(g.nonfinite)} parameters get NaN/inf gradients (e.g. {g.nonfinite[0]})",
                              metrics, "Look for overflow in half precision or a log/division near zero in the loss.")
     if dead:
+        cause = g.cause(dead_names, "pixel_values" in s.batch) or "follow what connects it to the caption tokens"
         return check.finding(Status.FAIL, "; ".join(dead) + " from the caption loss", metrics,
-                             "A part that gets no gradient does not learn: a vision tower run under no_grad or "
-                             "detached, features that never reach the caption, or a batch without pixel_values.")
+                             f"A part that gets no gradient does not learn: {cause}.")
     trainable = {side: len(g.group(side, False)) + len(g.group(side, True)) for side in SIDES}
     parts = ", ".join(f"{side} {n}" for side, n in trainable.items() if n)
     extra = f" ({'; '.join(by_design)})" if by_design else ""
@@ -245,10 +247,9 @@ def adapters(check, s) -> Finding:
                              "projections.")
     reached = g.reached(image_side)
     if not reached:
+        cause = g.cause(image_side, "pixel_values" in s.batch) or "follow what connects them to the caption tokens"
         return check.finding(Status.FAIL, f"none of the {len(image_side)} image-side adapter weights gets gradient "
-                             "from the caption loss", metrics,
-                             "The adapters sit where the caption loss does not reach: a vision tower run under "
-                             "no_grad, or layers after the one the model reads.")
+                             "from the caption loss", metrics, f"The adapters sit where the caption loss does not reach: {cause}.")
     missed = [n for n in image_side if n not in reached]
     note = (f"; {len(missed)} sit in modules whose output the caption never reads and get none, by design"
             if missed and g.by_design(missed) else
